@@ -1,0 +1,218 @@
+"""Asynchronous client of the broker: requests, streamed events, cancellation, broker loss.
+
+One DEALER socket per client; a reader task routes every incoming message to the pending
+call it belongs to by ``corr``. The broker keeps no state across its own restart, so the
+client watches it: while calls are pending it pings the broker, and when the broker stops
+answering or answers with a new ``boot_id`` every pending call fails with ``unavailable``
+instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+import proto
+from batos import curve
+from batos.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, Settings, load
+from batos.errors import ServiceError
+from proto import Envelope, ErrorCode, Kind
+
+log = logging.getLogger("batos.client")
+
+EventCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
+_FINAL = (Kind.REPLY, Kind.ERROR)
+
+
+class PendingCall:
+    """A request in flight: its events arrive on a queue, ending with a reply or error."""
+
+    def __init__(self, client: Client, req: Envelope):
+        self.client = client
+        self.request = req
+        self.id = req.id
+        self.queue: asyncio.Queue[Envelope] = asyncio.Queue()
+        self.done = False
+
+    async def events(self) -> AsyncIterator[Envelope]:
+        """Every event, then the final reply or error (the iterator ends after it)."""
+        while True:
+            env = await self.queue.get()
+            yield env
+            if env.kind in _FINAL:
+                return
+
+    async def result(self, on_event: EventCallback | None = None) -> dict[str, Any]:
+        async for env in self.events():
+            if env.kind == Kind.EVENT:
+                if on_event is not None:
+                    out = on_event(env.body)
+                    if asyncio.iscoroutine(out):
+                        await out
+            elif env.kind == Kind.ERROR:
+                raise ServiceError.from_body(env.body)
+            else:
+                return env.body
+        raise ServiceError(ErrorCode.INTERNAL, "call ended without a reply")
+
+    async def cancel(self) -> None:
+        await self.client.cancel(self.id)
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None, *, endpoint: str | None = None,
+                 identity: str | None = None, ctx: zmq.asyncio.Context | None = None):
+        self.settings = settings or load()
+        self.endpoint = endpoint or self.settings.broker_endpoint
+        self.identity = identity or f"client-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.sock: zmq.asyncio.Socket | None = None
+        self.pending: dict[str, PendingCall] = {}
+        self.broker_boot_id: str | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._send_lock = asyncio.Lock()
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self.sock is not None:
+            return
+        self.sock = self._connect()
+        self._tasks = [asyncio.create_task(self._reader(), name=f"{self.identity}-reader"),
+                       asyncio.create_task(self._watch_broker(), name=f"{self.identity}-watch")]
+
+    def _connect(self) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, self.identity.encode())
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        if self.settings.curve_enabled:
+            curve.configure_client(sock, self.settings)
+        sock.connect(self.endpoint)
+        return sock
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        if self.sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                await self._send(proto.control(Kind.DISCONNECT))
+            self.sock.close(linger=0)
+            self.sock = None
+        self._fail_all(ErrorCode.CANCELLED, "client closed")
+
+    # -- calls --------------------------------------------------------------------------------
+
+    async def start_call(self, service: str, command: str, body: dict[str, Any] | None = None,
+                         *, idempotent: bool = False) -> PendingCall:
+        await self.start()
+        if self.broker_boot_id is None and service != proto.Service.BROKER:
+            # learn which broker incarnation will hold this request, to notice if it restarts
+            with contextlib.suppress(ServiceError):
+                self.broker_boot_id = (await self.ping(timeout=HEARTBEAT_INTERVAL))["boot_id"]
+        req = proto.request(service, command, body, idempotent=idempotent)
+        call = PendingCall(self, req)
+        self.pending[req.id] = call
+        await self._send(req)
+        return call
+
+    async def call(self, service: str, command: str, body: dict[str, Any] | None = None, *,
+                   on_event: EventCallback | None = None, timeout: float | None = 60.0,
+                   idempotent: bool = False) -> dict[str, Any]:
+        call = await self.start_call(service, command, body, idempotent=idempotent)
+        try:
+            return await asyncio.wait_for(call.result(on_event), timeout)
+        except TimeoutError:
+            await self.cancel(call.id)
+            raise ServiceError(ErrorCode.TIMEOUT, f"{service}.{command} gave no reply within {timeout} s") from None
+        except asyncio.CancelledError:
+            await self.cancel(call.id)
+            raise
+        finally:
+            self.pending.pop(call.id, None)
+
+    async def cancel(self, request_id: str) -> None:
+        if request_id in self.pending and self.sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                await self._send(proto.control(Kind.CANCEL, corr=request_id))
+
+    async def ping(self, timeout: float = 2.0) -> dict[str, Any]:
+        return await self.call(proto.Service.BROKER, "ping", timeout=timeout)
+
+    async def wait_for_broker(self, timeout: float = 30.0) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                return await self.ping(timeout=min(1.0, max(0.05, deadline - loop.time())))
+            except ServiceError:
+                if loop.time() >= deadline:
+                    raise
+
+    # -- internals ----------------------------------------------------------------------------
+
+    async def _send(self, env: Envelope) -> None:
+        assert self.sock is not None
+        async with self._send_lock:
+            await self.sock.send(proto.encode(env))
+
+    async def _reader(self) -> None:
+        assert self.sock is not None
+        while True:
+            frames = await self.sock.recv_multipart()
+            try:
+                env = proto.decode(frames[-1])
+            except proto.ProtocolError as e:
+                log.warning("client %s dropped a malformed message: %s", self.identity, e.message)
+                continue
+            call = self.pending.get(env.corr)
+            if call is None:
+                if env.kind == Kind.ERROR and not env.corr:
+                    log.warning("broker error without request id: %s", env.body)
+                continue
+            if env.kind in _FINAL:
+                call.done = True
+            call.queue.put_nowait(env)
+
+    async def _watch_broker(self) -> None:
+        """While calls are pending, make sure the broker that holds them is still the same one."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            waiting = [c for c in self.pending.values() if not c.done and c.request.service != proto.Service.BROKER]
+            if not waiting and self.broker_boot_id is not None:
+                continue
+            try:
+                pong = await self.call(proto.Service.BROKER, "ping", timeout=HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS)
+            except ServiceError:
+                self._fail_all(ErrorCode.UNAVAILABLE, "lost the connection to the broker; the request was not "
+                               "answered and may or may not have run", only=waiting)
+                continue
+            boot = pong.get("boot_id")
+            if self.broker_boot_id is not None and boot != self.broker_boot_id:
+                self._fail_all(ErrorCode.UNAVAILABLE, "the broker restarted while this request was in flight",
+                               only=waiting)
+            self.broker_boot_id = boot
+
+    def _fail_all(self, code: ErrorCode, message: str, only: list[PendingCall] | None = None) -> None:
+        for call in only if only is not None else list(self.pending.values()):
+            if not call.done:
+                call.done = True
+                call.queue.put_nowait(proto.error_for(call.request, code, message))

@@ -1,0 +1,119 @@
+"""Settings for every BAT OS process, in one place.
+
+Read from environment variables ``BATOS_<FIELD>`` (upper case); a value given to
+:func:`load` wins over the environment. Timing constants live here with their reasons.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# -- timing constants (seconds) -------------------------------------------------------------
+HEARTBEAT_INTERVAL = 1.0  # broker <-> worker; 1 s keeps failure detection under ~3 s
+HEARTBEAT_LIVENESS = 3  # missed intervals before a peer is declared dead (3-5 is reasonable)
+RECONNECT_INITIAL = 0.1  # first reconnect delay after the broker is lost
+RECONNECT_MAX = 2.0  # backoff ceiling: a restarted broker is found within 2 s
+SHUTDOWN_GRACE = 7.0  # in-flight work gets this long after SIGTERM; supervisord waits 10
+
+
+class Settings(BaseModel):
+    # where things live
+    var_dir: Path = REPO_ROOT / "var"
+    cache_dir: Path = Path(os.path.expanduser("~/.cache/batos"))
+
+    # transport
+    broker_endpoint: str = "tcp://127.0.0.1:5555"
+    # ZEO: "" = a unix socket var/zeo.sock (local, no port to collide); "HOST:PORT" for a network server
+    zeo_address: str = ""
+    curve_enabled: bool = False  # CurveZMQ on the broker; console keys allow-listed in var/keys/
+
+    # broker limits
+    service_queue_max: int = 1000  # queued requests per service before `busy`
+    client_pending_max: int = 10000  # requests in flight per client before `busy`
+    worker_capacity: int = 8  # concurrent requests a worker accepts by default
+    extra_services: str = ""  # comma-separated service names beyond proto.Service (extensions, tests)
+
+    # memory
+    zodb_cache_size: int = 100_000
+    blob_cache_size: int = 512 * 1024 * 1024
+    vector_shard_rows: int = 2048
+
+    # ingestion / token governor
+    max_chunk_tokens: int = 256
+    ingest_max_file_bytes: int = 2 * 1024 * 1024
+
+    # llm
+    llm_backend: Literal["embedded", "hf", "openai"] = "embedded"
+    llm_model_path: str = ""  # hf backend: a local model directory
+    llm_dtype: str = "auto"  # hf backend: float32, bfloat16, float16, auto
+    llm_device: str = "auto"  # cpu, cuda, auto
+    openai_url: str = ""  # openai backend: e.g. http://127.0.0.1:8000/v1
+    openai_model: str = ""
+    openai_api_key: str = ""
+    llm_request_timeout: float = 300.0
+    llm_context_tokens: int = 0  # 0 = the model's own limit
+
+    # cognition
+    react_max_steps: int = 3
+    answer_budget_tokens: int = 1200
+    cycle_timeout: float = 900.0
+    autotelic_period: float = 60.0
+    forge_threshold: int = 5  # new SUCCESS cycles per persona before curation
+    sandbox_timeout: float = 10.0
+    sandbox_memory_mb: int = 512
+
+    supervisor_url: str = ""  # steward: unix:///.../supervisor.sock by default
+
+    @cached_property
+    def log_dir(self) -> Path:
+        return self.var_dir / "log"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.var_dir / "metacognition.jsonl"
+
+    @property
+    def upgrade_channel(self) -> Path:
+        return self.var_dir / "upgrade_channel"
+
+    @property
+    def lora_dir(self) -> Path:
+        return self.var_dir / "lora_adapters"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.var_dir / "keys"
+
+    @property
+    def zeo_client_address(self) -> str | tuple[str, int]:
+        """What ``ZEO.ClientStorage`` takes: a unix socket path or a (host, port) pair."""
+        if not self.zeo_address:
+            return str(self.var_dir / "zeo.sock")
+        if self.zeo_address.startswith("/") or ":" not in self.zeo_address:
+            return self.zeo_address
+        host, _, port = self.zeo_address.rpartition(":")
+        return host or "127.0.0.1", int(port)
+
+    @property
+    def broker_endpoint_file(self) -> Path:
+        """Where the broker writes the endpoint it actually bound (port 0 / ``*`` in tests)."""
+        return self.var_dir / "broker.endpoint"
+
+    model_config = {"arbitrary_types_allowed": True, "ignored_types": (cached_property,)}
+
+
+def load(**overrides: object) -> Settings:
+    values: dict[str, object] = {}
+    for name in Settings.model_fields:
+        env = os.environ.get(f"BATOS_{name.upper()}")
+        if env is not None:
+            values[name] = env
+    values.update(overrides)
+    return Settings(**values)

@@ -1,0 +1,370 @@
+"""The BAT OS broker: one ROUTER relaying envelopes by service name and identity.
+
+Design notes (why, not what):
+- Requests are forwarded as the client's original payload frame, preceded by the client's
+  identity frame, so the broker decodes each message once and never re-encodes a body.
+- Every request the broker accepts is tracked in ``pending`` until exactly one reply or
+  error has gone back: a dead worker's requests are re-dispatched when marked idempotent,
+  otherwise answered with ``worker_lost``; queued requests expire with ``unavailable``.
+- Queues are bounded; a full queue answers ``busy`` at once.
+- Sends use ROUTER_MANDATORY + DONTWAIT, so an unknown peer is an error we see
+  (EHOSTUNREACH) rather than a silent drop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+
+import proto
+from batos.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, Settings
+from proto import Envelope, ErrorCode, Kind
+
+log = logging.getLogger("batos.broker")
+
+# A request waiting for a worker of a known service that has none yet gets this long.
+SERVICE_WAIT = 15.0
+BROKER_VERSION = "1.0"
+KNOWN_SERVICES = {s.value for s in proto.Service}
+
+
+@dataclass
+class Worker:
+    identity: bytes
+    service: str
+    capacity: int
+    version: str
+    pid: int
+    registered_at: float
+    last_seen: float
+    inflight: set[str] = field(default_factory=set)
+    served: int = 0
+
+
+@dataclass
+class Pending:
+    env: Envelope
+    frame: bytes  # the original payload, forwarded as is
+    client: bytes
+    queued_at: float
+    worker: bytes | None = None
+
+
+@dataclass
+class Stats:
+    received: int = 0
+    malformed: int = 0
+    dropped_no_return: int = 0
+    late_replies: int = 0  # replies/events for requests no longer pending
+    busy: int = 0
+    redispatched: int = 0
+    worker_lost: int = 0
+    unroutable: int = 0
+    expired: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class Broker:
+    def __init__(self, settings: Settings, socket: zmq.Socket):
+        self.settings = settings
+        self.sock = socket
+        self.workers: dict[bytes, Worker] = {}
+        self.queues: dict[str, deque[str]] = {}
+        self.pending: dict[str, Pending] = {}
+        self.client_load: dict[bytes, int] = {}
+        self.stats = Stats()
+        self.started = time.time()
+        self.boot_id = uuid.uuid4().hex  # lets clients notice a broker restart
+        self.next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
+        self.known_services = KNOWN_SERVICES | {s.strip() for s in settings.extra_services.split(",") if s.strip()}
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, should_stop: callable) -> None:  # type: ignore[valid-type]
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not should_stop():
+            timeout_ms = max(0.0, self.next_heartbeat - time.monotonic()) * 1000
+            if poller.poll(timeout_ms):
+                # drain what is there before housekeeping, but bounded so heartbeats keep time
+                for _ in range(1000):
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.handle(frames)
+            if time.monotonic() >= self.next_heartbeat:
+                self.housekeeping()
+
+    def housekeeping(self) -> None:
+        now = time.monotonic()
+        self.next_heartbeat = now + HEARTBEAT_INTERVAL
+        hb = proto.encode(proto.control(Kind.HEARTBEAT))
+        for w in list(self.workers.values()):
+            if now - w.last_seen > HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS:
+                log.warning("worker %s (%s) missed %d heartbeats: dead", w.identity, w.service, HEARTBEAT_LIVENESS)
+                self.remove_worker(w)
+            else:
+                self.send(w.identity, hb)
+        self.expire_queued(now)
+
+    # -- inbound ----------------------------------------------------------------------------
+
+    def handle(self, frames: list[bytes]) -> None:
+        self.stats.received += 1
+        identity = frames[0]
+        if len(frames) != 2:
+            self.stats.malformed += 1
+            log.warning("malformed message from %r: %d frames", identity, len(frames))
+            self.send(identity, proto.encode(proto.error(
+                ErrorCode.BAD_FRAME, f"expected 1 payload frame, got {len(frames) - 1}")))
+            return
+        payload = frames[1]
+        try:
+            env = proto.decode(payload)
+        except proto.ProtocolError as e:
+            self.stats.malformed += 1
+            log.warning("rejected message from %r: %s", identity, e.message)
+            self.send(identity, proto.encode(proto.error(
+                e.code, e.message, corr=e.partial.get("id", ""), service=e.partial.get("service", ""),
+                command=e.partial.get("command", ""))))
+            return
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.last_seen = time.monotonic()
+        match env.kind:
+            case Kind.REQUEST:
+                self.on_request(identity, env, payload)
+            case Kind.REPLY | Kind.ERROR | Kind.EVENT:
+                self.on_worker_output(identity, worker, env, payload)
+            case Kind.READY:
+                self.on_ready(identity, env)
+            case Kind.HEARTBEAT:
+                if worker is None and env.service:  # a worker we do not know: make it re-register
+                    self.send(identity, proto.encode(proto.control(Kind.DISCONNECT)))
+                elif worker is not None and env.body.get("draining"):
+                    worker.capacity = 0  # shutting down: finish what it holds, take nothing new
+            case Kind.CANCEL:
+                self.cancel(env.corr, identity, reason="cancelled by client")
+            case Kind.DISCONNECT:
+                if worker is not None:
+                    self.remove_worker(worker)
+                else:
+                    self.forget_client(identity)
+
+    def on_request(self, client: bytes, env: Envelope, payload: bytes) -> None:
+        if env.service == proto.Service.BROKER:
+            self.answer_broker_request(client, env)
+            return
+        if env.service not in self.known_services:
+            self.reply_error(client, env, ErrorCode.UNKNOWN_SERVICE, f"no such service {env.service!r}")
+            return
+        if env.id in self.pending:
+            self.reply_error(client, env, ErrorCode.BAD_ARGS, f"request id {env.id} is already in flight")
+            return
+        queue = self.queues.setdefault(env.service, deque())
+        load = self.client_load.get(client, 0)
+        if len(queue) >= self.settings.service_queue_max or load >= self.settings.client_pending_max:
+            self.stats.busy += 1
+            self.reply_error(client, env, ErrorCode.BUSY,
+                             f"service {env.service!r} queue is full ({len(queue)} waiting); retry later")
+            return
+        env.sender = client.decode("utf-8", "replace")
+        self.pending[env.id] = Pending(env, payload, client, time.monotonic())
+        self.client_load[client] = load + 1
+        queue.append(env.id)
+        self.dispatch(env.service)
+
+    def on_ready(self, identity: bytes, env: Envelope) -> None:
+        if env.service not in self.known_services or env.service == proto.Service.BROKER:
+            self.send(identity, proto.encode(proto.error(
+                ErrorCode.UNKNOWN_SERVICE, f"cannot register unknown service {env.service!r}")))
+            return
+        old = self.workers.get(identity)
+        if old is not None:  # the same worker re-announcing after a reconnect: its old requests are lost
+            self.remove_worker(old)
+        body = env.body
+        now = time.monotonic()
+        self.workers[identity] = Worker(
+            identity=identity, service=env.service,
+            capacity=max(1, int(body.get("capacity", self.settings.worker_capacity))),
+            version=str(body.get("version", "")), pid=int(body.get("pid", 0)),
+            registered_at=time.time(), last_seen=now)
+        log.info("worker %r registered for %s", identity, env.service)
+        self.dispatch(env.service)
+
+    def on_worker_output(self, identity: bytes, worker: Worker | None, env: Envelope, payload: bytes) -> None:
+        if worker is None:
+            # a worker the broker forgot (e.g. broker restart); its output has no pending entry
+            self.stats.late_replies += 1
+            self.send(identity, proto.encode(proto.control(Kind.DISCONNECT)))
+            return
+        pending = self.pending.get(env.corr)
+        if pending is None or pending.worker != identity:
+            self.stats.late_replies += 1
+            return
+        if env.kind == Kind.EVENT:
+            self.send_client(pending, payload)
+            return
+        self.finish(env.corr)
+        worker.inflight.discard(env.corr)
+        worker.served += 1
+        self.send_client(pending, payload)
+        self.dispatch(worker.service)
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def dispatch(self, service: str) -> None:
+        queue = self.queues.get(service)
+        while queue:
+            candidates = [w for w in self.workers.values()
+                          if w.service == service and len(w.inflight) < w.capacity]
+            if not candidates:
+                return
+            worker = min(candidates, key=lambda w: (len(w.inflight), w.served))
+            req_id = queue.popleft()
+            pending = self.pending.get(req_id)
+            if pending is None:
+                continue
+            if not self.send(worker.identity, pending.client, pending.frame):
+                queue.appendleft(req_id)
+                self.remove_worker(worker)
+                continue
+            pending.worker = worker.identity
+            worker.inflight.add(req_id)
+
+    def remove_worker(self, worker: Worker) -> None:
+        self.workers.pop(worker.identity, None)
+        queue = self.queues.setdefault(worker.service, deque())
+        for req_id in sorted(worker.inflight, key=lambda r: self.pending[r].queued_at if r in self.pending else 0,
+                             reverse=True):
+            pending = self.pending.get(req_id)
+            if pending is None:
+                continue
+            if pending.env.idempotent:
+                self.stats.redispatched += 1
+                pending.worker = None
+                queue.appendleft(req_id)
+            else:
+                self.stats.worker_lost += 1
+                self.fail(req_id, ErrorCode.WORKER_LOST,
+                          f"the {worker.service} worker handling this request died; it was not retried "
+                          "because it is not idempotent")
+        worker.inflight.clear()
+        self.dispatch(worker.service)
+
+    def expire_queued(self, now: float) -> None:
+        for service, queue in self.queues.items():
+            if not queue or any(w.service == service for w in self.workers.values()):
+                continue
+            while queue:
+                pending = self.pending.get(queue[0])
+                if pending is not None and now - pending.queued_at < SERVICE_WAIT:
+                    break
+                req_id = queue.popleft()
+                if pending is not None:
+                    self.stats.expired += 1
+                    self.fail(req_id, ErrorCode.UNAVAILABLE,
+                              f"no {service} worker registered within {SERVICE_WAIT:.0f} s; is it running?")
+
+    def cancel(self, req_id: str, client: bytes, reason: str) -> None:
+        pending = self.pending.get(req_id)
+        if pending is None or pending.client != client:
+            return
+        if pending.worker is None:
+            queue = self.queues.get(pending.env.service)
+            if queue is not None and req_id in queue:
+                queue.remove(req_id)
+            self.fail(req_id, ErrorCode.CANCELLED, reason)
+        else:  # the worker answers with a `cancelled` error when its handler has stopped
+            self.send(pending.worker, proto.encode(proto.control(Kind.CANCEL, corr=req_id)))
+
+    def forget_client(self, client: bytes) -> None:
+        for req_id in [r for r, p in self.pending.items() if p.client == client]:
+            self.cancel(req_id, client, reason="client disconnected")
+
+    # -- outbound ---------------------------------------------------------------------------
+
+    def finish(self, req_id: str) -> Pending | None:
+        pending = self.pending.pop(req_id, None)
+        if pending is not None:
+            left = self.client_load.get(pending.client, 1) - 1
+            if left > 0:
+                self.client_load[pending.client] = left
+            else:
+                self.client_load.pop(pending.client, None)
+        return pending
+
+    def fail(self, req_id: str, code: ErrorCode, message: str) -> None:
+        pending = self.finish(req_id)
+        if pending is not None:
+            if pending.worker is not None and pending.worker in self.workers:
+                self.workers[pending.worker].inflight.discard(req_id)
+            self.send(pending.client, proto.encode(proto.error_for(pending.env, code, message)))
+
+    def reply_error(self, client: bytes, env: Envelope, code: ErrorCode, message: str) -> None:
+        self.send(client, proto.encode(proto.error_for(env, code, message)))
+
+    def send_client(self, pending: Pending, payload: bytes) -> None:
+        if not self.send(pending.client, payload):
+            # the client is gone: stop the work it asked for
+            self.forget_client(pending.client)
+
+    def send(self, identity: bytes, *frames: bytes) -> bool:
+        try:
+            self.sock.send_multipart([identity, *frames], zmq.DONTWAIT)
+            return True
+        except zmq.Again:
+            self.stats.unroutable += 1
+            log.warning("peer %r is not reading (HWM reached); message dropped", identity)
+            return False
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                self.stats.unroutable += 1
+                return False
+            raise
+
+    # -- the broker's own service -----------------------------------------------------------
+
+    def answer_broker_request(self, client: bytes, env: Envelope) -> None:
+        match env.command:
+            case "ping":
+                body = {"pong": True, "version": BROKER_VERSION, "boot_id": self.boot_id}
+            case "workers":
+                body = self.describe()
+            case _:
+                self.reply_error(client, env, ErrorCode.UNKNOWN_COMMAND,
+                                 f"the broker answers ping and workers, not {env.command!r}")
+                return
+        env.sender = client.decode("utf-8", "replace")
+        self.send(client, proto.encode(proto.reply(env, body)))
+
+    def describe(self) -> dict:
+        now = time.monotonic()
+        services: dict[str, list[dict]] = {}
+        for w in self.workers.values():
+            services.setdefault(w.service, []).append({
+                "identity": w.identity.decode("utf-8", "replace"),
+                "pid": w.pid,
+                "version": w.version,
+                "uptime_s": round(time.time() - w.registered_at, 1),
+                "last_seen_s": round(now - w.last_seen, 2),
+                "alive": now - w.last_seen <= HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS,
+                "inflight": len(w.inflight),
+                "capacity": w.capacity,
+                "served": w.served,
+            })
+        return {
+            "broker": {"version": BROKER_VERSION, "uptime_s": round(time.time() - self.started, 1),
+                       "pending": len(self.pending),
+                       "queued": {s: len(q) for s, q in self.queues.items() if q},
+                       "stats": self.stats.as_dict()},
+            "services": services,
+        }

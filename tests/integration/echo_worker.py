@@ -1,0 +1,41 @@
+"""A real worker process for broker tests: the production runtime with tiny test handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from batos.worker import Request, run_service
+
+
+async def echo(req: Request) -> dict:
+    return {"echo": req.args, "pid": os.getpid()}
+
+
+async def slow(req: Request) -> dict:
+    steps = req.arg("steps", int, 5)
+    for i in range(steps):
+        await req.emit("tick", i=i, pid=os.getpid())
+        await asyncio.sleep(req.arg("delay", float, 0.2))
+    return {"done": steps, "pid": os.getpid()}
+
+
+async def spin(req: Request) -> dict:
+    """Blocking work in a thread: heartbeats must keep flowing meanwhile."""
+    seconds = req.arg("seconds", float, 5.0)
+
+    def burn() -> int:
+        import time
+
+        end, n = time.monotonic() + seconds, 0
+        while time.monotonic() < end and not req.cancelled.is_set():
+            n += 1
+        return n
+
+    return {"iterations": await req.run_blocking(burn), "pid": os.getpid()}
+
+
+if __name__ == "__main__":
+    run_service(os.environ.get("BATOS_TEST_SERVICE", "echo"),
+                {"echo": echo, "slow": slow, "spin": spin},
+                capacity=int(os.environ.get("BATOS_TEST_CAPACITY", "4")))
