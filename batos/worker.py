@@ -170,9 +170,13 @@ class ServiceWorker:
                 assert self.sock is not None
                 sock = self.sock
                 try:
-                    frames = await asyncio.wait_for(sock.recv_multipart(), HEARTBEAT_INTERVAL)
-                except TimeoutError:
-                    continue
+                    frames = await sock.recv_multipart()
+                    batch = [frames]
+                    while len(batch) < 256:  # drain what is queued before yielding to the loop
+                        try:
+                            batch.append(await sock.recv_multipart(zmq.NOBLOCK))
+                        except zmq.Again:
+                            break
                 except asyncio.CancelledError:
                     # closing a socket cancels its pending recv: that is a reconnect, not a stop
                     task = asyncio.current_task()
@@ -184,7 +188,8 @@ class ServiceWorker:
                         raise
                     continue
                 self.last_broker_msg = time.monotonic()
-                self._on_frames(frames)
+                for frames in batch:
+                    self._on_frames(frames)
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

