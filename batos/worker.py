@@ -120,7 +120,6 @@ class ServiceWorker:
         self.served = 0
         self.last_broker_msg = time.monotonic()
         self.draining = False
-        self._send_lock = asyncio.Lock()
         self._background: set[asyncio.Future] = set()
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -150,11 +149,11 @@ class ServiceWorker:
     async def _send(self, frames: list[bytes]) -> None:
         if self.sock is None:
             return
-        async with self._send_lock:
-            try:
-                await self.sock.send_multipart(frames)
-            except zmq.ZMQError as e:
-                log.warning("%s: send failed: %s", self.service, e)
+        # no lock: multipart sends from many tasks on one socket do not interleave (FIELD_NOTES)
+        try:
+            await self.sock.send_multipart(frames)
+        except zmq.ZMQError as e:
+            log.warning("%s: send failed: %s", self.service, e)
 
     async def send_to_client(self, client_frame: bytes, env: Envelope) -> None:
         # Routed by the broker through ``corr``; the client frame is not needed on the wire.

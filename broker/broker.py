@@ -23,7 +23,7 @@ import zmq
 
 import proto
 from batos.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, Settings
-from proto import Envelope, ErrorCode, Kind
+from proto import EnvelopeHeader, ErrorCode, Kind
 
 log = logging.getLogger("batos.broker")
 
@@ -48,7 +48,7 @@ class Worker:
 
 @dataclass
 class Pending:
-    env: Envelope
+    env: EnvelopeHeader
     frame: bytes  # the original payload, forwarded as is
     client: bytes
     queued_at: float
@@ -128,7 +128,7 @@ class Broker:
             return
         payload = frames[1]
         try:
-            env = proto.decode(payload)
+            env = proto.decode_header(payload)
         except proto.ProtocolError as e:
             self.stats.malformed += 1
             log.warning("rejected message from %r: %s", identity, e.message)
@@ -145,11 +145,11 @@ class Broker:
             case Kind.REPLY | Kind.ERROR | Kind.EVENT:
                 self.on_worker_output(identity, worker, env, payload)
             case Kind.READY:
-                self.on_ready(identity, env)
+                self.on_ready(identity, proto.decode(payload).body, env)
             case Kind.HEARTBEAT:
                 if worker is None and env.service:  # a worker we do not know: make it re-register
                     self.send(identity, proto.encode(proto.control(Kind.DISCONNECT)))
-                elif worker is not None and env.body.get("draining"):
+                elif worker is not None and proto.decode(payload).body.get("draining"):
                     worker.capacity = 0  # shutting down: finish what it holds, take nothing new
             case Kind.CANCEL:
                 self.cancel(env.corr, identity, reason="cancelled by client")
@@ -159,7 +159,7 @@ class Broker:
                 else:
                     self.forget_client(identity)
 
-    def on_request(self, client: bytes, env: Envelope, payload: bytes) -> None:
+    def on_request(self, client: bytes, env: EnvelopeHeader, payload: bytes) -> None:
         if env.service == proto.Service.BROKER:
             self.answer_broker_request(client, env)
             return
@@ -176,13 +176,12 @@ class Broker:
             self.reply_error(client, env, ErrorCode.BUSY,
                              f"service {env.service!r} queue is full ({len(queue)} waiting); retry later")
             return
-        env.sender = client.decode("utf-8", "replace")
         self.pending[env.id] = Pending(env, payload, client, time.monotonic())
         self.client_load[client] = load + 1
         queue.append(env.id)
         self.dispatch(env.service)
 
-    def on_ready(self, identity: bytes, env: Envelope) -> None:
+    def on_ready(self, identity: bytes, body: dict, env: EnvelopeHeader) -> None:
         if env.service not in self.known_services or env.service == proto.Service.BROKER:
             self.send(identity, proto.encode(proto.error(
                 ErrorCode.UNKNOWN_SERVICE, f"cannot register unknown service {env.service!r}")))
@@ -190,7 +189,6 @@ class Broker:
         old = self.workers.get(identity)
         if old is not None:  # the same worker re-announcing after a reconnect: its old requests are lost
             self.remove_worker(old)
-        body = env.body
         now = time.monotonic()
         self.workers[identity] = Worker(
             identity=identity, service=env.service,
@@ -200,7 +198,7 @@ class Broker:
         log.info("worker %r registered for %s", identity, env.service)
         self.dispatch(env.service)
 
-    def on_worker_output(self, identity: bytes, worker: Worker | None, env: Envelope, payload: bytes) -> None:
+    def on_worker_output(self, identity: bytes, worker: Worker | None, env: EnvelopeHeader, payload: bytes) -> None:
         if worker is None:
             # a worker the broker forgot (e.g. broker restart); its output has no pending entry
             self.stats.late_replies += 1
@@ -309,7 +307,7 @@ class Broker:
                 self.workers[pending.worker].inflight.discard(req_id)
             self.send(pending.client, proto.encode(proto.error_for(pending.env, code, message)))
 
-    def reply_error(self, client: bytes, env: Envelope, code: ErrorCode, message: str) -> None:
+    def reply_error(self, client: bytes, env: EnvelopeHeader, code: ErrorCode, message: str) -> None:
         self.send(client, proto.encode(proto.error_for(env, code, message)))
 
     def send_client(self, pending: Pending, payload: bytes) -> None:
@@ -333,7 +331,7 @@ class Broker:
 
     # -- the broker's own service -----------------------------------------------------------
 
-    def answer_broker_request(self, client: bytes, env: Envelope) -> None:
+    def answer_broker_request(self, client: bytes, env: EnvelopeHeader) -> None:
         match env.command:
             case "ping":
                 body = {"pong": True, "version": BROKER_VERSION, "boot_id": self.boot_id}
@@ -343,7 +341,6 @@ class Broker:
                 self.reply_error(client, env, ErrorCode.UNKNOWN_COMMAND,
                                  f"the broker answers ping and workers, not {env.command!r}")
                 return
-        env.sender = client.decode("utf-8", "replace")
         self.send(client, proto.encode(proto.reply(env, body)))
 
     def describe(self) -> dict:

@@ -98,10 +98,54 @@ def encode(env: Envelope) -> bytes:
     return ormsgpack.packb(msgspec.to_builtins(env), option=ormsgpack.OPT_NON_STR_KEYS)
 
 
+class EnvelopeHeader(msgspec.Struct, kw_only=True):
+    """The routing part of an envelope: what the broker reads (it never interprets bodies)."""
+
+    v: int
+    id: str
+    kind: Kind
+    service: str = ""
+    command: str = ""
+    corr: str = ""
+    idempotent: bool = False
+
+
+# msgspec decodes msgpack and validates types in one pass; the bytes are the same msgpack
+# ormsgpack writes. The slow path below only runs to explain a frame that failed.
+_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
+_header_decoder = msgspec.msgpack.Decoder(EnvelopeHeader)
+
+
 def decode(frame: bytes) -> Envelope:
     """Decode and validate one payload frame; raise ProtocolError, never anything else."""
     if len(frame) > MAX_FRAME_BYTES:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        env = _envelope_decoder.decode(frame)
+        if env.v == PROTOCOL_VERSION:
+            return env
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass
+    return _explain(frame)
+
+
+def decode_header(frame: bytes) -> EnvelopeHeader:
+    """Like :func:`decode` for routing only: the body is skipped, not validated."""
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        head = _header_decoder.decode(frame)
+        if head.v == PROTOCOL_VERSION:
+            return head
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass
+    env = _explain(frame)
+    return EnvelopeHeader(v=env.v, id=env.id, kind=env.kind, service=env.service, command=env.command,
+                          corr=env.corr, idempotent=env.idempotent)
+
+
+def _explain(frame: bytes) -> Envelope:
+    """The slow path: find out what is wrong with a frame, keeping what can be read of it."""
     try:
         raw = ormsgpack.unpackb(frame)
     except Exception as e:  # ormsgpack raises MsgpackDecodeError / ValueError / TypeError
@@ -138,10 +182,10 @@ def request(
     )
 
 
-def reply(req: Envelope, body: dict[str, Any] | None = None) -> Envelope:
+def reply(req: Envelope | EnvelopeHeader, body: dict[str, Any] | None = None) -> Envelope:
     return Envelope(
         v=PROTOCOL_VERSION, id=new_id(), kind=Kind.REPLY, service=req.service, command=req.command,
-        corr=req.id, sender=req.sender, body=body or {},
+        corr=req.id, sender=getattr(req, "sender", ""), body=body or {},
     )
 
 
@@ -172,9 +216,11 @@ def error(
     )
 
 
-def error_for(req: Envelope, code: ErrorCode | str, message: str, details: dict[str, Any] | None = None) -> Envelope:
-    return error(code, message, corr=req.id, service=req.service, command=req.command, sender=req.sender,
-                 details=details)
+def error_for(
+    req: Envelope | EnvelopeHeader, code: ErrorCode | str, message: str, details: dict[str, Any] | None = None
+) -> Envelope:
+    return error(code, message, corr=req.id, service=req.service, command=req.command,
+                 sender=getattr(req, "sender", ""), details=details)
 
 
 def control(kind: Kind, *, service: str = "", corr: str = "", body: dict[str, Any] | None = None) -> Envelope:
