@@ -69,16 +69,17 @@ class PendingCall:
 
 class Client:
     def __init__(self, settings: Settings | None = None, *, endpoint: str | None = None,
-                 identity: str | None = None, ctx: zmq.asyncio.Context | None = None):
+                 identity: str | None = None, ctx: zmq.asyncio.Context | None = None,
+                 curve_key: str | None = None):
         self.settings = settings or load()
         self.endpoint = endpoint or self.settings.broker_endpoint
         self.identity = identity or f"client-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.curve_key = curve_key
         self.sock: zmq.asyncio.Socket | None = None
         self.pending: dict[str, PendingCall] = {}
         self.broker_boot_id: str | None = None
         self._tasks: list[asyncio.Task] = []
-        self._send_lock = asyncio.Lock()
 
     async def __aenter__(self) -> Client:
         await self.start()
@@ -101,7 +102,7 @@ class Client:
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         if self.settings.curve_enabled:
-            curve.configure_client(sock, self.settings)
+            curve.configure_client(sock, self.settings, self.curve_key)
         sock.connect(self.endpoint)
         return sock
 
@@ -113,8 +114,7 @@ class Client:
                 await t
         self._tasks = []
         if self.sock is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                await self._send(proto.control(Kind.DISCONNECT))
+            self._send_nowait(proto.control(Kind.DISCONNECT))
             self.sock.close(linger=0)
             self.sock = None
         self._fail_all(ErrorCode.CANCELLED, "client closed")
@@ -137,22 +137,31 @@ class Client:
     async def call(self, service: str, command: str, body: dict[str, Any] | None = None, *,
                    on_event: EventCallback | None = None, timeout: float | None = 60.0,
                    idempotent: bool = False) -> dict[str, Any]:
-        call = await self.start_call(service, command, body, idempotent=idempotent)
+        started: list[PendingCall] = []
+
+        async def run() -> dict[str, Any]:
+            # the send is inside the timeout too: with no reachable broker a DEALER send waits
+            call = await self.start_call(service, command, body, idempotent=idempotent)
+            started.append(call)
+            return await call.result(on_event)
+
         try:
-            return await asyncio.wait_for(call.result(on_event), timeout)
+            return await asyncio.wait_for(run(), timeout)
         except TimeoutError:
-            await self.cancel(call.id)
+            if started:
+                await self.cancel(started[0].id)
             raise ServiceError(ErrorCode.TIMEOUT, f"{service}.{command} gave no reply within {timeout} s") from None
         except asyncio.CancelledError:
-            await self.cancel(call.id)
+            if started:
+                await self.cancel(started[0].id)
             raise
         finally:
-            self.pending.pop(call.id, None)
+            if started:
+                self.pending.pop(started[0].id, None)
 
     async def cancel(self, request_id: str) -> None:
         if request_id in self.pending and self.sock is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                await self._send(proto.control(Kind.CANCEL, corr=request_id))
+            self._send_nowait(proto.control(Kind.CANCEL, corr=request_id))
 
     async def ping(self, timeout: float = 2.0) -> dict[str, Any]:
         return await self.call(proto.Service.BROKER, "ping", timeout=timeout)
@@ -170,9 +179,16 @@ class Client:
     # -- internals ----------------------------------------------------------------------------
 
     async def _send(self, env: Envelope) -> None:
-        assert self.sock is not None
-        async with self._send_lock:
-            await self.sock.send(proto.encode(env))
+        if self.sock is None:
+            raise ServiceError(ErrorCode.UNAVAILABLE, "client is closed")
+        await self.sock.send(proto.encode(env))
+
+    def _send_nowait(self, env: Envelope) -> None:
+        """Best effort (cancel, disconnect): never wait for a broker that is not there."""
+        if self.sock is None:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            zmq.Socket.send(self.sock, proto.encode(env), zmq.NOBLOCK)
 
     async def _reader(self) -> None:
         assert self.sock is not None

@@ -33,6 +33,7 @@ class Settings(BaseModel):
     # ZEO: "" = a unix socket var/zeo.sock (local, no port to collide); "HOST:PORT" for a network server
     zeo_address: str = ""
     curve_enabled: bool = False  # CurveZMQ on the broker; console keys allow-listed in var/keys/
+    curve_key: str = "console"  # which var/keys/<name>.key_secret a client presents
 
     # broker limits
     service_queue_max: int = 1000  # queued requests per service before `busy`

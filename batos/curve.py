@@ -47,9 +47,9 @@ def configure_server(sock: zmq.Socket, settings: Settings) -> ThreadAuthenticato
 
 
 def configure_client(sock: zmq.Socket, settings: Settings, name: str | None = None) -> None:
-    """``name`` picks the key pair; default: BATOS_CURVE_KEY or ``services``."""
+    """``name`` picks the key pair under var/keys/; default: ``settings.curve_key``."""
     keys = settings.keys_dir
-    name = name or os.environ.get("BATOS_CURVE_KEY", "services")
+    name = name or settings.curve_key
     public, secret = zmq.auth.load_certificate(str(keys / f"{name}.key_secret"))
     server_public, _ = zmq.auth.load_certificate(str(keys / "broker.key"))
     sock.curve_secretkey = secret

@@ -316,7 +316,8 @@ async def serve(
 ) -> None:
     settings = settings or load()
     executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="batos-work")
-    client = Client(settings, identity=f"{services[0][0]}-client-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    client = Client(settings, identity=f"{services[0][0]}-client-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+                    curve_key="services")
     ctx = Context(settings=settings, client=client, executor=executor, stopping=stop or asyncio.Event())
     loop = asyncio.get_running_loop()
 

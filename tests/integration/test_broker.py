@@ -189,3 +189,23 @@ async def test_reconnecting_client_with_same_identity_keeps_working(system):
         assert (await c.call("echo", "echo", {"n": 1}))["echo"] == {"n": 1}
     async with Client(system.settings, identity="architect-console-same") as c:
         assert (await c.call("echo", "echo", {"n": 2}))["echo"] == {"n": 2}
+
+
+async def test_curve_allows_listed_keys_only(system):
+    import zmq.auth
+
+    from batos.curve import ensure_keys
+
+    settings = system.settings.model_copy(update={"curve_enabled": True})
+    keys = ensure_keys(settings)
+    zmq.auth.create_certificates(str(keys), "intruder")  # a key pair nobody listed in authorized/
+    system.start_broker(BATOS_CURVE_ENABLED="1", **EXTRA)
+    system.start_test_worker("echo", BATOS_CURVE_ENABLED="1")
+    settings = settings.model_copy(update={"broker_endpoint": system.endpoint})
+    async with Client(settings, identity="architect-console-listed") as c:
+        await system.wait_registered(c, {"echo": 1})
+        assert (await c.call("echo", "echo", {"secret": 1}))["echo"] == {"secret": 1}
+    async with Client(settings, identity="architect-console-intruder", curve_key="intruder") as c:
+        with pytest.raises(ServiceError) as e:
+            await c.call("echo", "echo", {"secret": 2}, timeout=3)
+        assert e.value.code == proto.ErrorCode.TIMEOUT  # no handshake: not even an error comes back
