@@ -149,7 +149,16 @@ class ServiceWorker:
     async def _send(self, frames: list[bytes]) -> None:
         if self.sock is None:
             return
-        # no lock: multipart sends from many tasks on one socket do not interleave (FIELD_NOTES)
+        # no lock: multipart sends from many tasks on one socket do not interleave (FIELD_NOTES).
+        # Try the plain non-blocking send first: it skips the future machinery on the hot path.
+        try:
+            zmq.Socket.send_multipart(self.sock, frames, zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            pass
+        except zmq.ZMQError as e:
+            log.warning("%s: send failed: %s", self.service, e)
+            return
         try:
             await self.sock.send_multipart(frames)
         except zmq.ZMQError as e:
