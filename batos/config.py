@@ -66,6 +66,7 @@ class Settings(BaseModel):
     answer_budget_tokens: int = 1200
     cycle_timeout: float = 900.0
     autotelic_period: float = 60.0
+    audit_max_bytes: int = 64 * 1024 * 1024  # the audit log rotates (between lines) past this size
     forge_threshold: int = 5  # new SUCCESS cycles per persona before curation
     sandbox_timeout: float = 10.0
     sandbox_memory_mb: int = 512
