@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export BATOS_VAR_DIR ?= $(CURDIR)/var
 
 .PHONY: setup up down status console test test-fast lint bench clean-var
 

@@ -73,7 +73,9 @@ def up(settings: Settings) -> int:
     if supervisor_running(settings):
         supervisor(settings).supervisor.startAllProcesses(False)
     else:
-        subprocess.run([str(Path(sys.executable).parent / "supervisord"), "-c", str(CONF)], check=True)
+        # supervisord.conf reads the var dir from the environment; every program inherits BATOS_*
+        env = {**os.environ, "BATOS_VAR_DIR": str(settings.var_dir)}
+        subprocess.run([str(Path(sys.executable).parent / "supervisord"), "-c", str(CONF)], check=True, env=env)
     rpc = supervisor(settings)
     deadline = time.monotonic() + UP_TIMEOUT
     print("starting BAT OS", end="", flush=True)
