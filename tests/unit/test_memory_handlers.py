@@ -1,0 +1,43 @@
+"""The memory service's whitelist: every contract command is wired to the weaver."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from batos.errors import ServiceError
+from services.memory_weaver.handlers import HANDLERS
+from services.memory_weaver.weaver import MemoryWeaver
+from tests.unit.test_memory_image import image, settings, zeo_addr  # noqa: F401  (fixtures)
+from tests.unit.test_memory_weaver import WordEmbedder, file_payload
+
+CONTRACT = {"replace_file", "create_chunks", "file_hashes", "delete_file", "search", "get", "inspect", "children",
+            "stats", "blob_put", "blob_get", "create_fractals", "audit_offset", "query_fractals"}
+
+
+def request(state, command, args):
+    return SimpleNamespace(command=command, args=args, ctx=SimpleNamespace(state=state), cancelled=threading.Event())
+
+
+def test_every_contract_command_has_a_handler():
+    assert CONTRACT <= set(HANDLERS)
+
+
+async def test_handlers_reach_the_weaver(image):  # noqa: F811
+    w = MemoryWeaver(image, WordEmbedder(), shard_rows=8)
+    await w.start()
+    state = {"weaver": w}
+    r = await HANDLERS["replace_file"](request(state, "replace_file", file_payload("/a.py")))
+    got = await HANDLERS["inspect"](request(state, "inspect", {"oid": r["oids"][1]}))
+    assert got["prototype"] == "memory_chunk"
+    hits = await HANDLERS["search"](request(state, "search", {"text": "alpha", "k": 2}))
+    assert hits["hits"]
+    await w.close()
+
+
+async def test_unstarted_service_is_unavailable():
+    with pytest.raises(ServiceError) as ei:
+        await HANDLERS["stats"](request({}, "stats", {}))
+    assert ei.value.code == "unavailable"

@@ -1,0 +1,162 @@
+"""UvmObject: slots, delegation, method slots, DoesNotUnderstand, OIDs, awakening."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import transaction
+import ZODB
+from persistent.mapping import PersistentMapping
+
+from batos.uvm import (
+    PROTOTYPE_NAMES,
+    DoesNotUnderstand,
+    UvmObject,
+    awaken,
+    oid_hex,
+    prototype_of,
+    resolve_oid,
+)
+
+
+@pytest.fixture
+def db():
+    d = ZODB.DB(None)  # in-memory MappingStorage: pickling and OIDs without a server
+    yield d
+    d.close()
+
+
+def test_slots_and_attribute_access():
+    o = UvmObject("thing", colour="red")
+    assert o.get_slot("colour") == "red"
+    assert o.colour == "red"
+    o.size = 3  # non-underscore assignment becomes a slot
+    assert o.own_slots() == {"colour": "red", "size": 3}
+    assert o.has_slot("size") and not o.has_slot("nope")
+    o.del_slot("size")
+    assert o.slot_names() == ["colour"]
+    with pytest.raises(ValueError):
+        o.set_slot("_hidden", 1)
+    with pytest.raises(ValueError):
+        o.set_slot("clone", 1)  # reserved by the class
+
+
+def test_delegation_order_depth_first_left_to_right_and_cycles():
+    top = UvmObject("top", x="top", only_top=1)
+    left = UvmObject("left", parents=[top])
+    right = UvmObject("right", x="right")
+    child = UvmObject("child", parents=[left, right])
+    # depth-first: left -> top (has x) is visited before right
+    assert child.lookup("x") == "top"
+    assert child.only_top == 1
+    child.x = "own"
+    assert child.x == "own"
+    top.add_parent(child)  # a cycle must not hang
+    with pytest.raises(DoesNotUnderstand):
+        child.lookup("missing")
+
+
+def test_does_not_understand_carries_selector_but_underscore_names_do_not():
+    o = UvmObject("o")
+    with pytest.raises(DoesNotUnderstand) as ei:
+        _ = o.frobnicate
+    assert ei.value.selector == "frobnicate"
+    assert isinstance(ei.value, AttributeError)
+    with pytest.raises(AttributeError) as ei2:
+        _ = o._private_thing
+    assert not isinstance(ei2.value, DoesNotUnderstand)
+    assert not hasattr(o, "__wrapped__")
+    with pytest.raises(DoesNotUnderstand):
+        o.send("missing", 1)
+
+
+def test_methods_bound_to_receiver_and_versioned():
+    proto = UvmObject("proto", greeting="hello")
+    proto.define_method("greet", "def greet(self, who):\n    return f'{self.greeting}, {who}'\n", author="test")
+    child = proto.clone(greeting="hi")
+    assert child.greet("bob") == "hi, bob"  # bound to the receiver, not the owner
+    assert child.send("greet", "ann") == "hi, ann"
+    assert proto.method_source("greet").version == 1
+    proto.define_method("greet", "def greet(self, who):\n    return who.upper()\n")
+    assert proto.method_source("greet").version == 2
+    assert child.greet("bob") == "BOB"  # recompiled after redefinition
+    assert child.method_source("greet").meta.get("defined_at")
+    assert child.method_names() == []
+    assert child.responds_to("greet") and not child.responds_to("nope")
+
+
+@pytest.mark.parametrize(
+    "src",
+    ["def other(self):\n    return 1\n", "def greet(:\n", "greet = lambda self: 1\n", "def greet():\n    return 1\n"],
+)
+def test_define_method_rejects_bad_source(src):
+    with pytest.raises(ValueError):
+        UvmObject("o").define_method("greet", src)
+
+
+def test_builtin_selectors_reachable_by_send():
+    o = UvmObject("o", a=1)
+    assert o.send("get_slot", "a") == 1
+    c = o.send("clone", b=2)
+    assert c.parents == [o] and c.a == 1 and c.b == 2
+
+
+def test_persisted_methods_survive_reload_and_oids(db):
+    conn = db.open()
+    root = conn.root()
+    proto = UvmObject("proto", n=1)
+    proto.define_method("double", "def double(self):\n    return self.n * 2\n")
+    root["obj"] = proto.clone(n=21)
+    root["proto"] = proto
+    transaction.commit()
+    oid = oid_hex(root["obj"])
+    conn.close()
+    conn2 = db.open()
+    obj = resolve_oid(conn2, oid)
+    assert obj.double() == 42
+    assert oid_hex(conn2.get(b"\0" * 8)) == "0"
+    assert resolve_oid(conn2, "0") is conn2.get(b"\0" * 8)
+    with pytest.raises(KeyError, match="unknown oid"):
+        resolve_oid(conn2, "ffffff")
+    with pytest.raises(KeyError, match="unknown oid"):
+        resolve_oid(conn2, "not-hex")
+    conn2.close()
+
+
+def test_p_changed_discipline_for_plain_mutable_slots(db):
+    conn = db.open()
+    root = conn.root()
+    root["o"] = UvmObject("o", log=[])
+    transaction.commit()
+    root["o"].log.append("a")  # in-place: ZODB cannot see this...
+    root["o"]._p_changed = True  # ...so the discipline is to say so
+    transaction.commit()
+    conn.close()
+    conn2 = db.open()
+    assert conn2.root()["o"].log == ["a"]
+    conn2.close()
+
+
+def test_awaken_idempotent(db):
+    conn = db.open()
+    root = conn.root()
+    assert awaken(root) is True
+    transaction.commit()
+    protos = root["prototypes"]
+    assert set(protos) == set(PROTOTYPE_NAMES)
+    ids = {name: p._p_oid for name, p in protos.items()}
+    assert awaken(root) is False
+    assert {name: p._p_oid for name, p in root["prototypes"].items()} == ids
+    chunk = protos["memory_chunk"].clone(source_text="x")
+    assert prototype_of(chunk, protos) == "memory_chunk"
+    assert protos["brick"].parents == [protos["traits"]]
+    assert isinstance(protos, PersistentMapping)
+    conn.close()
+
+
+def test_method_source_pickles():
+    o = UvmObject("o")
+    m = o.define_method("f", "def f(self):\n    return 1\n")
+    m2 = pickle.loads(pickle.dumps(m))
+    assert (m2.selector, m2.source, m2.version) == ("f", m.source, 1)
