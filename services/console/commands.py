@@ -1,0 +1,470 @@
+"""Parsing a console line into what to do: a kernel request, a console-local action, or a request
+that still needs method source lines.
+
+Everything here is pure (no I/O except reading a ``define ... @file``), so every rule about
+quoting, OIDs and argument literals is unit-tested without a broker.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shlex
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+import proto
+
+PERSONAS = ("ALFRED", "BABS", "BRICK", "ROBIN")
+KERNEL = proto.Service.KERNEL.value
+# A line holding only this ends the source of a multi-line `define`.
+SOURCE_TERMINATOR = "."
+DEFAULT_SEARCH_K = 8
+SEARCH_LEVELS = ("summaries", "chunks", "both")
+# Source files larger than this are refused before they are sent: a method is a few lines.
+MAX_SOURCE_BYTES = 256 * 1024
+HELP_WIDTH = 110
+
+_OID = re.compile(r"^(?:0x)?([0-9a-fA-F]+)$")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_KWARG = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.DOTALL)
+
+
+class CommandError(ValueError):
+    """A line the console cannot turn into a request; the message says why and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    usage: str
+    summary: str
+    long_running: bool = False  # may stream for minutes (gets the long default timeout)
+
+
+SPECS: dict[str, Spec] = {s.name: s for s in (
+    Spec("help", "help [COMMAND]", "list commands, or explain one"),
+    Spec("status", "status", "the kernel's status (its runtime, services and cycles)"),
+    Spec("stats", "stats", "memory: objects per prototype, vectors, storage size"),
+    Spec("ingest", "ingest PATH", "ingest a file or directory of Python source", long_running=True),
+    Spec("ask", "ask [persona=NAME] QUESTION", "run a cognitive cycle: reasoning steps, streamed answer, citations",
+         long_running=True),
+    Spec("search", "search [k=N] [level=summaries|chunks|both] TEXT", "ranked chunks and summaries with file and "
+         "lines"),
+    Spec("inspect", "inspect OID", "an object's prototype, slots, parents and methods (0 is the root)"),
+    Spec("send", "send OID SELECTOR [ARG ...] [KEY=VALUE ...]",
+         "send a message; a missing method is generated (_doesNotUnderstand_). Arguments are Python/JSON "
+         "literals where they parse, else strings; a quoted argument is always a string", long_running=True),
+    Spec("define", "define OID SELECTOR [@FILE]",
+         "define a method from FILE, or from the lines that follow, ended by a line holding only '.'"),
+    Spec("display_yourself", "display_yourself", "the system describes itself", long_running=True),
+    Spec("trace", "trace CYCLE_ID", "the audit events of one cognitive cycle"),
+    Spec("audit", "audit", "the audit log's state and recent events"),
+    Spec("forge", "forge PERSONA", "curate data and train a LoRA adapter for ALFRED, BABS, BRICK or ROBIN",
+         long_running=True),
+    Spec("cancel", "cancel [N|all]", "cancel request N (as tagged in the output), or every request in flight"),
+    Spec("quit", "quit", "leave the console (also: exit, Ctrl-D)"),
+    Spec("{", "{TABLE 1 JSON}", "send a raw Table 1 command object, validated here first", long_running=True),
+)}
+ALIASES = {"exit": "quit", "?": "help"}
+COMMAND_NAMES = tuple(n for n in SPECS if n != "{") + tuple(ALIASES)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request to send: ``service.command`` with ``body``."""
+
+    command: str
+    body: dict[str, Any] = field(default_factory=dict)
+    service: str = KERNEL
+    label: str = ""  # the console command it came from (for display and timeouts)
+
+    @property
+    def long_running(self) -> bool:
+        spec = SPECS.get("{" if self.command == "command" else self.label or self.command)
+        return bool(spec and spec.long_running)
+
+
+@dataclass(frozen=True)
+class Local:
+    """Handled by the console itself: help, cancel, quit."""
+
+    name: str
+    arg: str = ""
+
+
+@dataclass(frozen=True)
+class NeedsSource:
+    """``define OID SELECTOR`` without ``@file``: the following lines are the source."""
+
+    oid: str
+    selector: str
+
+    def finish(self, lines: list[str]) -> Request:
+        source = "\n".join(lines).strip("\n")
+        if not source.strip():
+            raise CommandError(f"define {self.oid} {self.selector}: no source given")
+        return Request("define", {"oid": self.oid, "selector": self.selector, "source": source + "\n"},
+                       label="define")
+
+
+Parsed = Request | Local | NeedsSource
+
+
+def parse_line(line: str, *, cwd: Path | None = None) -> Parsed | None:
+    """Turn one input line into what to do; ``None`` for a blank line or a comment."""
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    if text.startswith("{"):
+        return parse_table1_line(text)
+    name, _, rest = text.partition(" ")
+    name = ALIASES.get(name.lower(), name.lower())
+    rest = rest.strip()
+    parser = _PARSERS.get(name)
+    if parser is None:
+        raise CommandError(f"unknown command {text.split()[0]!r}; type 'help' for the list")
+    return parser(rest, cwd or Path.cwd())
+
+
+# -- one parser per command --------------------------------------------------------------------
+
+
+def _no_args(name: str):
+    def parse(rest: str, cwd: Path) -> Request:
+        if rest:
+            raise CommandError(f"{name} takes no arguments (usage: {SPECS[name].usage})")
+        return Request(name, {}, label=name)
+    return parse
+
+
+def _help(rest: str, cwd: Path) -> Local:
+    return Local("help", rest.lower())
+
+
+def _quit(rest: str, cwd: Path) -> Local:
+    return Local("quit")
+
+
+def _cancel(rest: str, cwd: Path) -> Local:
+    arg = rest.strip().lstrip("#[").rstrip("]").lower()
+    if arg and arg != "all" and not arg.isdigit():
+        raise CommandError(f"cancel takes a request number or 'all', not {rest!r}")
+    return Local("cancel", arg)
+
+
+def _ingest(rest: str, cwd: Path) -> Request:
+    words = _split(rest, "ingest")
+    if len(words) != 1:
+        raise CommandError(f"usage: {SPECS['ingest'].usage} (quote a path that holds spaces)")
+    # Resolved here: the kernel runs elsewhere, with another working directory.
+    path = Path(words[0]).expanduser()
+    path = (path if path.is_absolute() else cwd / path).resolve()
+    return Request("ingest", {"path": str(path)}, label="ingest")
+
+
+def _ask(rest: str, cwd: Path) -> Request:
+    opts, rest = _leading_options(rest, "ask", {"persona": _persona})
+    question = _unquote_whole(rest)
+    if not question:
+        raise CommandError(f"usage: {SPECS['ask'].usage}")
+    return Request("ask", {"question": question, **opts}, label="ask")
+
+
+def _search(rest: str, cwd: Path) -> Request:
+    opts, rest = _leading_options(rest, "search", {"k": _search_k, "level": _search_level})
+    text = _unquote_whole(rest)
+    if not text:
+        raise CommandError(f"usage: {SPECS['search'].usage}")
+    return Request("search", {"text": text, "k": DEFAULT_SEARCH_K, **opts}, label="search")
+
+
+def _leading_options(rest: str, name: str, allowed: dict[str, Callable[[str], Any]]) -> tuple[dict[str, Any], str]:
+    """``KEY=VALUE`` words before free text (``search k=3 level=chunks ZODB``); the rest is the text."""
+    opts: dict[str, Any] = {}
+    while m := re.match(r"^([a-z_]+)=(\S+)(?:\s+(.*))?$", rest, re.DOTALL):
+        if m.group(1) not in allowed:
+            break  # free text that happens to hold '=': not an option
+        if m.group(1) in opts:
+            raise CommandError(f"{name}: {m.group(1)} given twice")
+        opts[m.group(1)] = allowed[m.group(1)](m.group(2))
+        rest = m.group(3) or ""
+    return opts, rest
+
+
+def _persona(value: str) -> str:
+    if value.upper() not in PERSONAS:
+        raise CommandError(f"persona must be one of {', '.join(PERSONAS)}, not {value!r}")
+    return value.upper()
+
+
+def _search_k(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 100:
+        raise CommandError(f"search: k must be a whole number from 1 to 100, not {value!r}")
+    return int(value)
+
+
+def _search_level(value: str) -> str:
+    if value not in SEARCH_LEVELS:
+        raise CommandError(f"search: level must be one of {', '.join(SEARCH_LEVELS)}, not {value!r}")
+    return value
+
+
+def _inspect(rest: str, cwd: Path) -> Request:
+    words = _split(rest, "inspect")
+    if len(words) != 1:
+        raise CommandError(f"usage: {SPECS['inspect'].usage}")
+    return Request("inspect", {"oid": normalize_oid(words[0])}, label="inspect")
+
+
+def _send(rest: str, cwd: Path) -> Request:
+    words = split_args(rest)
+    if len(words) < 2:
+        raise CommandError(f"usage: {SPECS['send'].usage}")
+    oid, selector = normalize_oid(words[0].text), _selector(words[1].text)
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for word in words[2:]:
+        m = _KWARG.match(word.text) if not word.quoted_name else None
+        if m:
+            if m.group(1) in kwargs:
+                raise CommandError(f"send: keyword {m.group(1)!r} given twice")
+            kwargs[m.group(1)] = literal(m.group(2), quoted=word.quoted)
+        else:
+            if kwargs:
+                raise CommandError(f"send: positional argument {word.text!r} after keyword arguments")
+            args.append(literal(word.text, quoted=word.quoted))
+    return Request("send", {"oid": oid, "selector": selector, "args": args, "kwargs": kwargs}, label="send")
+
+
+def _define(rest: str, cwd: Path) -> Request | NeedsSource:
+    words = _split(rest, "define")
+    if len(words) not in (2, 3):
+        raise CommandError(f"usage: {SPECS['define'].usage}")
+    oid, selector = normalize_oid(words[0]), _selector(words[1])
+    if len(words) == 2:
+        return NeedsSource(oid, selector)
+    if not words[2].startswith("@") or len(words[2]) == 1:
+        raise CommandError(f"define: the third argument must be @FILE, not {words[2]!r}")
+    path = Path(words[2][1:]).expanduser()
+    path = path if path.is_absolute() else cwd / path
+    try:
+        if path.stat().st_size > MAX_SOURCE_BYTES:
+            raise CommandError(f"define: {path} is larger than {MAX_SOURCE_BYTES} bytes")
+        source = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CommandError(f"define: cannot read {path}: {e}") from e
+    return NeedsSource(oid, selector).finish(source.splitlines())
+
+
+def _trace(rest: str, cwd: Path) -> Request:
+    words = _split(rest, "trace")
+    if len(words) != 1 or not re.fullmatch(r"[0-9a-fA-F-]{4,64}", words[0]):
+        raise CommandError(f"usage: {SPECS['trace'].usage} (a cycle id is hex, as shown after 'ask')")
+    return Request("trace", {"cycle_id": words[0].lower()}, label="trace")
+
+
+def _forge(rest: str, cwd: Path) -> Request:
+    words = _split(rest, "forge")
+    if len(words) != 1 or words[0].upper() not in PERSONAS:
+        raise CommandError(f"usage: {SPECS['forge'].usage}; PERSONA is one of {', '.join(PERSONAS)}")
+    return Request("forge", {"persona": words[0].upper()}, label="forge")
+
+
+_PARSERS = {
+    "help": _help, "quit": _quit, "cancel": _cancel,
+    "status": _no_args("status"), "stats": _no_args("stats"), "display_yourself": _no_args("display_yourself"),
+    "audit": _no_args("audit"),
+    "ingest": _ingest, "ask": _ask, "search": _search, "inspect": _inspect, "send": _send,
+    "define": _define, "trace": _trace, "forge": _forge,
+}
+
+
+def parse_table1_line(text: str) -> Request:
+    """A raw Table 1 object, validated locally so a typo never reaches the kernel."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CommandError(f"not valid JSON: {e.msg} at column {e.colno}") from e
+    try:
+        cmd = proto.parse_table1(obj)
+    except proto.ProtocolError as e:
+        raise CommandError(e.message) from e
+    body = msgspec.to_builtins(cmd)
+    body["target_oid"] = normalize_oid(cmd.target_oid)
+    return Request("command", body, label="command")
+
+
+# -- the pieces -------------------------------------------------------------------------------
+
+
+def normalize_oid(text: str) -> str:
+    """OIDs are hex without leading zeros ("0" is the root); ``0x`` and leading zeros are accepted."""
+    m = _OID.match(text.strip())
+    if not m:
+        raise CommandError(f"bad OID {text!r}: an OID is hexadecimal (0 is the root object)")
+    return m.group(1).lower().lstrip("0") or "0"
+
+
+def _selector(text: str) -> str:
+    if not _IDENT.match(text):
+        raise CommandError(f"bad selector {text!r}: a selector is a Python identifier")
+    return text
+
+
+def _split(rest: str, name: str) -> list[str]:
+    try:
+        return shlex.split(rest)
+    except ValueError as e:
+        raise CommandError(f"{name}: bad quoting ({e})") from e
+
+
+def _unquote_whole(text: str) -> str:
+    """Free text is taken as typed (apostrophes and all); only quotes around the whole of it go."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1].strip()
+    return text
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str  # with top-level quotes removed
+    quoted: bool  # some part was quoted at top level: the value is a string, never a literal
+    quoted_name: bool = False  # the quote began before any '=' (so it is not KEY=VALUE)
+
+
+_OPEN = {"(": ")", "[": "]", "{": "}"}
+
+
+def split_args(text: str) -> list[Word]:
+    """Split like a shell, except that brackets group: ``[1, 2]`` and ``{"a": 1}`` stay one word.
+
+    Quotes at the top level group and are removed (``"a b"`` is one string); quotes inside
+    brackets are kept, since they belong to the literal.
+    """
+    words: list[Word] = []
+    buf: list[str] = []
+    quoted = quoted_name = started = False
+    stack: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if not stack and c.isspace():
+            if started:
+                words.append(Word("".join(buf), quoted, quoted_name))
+                buf, quoted, quoted_name, started = [], False, False, False
+            i += 1
+            continue
+        started = True
+        if c in "'\"":
+            end = _end_of_quote(text, i)
+            if stack:  # part of a literal: keep it verbatim
+                buf.append(text[i:end + 1])
+            else:
+                if "=" not in buf:
+                    quoted_name = True
+                quoted = True
+                buf.append(_unescape(text[i + 1:end], c))
+            i = end + 1
+            continue
+        if c == "\\" and not stack and i + 1 < len(text):
+            buf.append(text[i + 1])
+            i += 2
+            continue
+        if c in _OPEN:
+            stack.append(_OPEN[c])
+        elif c in ")]}":
+            if not stack or stack[-1] != c:
+                raise CommandError(f"unbalanced {c!r} at column {i + 1}")
+            stack.pop()
+        buf.append(c)
+        i += 1
+    if stack:
+        raise CommandError(f"unclosed bracket: expected {stack[-1]!r} before the end of the line")
+    if started:
+        words.append(Word("".join(buf), quoted, quoted_name))
+    return words
+
+
+def _end_of_quote(text: str, start: int) -> int:
+    q = text[start]
+    i = start + 1
+    while i < len(text):
+        if text[i] == "\\" and q == '"':
+            i += 2
+            continue
+        if text[i] == q:
+            return i
+        i += 1
+    raise CommandError(f"bad quoting: no closing {q} for the quote at column {start + 1}")
+
+
+def _unescape(body: str, quote: str) -> str:
+    # Inside double quotes a backslash escapes the next character (as in a shell); single quotes
+    # are literal.
+    return re.sub(r"\\(.)", r"\1", body) if quote == '"' else body
+
+
+_LITERAL_TYPES = (int, float, str, bool, bytes, list, dict, type(None))
+
+
+def literal(text: str, *, quoted: bool = False) -> Any:
+    """A Python or JSON literal where ``text`` is one, else the string itself."""
+    if quoted:
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            return text
+    return _wire_value(value, text)
+
+
+def _wire_value(value: Any, text: str) -> Any:
+    """Tuples become lists; types the wire cannot carry (sets, complex) are refused clearly."""
+    if isinstance(value, tuple):
+        return [_wire_value(v, text) for v in value]
+    if isinstance(value, list):
+        return [_wire_value(v, text) for v in value]
+    if isinstance(value, dict):
+        return {_wire_key(k, text): _wire_value(v, text) for k, v in value.items()}
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        raise CommandError(f"{text!r}: integers on the wire fit in 64 bits (quote it to send it as a string)")
+    if not isinstance(value, _LITERAL_TYPES):
+        raise CommandError(f"{text!r} is a {type(value).__name__}, which cannot be sent; use a list, dict, "
+                           "number, string, bool or None (quote it to send it as a string)")
+    return value
+
+
+def _wire_key(key: Any, text: str) -> Any:
+    if isinstance(key, str | int):
+        return key
+    raise CommandError(f"{text!r}: dict keys must be strings or integers, not {type(key).__name__}")
+
+
+def help_text(name: str = "") -> list[str]:
+    """Lines of help: the whole list, or one command's usage and summary."""
+    if name:
+        spec = SPECS.get(ALIASES.get(name, name))
+        if spec is None:
+            raise CommandError(f"no command {name!r}; type 'help' for the list")
+        return [f"{spec.usage}", f"    {spec.summary}"]
+    width = max(len(s.usage) for s in SPECS.values())
+    lines = []
+    for spec in SPECS.values():
+        wrapped = textwrap.wrap(spec.summary, max(40, HELP_WIDTH - width - 2)) or [""]
+        lines.append(f"{spec.usage:<{width}}  {wrapped[0]}")
+        lines += [" " * (width + 2) + more for more in wrapped[1:]]
+    lines.append("Any line starting with '{' is sent as a Table 1 object, e.g.")
+    lines.append('  {"command": "initiate_cognitive_cycle", "target_oid": "0", "mission_brief": '
+                 '{"type": "unhandled_message", "selector": "greet", "args": [], "kwargs": {}}}')
+    return lines
