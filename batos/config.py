@@ -68,6 +68,8 @@ class Settings(BaseModel):
     autotelic_period: float = 60.0
     audit_max_bytes: int = 64 * 1024 * 1024  # the audit log rotates (between lines) past this size
     forge_threshold: int = 5  # new SUCCESS cycles per persona before curation
+    forge_program: str = "forge"  # the supervisord program the steward restarts around training
+    forge_train_timeout: float = 21600.0  # the steward kills a training run after this long
     sandbox_timeout: float = 10.0
     sandbox_memory_mb: int = 512
 

@@ -1,0 +1,319 @@
+"""The ``forge`` service: golden-path curation, fine-tuning runs via the steward, adapter incarnation.
+
+Commands:
+  run {persona, mission_type?, epochs=1, max_steps=-1, generate_script=true, cycle_id?, format_prompts=4}
+      curation -> BRICK's script (or the template) -> an instruction in the upgrade channel. Streams
+      ``progress`` events (stage curation | script | upgrade_requested) and returns at once with
+      {instruction_id, log_path, ...}: the steward is about to stop this very process, so the caller follows
+      ``<upgrade_channel>/<instruction_id>.log.jsonl`` (started, stopped, progress, finished, incarnated).
+  curate {persona, mission_type?, cap?, eval_percent?}: the dataset only -> {counts, dataset}.
+  history {}: ALFRED's audit of the history, without dispatching -> {counts, due, since, busy}.
+
+``startup`` incarnates new adapters in the background (services/forge/incarnation.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import proto
+from batos import personas
+from batos.errors import ServiceError
+from batos.worker import Context, Request
+from services.forge import curation, history_audit, incarnation, training_script
+from services.forge.steward import DEFAULT_TRAIN_TIMEOUT, Instruction, all_instructions, log_path, write_instruction
+
+log = logging.getLogger("batos.forge")
+
+Call = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]
+Emit = Callable[..., Awaitable[None]]
+
+MEMORY_TIMEOUT = 60.0
+QUERY_LIMIT = 20_000  # golden events fetched per query
+MAX_CYCLES = 2_000  # cycles whose full event lists are fetched for one curation
+CYCLE_QUERY_CONCURRENCY = 8
+SCRIPT_MAX_TOKENS = 700  # a complete training script; BRICK on CPU needs about a minute for it
+INCARNATION_RETRY_S = (5, 10, 20, 40, 60, 60, 60, 60, 60, 60)  # memory/kernel may start after us
+INCARNATION_TASK = "forge_incarnation"  # ctx.state key
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def runs_dir(settings: Any) -> Path:
+    return Path(settings.var_dir) / "forge_runs"
+
+
+# -- curation against the memory service --------------------------------------------------------------
+
+
+async def gather_fractals(call: Call, persona: str, mission_type: str | None = None) -> list[dict[str, Any]]:
+    """Every event of every cycle in which ``persona`` produced a golden event (newest cycles first, bounded)."""
+    seeds: list[dict[str, Any]] = []
+    for event_type in curation.GOLDEN_EVENT_TYPES:
+        body: dict[str, Any] = {"persona": persona, "status": curation.SUCCESS, "event_type": event_type,
+                                "limit": QUERY_LIMIT}
+        if mission_type:
+            body["mission_type"] = mission_type
+        seeds += (await call("memory", "query_fractals", body)).get("fractals", [])
+    newest: dict[str, str] = {}
+    for f in seeds:
+        meta = f.get("meta") or {}
+        cycle = str(meta.get("cycle_id") or "")
+        if cycle:
+            newest[cycle] = max(newest.get(cycle, ""), str(meta.get("timestamp") or ""))
+    cycles = sorted(newest, key=newest.__getitem__, reverse=True)[:MAX_CYCLES]
+    sem = asyncio.Semaphore(CYCLE_QUERY_CONCURRENCY)
+
+    async def one(cycle_id: str) -> list[dict[str, Any]]:
+        async with sem:
+            return (await call("memory", "query_fractals", {"cycle_id": cycle_id, "limit": 1000})).get("fractals", [])
+
+    return [f for fractals in await asyncio.gather(*(one(c) for c in cycles)) for f in fractals]
+
+
+def as_served(persona: str, example: curation.Example) -> curation.Example:
+    """The chat as the llm service feeds it to the model: the persona's system prompt first, merged with the
+    caller's (batos.personas.with_system_prompt). The audit log holds the kernel's messages, from before that
+    merge; training on what the model really sees at inference is what makes the adapter fit."""
+    system = personas.system_prompt(persona)
+    messages = list(example.messages)
+    if messages and messages[0]["role"] == "system" and messages[0]["content"].startswith(system):
+        return example  # already merged
+    return replace(example, messages=tuple(personas.with_system_prompt(persona, messages)))
+
+
+async def curate_dataset(call: Call, persona: str, mission_type: str | None, out_dir: Path, *,
+                         cap: int = curation.DEFAULT_CAP_PER_MISSION,
+                         eval_percent: int = curation.DEFAULT_EVAL_PERCENT,
+                         ) -> tuple[curation.Curation, curation.DatasetFiles]:
+    fractals = await gather_fractals(call, persona, mission_type)
+    result = curation.curate(fractals, persona, mission_type, cap_per_mission=cap, eval_percent=eval_percent)
+    result.train = [as_served(persona, ex) for ex in result.train]
+    result.eval = [as_served(persona, ex) for ex in result.eval]
+    return result, curation.write_dataset(result, out_dir)
+
+
+# -- a forge run ---------------------------------------------------------------------------------------
+
+
+def brick_generator(call: Call, timeout: float) -> training_script.Generate:
+    async def generate(messages: list[dict[str, str]]) -> str:
+        reply = await asyncio.wait_for(call("llm", "generate", {
+            "persona": "BRICK", "messages": messages, "max_tokens": SCRIPT_MAX_TOKENS, "temperature": 0.0}), timeout)
+        return str(reply.get("text", ""))
+    return generate
+
+
+def busy_personas(channel: Path) -> set[str]:
+    return {str(i.get("persona", "")).upper() for i in all_instructions(channel) if i["state"] != "done"}
+
+
+def new_output_dir(lora_dir: Path, persona: str) -> Path:
+    base = lora_dir / f"{persona.lower()}_{_stamp()}"
+    out, n = base, 1
+    while out.exists():  # two forges in one second
+        n += 1
+        out = base.with_name(f"{base.name}_{n}")
+    return out
+
+
+async def prepare_forge(settings: Any, call: Call, emit: Emit, *, persona: str, mission_type: str | None = None,
+                        epochs: int = 1, max_steps: int = -1, generate: training_script.Generate | None = None,
+                        previous_adapter: str | None = None, cycle_id: str | None = None,
+                        format_prompts: int = 4, eval_max_new_tokens: int | None = None,
+                        logging_steps: int | None = None) -> dict[str, Any]:
+    """Curate, produce the script, publish the steward instruction; returns what the caller follows."""
+    channel = Path(settings.upgrade_channel)
+    if persona in busy_personas(channel):
+        raise ServiceError(proto.ErrorCode.BUSY, f"a forge of {persona} is already pending or running")
+    instruction_id = f"{persona.lower()}-{_stamp()}-{uuid.uuid4().hex[:6]}"
+    run_dir = runs_dir(settings) / instruction_id
+
+    result, dataset = await curate_dataset(call, persona, mission_type, run_dir)
+    counts = result.counts()
+    await emit("progress", stage="curation", done=1, total=3, persona=persona, mission_type=mission_type, **counts)
+    if not result.train:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise ServiceError(proto.ErrorCode.REJECTED,
+                           f"no golden-path examples for {persona}"
+                           f"{' on ' + mission_type if mission_type else ''}: {json.dumps(counts)}")
+
+    try:
+        base = training_script.resolve_base_model(settings)
+    except training_script.ForgeConfigError as e:
+        raise ServiceError(proto.ErrorCode.UNAVAILABLE, str(e)) from e
+    try:
+        config = training_script.build_config(
+            base=base, persona=persona, dataset={**dataset.describe(), "train_ids": dataset.train_ids,
+                                                 "eval_ids": dataset.eval_ids},
+            output_dir=new_output_dir(Path(settings.lora_dir), persona), epochs=epochs, max_steps=max_steps,
+            logging_steps=logging_steps, previous_adapter=previous_adapter,
+            evaluation={"max_format_prompts": format_prompts, "max_new_tokens": eval_max_new_tokens})
+    except training_script.ForgeConfigError as e:
+        raise ServiceError(proto.ErrorCode.BAD_ARGS, str(e)) from e
+
+    choice = await training_script.produce_script(generate, config)
+    config.update(instruction_id=instruction_id, cycle_id=cycle_id, origin=choice.origin)
+    script_path = run_dir / ("train_generated.py" if choice.origin == "generated" else "train_template.py")
+    script_path.write_text(choice.source, encoding="utf-8")
+    config["script_path"] = str(script_path)
+    config_path = run_dir / "config.json"
+    config_path.write_text(json.dumps(config, indent=1), encoding="utf-8")
+    (run_dir / "script_choice.json").write_text(json.dumps(choice.describe(), indent=1), encoding="utf-8")
+    await emit("progress", stage="script", done=2, total=3, script_path=str(script_path), **choice.describe())
+
+    instruction = Instruction(
+        id=instruction_id, persona=persona, script_path=str(script_path), config_path=str(config_path),
+        output_dir=config["output_dir"], program=getattr(settings, "forge_program", "forge"),
+        dataset=dataset.describe(), origin=choice.origin,
+        timeout_s=float(getattr(settings, "forge_train_timeout", DEFAULT_TRAIN_TIMEOUT)))
+    write_instruction(channel, instruction)
+    follow = log_path(channel, instruction_id)
+    await emit("progress", stage="upgrade_requested", done=3, total=3, instruction_id=instruction_id,
+               log_path=str(follow))
+    return {"instruction_id": instruction_id, "log_path": str(follow), "dataset": dataset.describe(),
+            "counts": counts, "script_path": str(script_path), "config_path": str(config_path),
+            "output_dir": config["output_dir"], "script": choice.describe()}
+
+
+# -- handlers -------------------------------------------------------------------------------------------
+
+
+def _persona(req: Request) -> str:
+    try:
+        return personas.normalize(req.arg("persona", str, required=True))
+    except personas.UnknownPersona as e:
+        raise ServiceError(proto.ErrorCode.BAD_ARGS, str(e)) from e
+
+
+def _caller(req: Request, timeout: float = MEMORY_TIMEOUT) -> Call:
+    async def call(service: str, command: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await req.client.call(service, command, body, timeout=timeout)
+    return call
+
+
+def _active_adapter(ctx: Context, persona: str) -> dict[str, Any] | None:
+    from services.forge.handlers_llm import ENGINE  # the llm service shares this process
+
+    engine = ctx.state.get(ENGINE)
+    return engine.adapters()["personas"].get(persona) if engine is not None else None
+
+
+async def handle_run(req: Request) -> dict[str, Any]:
+    persona = _persona(req)
+    settings = req.ctx.settings
+    generate = None
+    if req.arg("generate_script", bool, True):
+        generate = brick_generator(_caller(req, settings.llm_request_timeout), settings.llm_request_timeout)
+    previous = (_active_adapter(req.ctx, persona) or {}).get("path")
+    try:
+        return await prepare_forge(
+            settings, _caller(req), req.emit, persona=persona, mission_type=req.arg("mission_type", str, None),
+            epochs=req.arg("epochs", int, 1), max_steps=req.arg("max_steps", int, -1), generate=generate,
+            previous_adapter=previous, cycle_id=req.arg("cycle_id", str, None),
+            format_prompts=req.arg("format_prompts", int, 4), logging_steps=req.arg("logging_steps", int, None))
+    except curation.CurationError as e:
+        raise ServiceError(proto.ErrorCode.INTERNAL, f"curation failed: {e}") from e
+
+
+async def handle_curate(req: Request) -> dict[str, Any]:
+    persona = _persona(req)
+    mission_type = req.arg("mission_type", str, None)
+    out_dir = Path(req.ctx.settings.var_dir) / "forge_datasets" / f"{persona.lower()}_{_stamp()}"
+    try:
+        result, dataset = await curate_dataset(
+            _caller(req), persona, mission_type, out_dir,
+            cap=req.arg("cap", int, curation.DEFAULT_CAP_PER_MISSION),
+            eval_percent=req.arg("eval_percent", int, curation.DEFAULT_EVAL_PERCENT))
+    except curation.CurationError as e:
+        raise ServiceError(proto.ErrorCode.BAD_ARGS, str(e)) from e
+    await req.emit("progress", stage="curation", done=1, total=1, **result.counts())
+    return {"persona": persona, "mission_type": mission_type, "counts": result.counts(), "dataset": dataset.describe()}
+
+
+async def handle_history(req: Request) -> dict[str, Any]:
+    report = await history_audit.audit_cognitive_history(_caller(req), req.ctx.settings, dispatch=None)
+    return report.describe()
+
+
+forge_handlers: dict[str, Callable[[Request], Awaitable[dict[str, Any]]]] = {
+    "run": handle_run,
+    "curate": handle_curate,
+    "history": handle_history,
+}
+HANDLERS = forge_handlers  # the name services/forge/__main__.py looks up
+
+
+# -- incarnation at start-up -------------------------------------------------------------------------------
+
+
+def incarnation_deps(ctx: Context) -> incarnation.Deps | None:
+    from services.forge.handlers_llm import ENGINE
+
+    engine = ctx.state.get(ENGINE)
+    if engine is None:
+        return None
+    channel = Path(ctx.settings.upgrade_channel)
+
+    async def activate(persona: str, path: str, meta: dict[str, Any]) -> None:
+        await engine.activate_adapter({"persona": persona, "path": path, "meta": meta})
+
+    async def blob_put(data: bytes, meta: dict[str, Any]) -> str:
+        return str((await ctx.client.call("memory", "blob_put", {"data": data, "meta": meta},
+                                          timeout=MEMORY_TIMEOUT))["oid"])
+
+    async def record(event: dict[str, Any]) -> None:
+        await ctx.client.call("kernel", "audit_event", {"event": event}, timeout=10.0)
+
+    def notify(instruction_id: str, outcome: dict[str, Any]) -> None:
+        line = {"event": "incarnated", "ts": datetime.now(UTC).isoformat(), "id": instruction_id, **outcome}
+        with contextlib.suppress(OSError), open(log_path(channel, instruction_id), "a", encoding="utf-8") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+
+    return incarnation.Deps(active=lambda p: engine.adapters()["personas"].get(p), activate=activate,
+                            blob_put=blob_put, record=record, notify=notify)
+
+
+async def _incarnation_loop(ctx: Context) -> None:
+    deps = incarnation_deps(ctx)
+    if deps is None:
+        log.warning("forge: the llm backend is not loaded; adapters are not incarnated")
+        return
+    lora_dir = Path(ctx.settings.lora_dir)
+    for delay in (0, *INCARNATION_RETRY_S):
+        await asyncio.sleep(delay)
+        try:
+            done = await incarnation.incarnate_lora_experts(lora_dir, deps)
+        except Exception:
+            log.exception("forge: incarnation pass failed")
+            continue
+        if done:
+            log.info("forge: incarnation pass: %s", [(d["name"], d["decision"], d["blob_oid"]) for d in done])
+        if not incarnation.pending_dirs(lora_dir):
+            return
+    log.warning("forge: some adapters still lack their blob or audit event; retried at the next start")
+
+
+async def startup(ctx: Context) -> None:
+    # In the background: the llm service must register now, not after memory and the kernel answer.
+    ctx.state[INCARNATION_TASK] = asyncio.create_task(_incarnation_loop(ctx), name="forge-incarnation")
+
+
+async def shutdown(ctx: Context) -> None:
+    task = ctx.state.pop(INCARNATION_TASK, None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
