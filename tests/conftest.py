@@ -8,6 +8,7 @@ on a unix socket in the temp dir.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import subprocess
@@ -24,6 +25,14 @@ from batos.config import Settings, load
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """A test process killed from outside (CI timeout) must not leave its servers running."""
+    os.setsid()
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 # Real service processes, by the name the broker knows them under.
 SERVICE_MODULES = {
@@ -45,7 +54,7 @@ class Proc:
     def start(self) -> Proc:
         out = self.log.open("ab")
         self.popen = subprocess.Popen(self.argv, env=self.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+                                      preexec_fn=_die_with_parent)
         out.close()
         return self
 
