@@ -1,0 +1,100 @@
+"""ALFRED's autotelic loop: every settings.autotelic_period seconds, new audit-log lines become ContextFractals.
+
+The ingestion itself is audit_ingest.ingest_audit_log (exactly-once by committed offset). This module decides
+when it runs and with what: one run at a time (a lock shared with the `audit` and `trace` commands), the log
+flushed first so the newest events are on disk, and LLM summaries (ALFRED through llm ``generate``, within
+audit_ingest's time budget) only while no cognitive cycle is running in this kernel, so self-observation never
+takes the model from the Architect; otherwise the deterministic template summaries are used. Each run also
+prunes finished cycles from the image's active-cycle registry (see cycle.prune_active).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from ZODB.POSException import ConflictError
+
+from services.kernel import cycle as records
+from services.kernel.audit_ingest import Progress, ingest_audit_log, llm_summarizer
+from services.kernel.env import KernelEnv
+
+log = logging.getLogger("batos.kernel.autotelic")
+
+MEMORY_TIMEOUT = 300.0  # one create_fractals batch embeds up to 200 summaries: seconds, not minutes
+SUMMARY_BUDGET_S = 30.0  # LLM time per periodic run; the rest of a run's events get template summaries
+SUMMARY_TIMEOUT_S = 15.0
+
+
+class Autotelic:
+    def __init__(self, env: KernelEnv):
+        self.env = env
+        self.lock = asyncio.Lock()
+        self.task: asyncio.Task[None] | None = None
+        self.runs = 0
+        self.last: dict[str, Any] | None = None
+        self.last_error: str | None = None
+        self.last_run_at: float | None = None
+
+    async def memory_call(self, command: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.env.client.call("memory", command, body, timeout=MEMORY_TIMEOUT)
+
+    async def llm_call(self, command: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.env.client.call("llm", command, body, timeout=SUMMARY_TIMEOUT_S)
+
+    async def ingest(self, progress: Progress | None = None, *, llm_summaries: bool = False) -> dict[str, Any]:
+        """One ingestion run (waits for a running one to finish first); returns its report."""
+        async with self.lock:
+            flush = getattr(self.env.audit, "flush", None)
+            if flush is not None:
+                await flush()
+            summarize = llm_summarizer(self.llm_call) if llm_summaries else None
+            report = await ingest_audit_log(self.env.settings.audit_log, self.memory_call, summarize,
+                                            progress=progress, summary_budget_s=SUMMARY_BUDGET_S,
+                                            summary_timeout_s=SUMMARY_TIMEOUT_S)
+            try:
+                await self.env.image.transact(records.prune_active)
+            except ConflictError:  # cycles starting right now: the entries are pruned next run
+                log.info("active-cycle registry busy; pruning next run")
+            self.runs += 1
+            self.last = report.to_dict()
+            self.last_run_at = time.time()
+            self.last_error = None
+            return self.last
+
+    async def loop(self) -> None:
+        period = self.env.settings.autotelic_period
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.ingest(llm_summaries=not self.env.active)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # memory down, llm down, disk trouble: try again next period
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.warning("autotelic audit ingestion failed: %s", self.last_error)
+
+    def start(self) -> None:
+        if self.task is None and self.env.settings.autotelic_period > 0:
+            self.task = asyncio.create_task(self.loop(), name="alfred-autotelic")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+
+    def describe(self) -> dict[str, Any]:
+        last = self.last or {}
+        return {
+            "running": self.task is not None and not self.task.done(),
+            "period_s": self.env.settings.autotelic_period,
+            "runs": self.runs,
+            "last_run_at": self.last_run_at,
+            "last_error": self.last_error,
+            "last": {k: last.get(k) for k in ("created", "skipped", "malformed", "end_offset", "seconds")},
+        }

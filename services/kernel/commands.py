@@ -1,0 +1,168 @@
+"""Table 1 dispatch: every kernel command is a Table 1 object, and one table says who handles it.
+
+The console's conveniences (`ask`, `send`, `search`...) are turned into Table 1 objects by :func:`from_console`
+and dispatched exactly like a raw ``command {Table 1}``, so both paths behave the same:
+
+    command                    mission_brief.type   what runs                       selector / args / kwargs
+    initiate_cognitive_cycle   query                a question cycle (query.py)     ask / [question] / {persona?}
+    initiate_cognitive_cycle   message              send: found method or DNU       SELECTOR / args / kwargs
+    initiate_cognitive_cycle   unhandled_message    (the same as message: a found   SELECTOR / args / kwargs
+                                                    method runs, a missing one is generated)
+    initiate_cognitive_cycle   define_method        define (dnu.py)                 SELECTOR / [source] / {}
+    initiate_cognitive_cycle   display_yourself     two-cycle genesis (genesis.py)  display_yourself / [] / {}
+    ingest | search | inspect | stats | status | trace | audit | forge   relays.py   (args / kwargs as below)
+
+``target_oid`` is the object the command is about ("0" = the root); ``schema_version`` is checked by proto.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+import proto
+from batos.errors import ServiceError
+from proto import ErrorCode, MissionBrief, Table1Command
+from services.kernel import dnu, genesis, relays
+from services.kernel.env import Emit
+from services.kernel.query import check_question, run_query
+from services.kernel.run import CycleRun, execute
+
+CYCLE = "initiate_cognitive_cycle"
+_OID = re.compile(r"^(?:0x)?([0-9a-f]+)$")
+
+Handler = Callable[[Any, Emit, Table1Command], Awaitable[dict[str, Any]]]
+
+
+def table1(command: str, *, target_oid: str = "0", type: str = "", selector: str = "",
+           args: list[Any] | None = None, kwargs: dict[str, Any] | None = None) -> Table1Command:
+    return Table1Command(command=command, target_oid=target_oid,
+                         mission_brief=MissionBrief(type=type or command, selector=selector or type or command,
+                                                    args=list(args or []), kwargs=dict(kwargs or {})))
+
+
+def _need(args: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = args.get(name)
+    if value is None or not isinstance(value, kind):
+        raise ServiceError(ErrorCode.BAD_ARGS, f"missing or malformed argument {name!r}")
+    return value
+
+
+def from_console(command: str, args: dict[str, Any]) -> Table1Command:
+    """The Table 1 object a console convenience stands for."""
+    match command:
+        case "ask":
+            kw = {"persona": args["persona"]} if args.get("persona") else {}
+            return table1(CYCLE, target_oid=str(args.get("oid", "0")), type="query", selector="ask",
+                          args=[_need(args, "question", str)], kwargs=kw)
+        case "send":
+            return table1(CYCLE, target_oid=_need(args, "oid", str), type="message",
+                          selector=_need(args, "selector", str), args=args.get("args") or [],
+                          kwargs=args.get("kwargs") or {})
+        case "define":
+            return table1(CYCLE, target_oid=_need(args, "oid", str), type="define_method",
+                          selector=_need(args, "selector", str), args=[_need(args, "source", str)])
+        case "display_yourself":
+            return table1(CYCLE, type="display_yourself")
+        case "ingest":
+            kw = {k: args[k] for k in ("max_chunk_tokens",) if args.get(k) is not None}
+            return table1("ingest", args=[_need(args, "path", str)], kwargs=kw)
+        case "search":
+            kw = {k: args[k] for k in ("k", "level", "filters", "within") if args.get(k) is not None}
+            return table1("search", args=[_need(args, "text", str)], kwargs=kw)
+        case "inspect":
+            return table1("inspect", target_oid=_need(args, "oid", str))
+        case "trace":
+            return table1("trace", args=[_need(args, "cycle_id", str)])
+        case "forge":
+            return table1("forge", args=[_need(args, "persona", str)])
+        case "stats" | "status" | "audit":
+            return table1(command)
+    raise ServiceError(ErrorCode.UNKNOWN_COMMAND, f"kernel has no console command {command!r}")
+
+
+def parse(body: dict[str, Any]) -> Table1Command:
+    try:
+        return proto.parse_table1(body)
+    except proto.ProtocolError as e:
+        raise ServiceError(e.code, e.message) from None
+
+
+def normalize_oid(text: str) -> str:
+    m = _OID.match(text.strip().lower()) if isinstance(text, str) else None
+    if not m:
+        raise ServiceError(ErrorCode.BAD_ARGS, f"bad OID {text!r}: an OID is hexadecimal (0 is the root object)")
+    return m.group(1).lstrip("0") or "0"
+
+
+def mission_of(cmd: Table1Command) -> dict[str, Any]:
+    return msgspec.to_builtins(cmd)
+
+
+# -- cognitive cycles ----------------------------------------------------------------------------
+
+
+async def _query(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+    brief = cmd.mission_brief
+    question = check_question(brief.args[0] if brief.args else brief.kwargs.get("question"))
+    persona = relays.persona_arg(brief.kwargs.get("persona", "ROBIN"))
+    run = CycleRun(kernel.env, emit, mission_type="query", mission=mission_of(cmd), target_oid=cmd.target_oid,
+                   persona=persona)
+    return await execute(run, lambda r: run_query(r, question, persona=persona))
+
+
+async def _message(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+    brief = cmd.mission_brief
+    return await dnu.send(kernel.env, emit, mission_of(cmd), cmd.target_oid, brief.selector, list(brief.args),
+                          dict(brief.kwargs))
+
+
+async def _define(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+    brief = cmd.mission_brief
+    source = brief.args[0] if brief.args else brief.kwargs.get("source")
+    return await dnu.define(kernel.env, emit, mission_of(cmd), cmd.target_oid, brief.selector, source)
+
+
+async def _display(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+    return await genesis.display_yourself(kernel.env, emit, mission_of(cmd), cmd.target_oid)
+
+
+MISSIONS: dict[str, Handler] = {
+    "query": _query,
+    "message": _message,
+    "unhandled_message": _message,
+    "define_method": _define,
+    "display_yourself": _display,
+}
+
+COMMANDS: dict[str, Handler] = {
+    "ingest": relays.ingest,
+    "search": relays.search,
+    "inspect": relays.inspect,
+    "stats": relays.stats,
+    "status": relays.status,
+    "trace": relays.trace,
+    "audit": relays.audit,
+    "forge": relays.forge,
+}
+
+
+async def dispatch(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+    """Run one validated Table 1 command; bad input is a ServiceError naming what was wrong."""
+    target = normalize_oid(cmd.target_oid)
+    if target != cmd.target_oid:
+        cmd = msgspec.structs.replace(cmd, target_oid=target)
+    if cmd.command == CYCLE:
+        handler = MISSIONS.get(cmd.mission_brief.type)
+        if handler is None:
+            raise ServiceError(ErrorCode.BAD_ARGS, f"unknown mission_brief.type {cmd.mission_brief.type!r}; "
+                                                   f"known: {', '.join(MISSIONS)}")
+    else:
+        handler = COMMANDS.get(cmd.command)
+        if handler is None:
+            raise ServiceError(ErrorCode.BAD_ARGS, f"unknown Table 1 command {cmd.command!r}; known: "
+                                                   f"{', '.join([CYCLE, *COMMANDS])}")
+    return await handler(kernel, emit, cmd)

@@ -1,0 +1,393 @@
+"""`send`, `define` and `_doesNotUnderstand_`: messages to objects in the image, generated code in the sandbox.
+
+send OID SELECTOR args kwargs -- the selector is looked up on the target (own slots and methods, then parents):
+  * a method: a ``message`` cycle, IDLE -> DECOMPOSING -> VALIDATING (run in the sandbox) -> COMPLETE;
+  * a data slot: the same short cycle; its value is the result (arguments are an error);
+  * a read-only builtin (get_slot, has_slot, slot_names, own_slots, method_names): the same, answered in-process;
+  * nothing (DoesNotUnderstand): an ``unhandled_message`` cycle, BRICK's:
+      DECOMPOSING  snapshot of the receiver (slots, other methods) and the call;
+      REASONING    one retrieval of related code onto a QueryMorph (one transaction);
+      SYNTHESIZING BRICK writes ``def SELECTOR(self, ...)`` (llm generate, tokens streamed); the method is cut out
+                   of the reply and checked against the code policy; an unusable reply is re-asked once, told why;
+      VALIDATING   the method runs in the sandbox on a copy of the slots with the real arguments;
+      COMPLETE     only if it returned normally: in ONE transaction the method is stored on the target
+                   (define_method: source, version, cycle id, generated_by BRICK), slot updates are written back,
+                   and the cycle completes. Later sends find the stored method: no LLM, still sandboxed.
+    Any failure (no code in the reply, policy violation, exception, timeout, memory) ends the cycle FAILED with
+    its reason, logged as a DNU_OUTCOME FAILURE event; nothing is stored.
+
+Slot updates made by a method (``self.x = v``) are written back only for slots whose value was plain data
+(None, bool, int, float, str, and lists/dicts of those) or new: the sandbox sees other values (persistent
+objects, containers) as JSON copies or repr strings, which must not overwrite the originals.
+
+define OID SELECTOR source -- a ``define_method`` cycle, IDLE -> DECOMPOSING (target) -> VALIDATING (the code
+policy and a compile check) -> COMPLETE (stored, one transaction). No trial run: a method that takes arguments
+cannot be run without them, and every send runs it in the sandbox anyway.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from batos.errors import ServiceError
+from batos.uvm import BUILTIN_SELECTORS, DoesNotUnderstand, UvmObject, oid_hex, prototype_of
+from proto import ErrorCode
+from services.kernel import code_policy, sandbox
+from services.kernel import cycle as records
+from services.kernel.env import Emit, KernelEnv
+from services.kernel.psm import State
+from services.kernel.react import retrieve
+from services.kernel.run import CycleRun, execute
+
+READ_ONLY_BUILTINS = frozenset({"get_slot", "has_slot", "slot_names", "own_slots", "method_names"})
+BRICK_MAX_TOKENS = 256  # a method, not a program
+BRICK_ATTEMPTS = 2  # one re-ask when the reply holds no acceptable method
+CONTEXT_CHUNKS = 2
+CONTEXT_CHARS = 700  # per chunk in BRICK's prompt: a 135M model drowns in long context
+SLOT_PROMPT_CHARS = 120
+_PLAIN_SCALARS = (type(None), bool, int, float, str)
+
+
+# -- the receiver, as the sandbox and BRICK see it --------------------------------------------------
+
+
+@dataclass
+class Receiver:
+    oid: str
+    name: str
+    prototype: str
+    kind: str  # method | slot | builtin | missing
+    slots: dict[str, Any]  # every slot in the chain, the receiver's own winning
+    plain: set[str]  # slots whose value is plain data (may be written back)
+    methods: dict[str, str]  # selector -> source, for the chain's other methods
+    own: set[str] = field(default_factory=set)  # the receiver's own slot names (they shadow its own methods)
+    source: str | None = None  # the selector's method source (kind == method)
+    version: int | None = None
+    value: Any = None  # kind == slot / builtin result
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def is_plain(value: Any) -> bool:
+    if isinstance(value, _PLAIN_SCALARS):
+        return True
+    if type(value) is list:
+        return all(is_plain(v) for v in value)
+    if type(value) is dict:
+        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
+    return False
+
+
+def _slot_value(value: Any) -> Any:
+    if isinstance(value, UvmObject):
+        return {"oid": oid_hex(value), "name": value.uvm_name}
+    return value
+
+
+def snapshot(root: Any, conn: Any, target_oid: str, selector: str, args: list[Any] | None = None) -> Receiver:
+    """Look ``selector`` up on the target and copy what running or writing it needs (in a read)."""
+    try:
+        obj = records.resolve_target(root, conn, target_oid)
+    except KeyError as e:
+        raise ServiceError(ErrorCode.NOT_FOUND, str(e).strip("\"'")) from None
+    if not isinstance(obj, UvmObject):
+        raise ServiceError(ErrorCode.BAD_ARGS, f"object {target_oid} is the root mapping, not a UvmObject: "
+                                               "it has no methods to send to")
+    chain = list(obj._chain())
+    slots: dict[str, Any] = {}
+    methods: dict[str, str] = {}
+    for o in reversed(chain):  # parents first, so the receiver's own slots win
+        slots.update({k: _slot_value(v) for k, v in o.own_slots().items()})
+    for o in chain:
+        for name in o.method_names():
+            if name != selector and name not in methods:
+                methods[name] = o.method_source(name).source
+    rec = Receiver(oid=oid_hex(obj), name=obj.uvm_name, prototype=prototype_of(obj, root["prototypes"]),
+                   kind="missing", slots=slots, plain={k for k, v in slots.items() if is_plain(v)}, methods=methods,
+                   own=set(obj.slot_names()))
+    try:
+        found = obj.lookup(selector)
+    except DoesNotUnderstand:
+        return rec
+    except (AttributeError, TypeError) as e:
+        raise ServiceError(ErrorCode.BAD_ARGS, f"cannot send {selector!r}: {e}") from None
+    method = obj.method_source(selector)
+    if method is not None and callable(found):
+        rec.kind, rec.source, rec.version = "method", method.source, method.version
+    elif selector in BUILTIN_SELECTORS and selector not in slots:  # lookup reached the class's builtins
+        if selector not in READ_ONLY_BUILTINS:
+            raise ServiceError(ErrorCode.BAD_ARGS, f"#{selector} changes the image's structure; it cannot be sent "
+                                                   f"from the console (read-only builtins: "
+                                                   f"{', '.join(sorted(READ_ONLY_BUILTINS))})")
+        rec.kind = "builtin"
+        try:
+            rec.value = _render(found(*(args or [])))
+        except TypeError as e:
+            raise ServiceError(ErrorCode.BAD_ARGS, f"#{selector}: {e}") from None
+    else:
+        rec.kind, rec.value = "slot", _render(found)
+    return rec
+
+
+def _render(value: Any) -> Any:
+    return sandbox.to_jsonable(_slot_value(value))
+
+
+# -- the public entry points -------------------------------------------------------------------------
+
+
+async def send(env: KernelEnv, emit: Emit, mission: dict[str, Any], target_oid: str, selector: str,
+               args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    _check_call(selector, args, kwargs)
+    rec = await env.image.read(snapshot, target_oid, selector, args)
+    if rec.kind == "missing":
+        run = CycleRun(env, emit, mission_type="unhandled_message", mission=mission, target_oid=target_oid,
+                       persona="BRICK")
+        return await execute(run, lambda r: _does_not_understand(r, selector, args, kwargs))
+    run = CycleRun(env, emit, mission_type="message", mission=mission, target_oid=target_oid, persona="BRICK")
+    return await execute(run, lambda r: _found(r, selector, args, kwargs))
+
+
+async def define(env: KernelEnv, emit: Emit, mission: dict[str, Any], target_oid: str, selector: str,
+                 source: str) -> dict[str, Any]:
+    if not isinstance(source, str) or not source.strip():
+        raise ServiceError(ErrorCode.BAD_ARGS, "define needs the method's source text")
+    try:
+        code_policy.check_selector(selector)
+    except code_policy.PolicyViolation as e:
+        raise ServiceError(ErrorCode.BAD_ARGS, e.reason) from None
+    run = CycleRun(env, emit, mission_type="define_method", mission=mission, target_oid=target_oid, persona="BRICK")
+    return await execute(run, lambda r: _define(r, selector, source))
+
+
+def _check_call(selector: Any, args: Any, kwargs: Any) -> None:
+    if not isinstance(selector, str) or not selector.isidentifier():
+        raise ServiceError(ErrorCode.BAD_ARGS, f"selector {selector!r} is not a Python identifier")
+    if selector.startswith("_"):
+        raise ServiceError(ErrorCode.BAD_ARGS, f"selector {selector!r} is private ('_' names are never sent)")
+    if not isinstance(args, list) or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ServiceError(ErrorCode.BAD_ARGS, "args must be a list and kwargs a map with string keys")
+
+
+# -- cycles ------------------------------------------------------------------------------------------
+
+
+async def _found(run: CycleRun, selector: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    await run.to(State.DECOMPOSING, f"#{selector} on {run.target_oid}")
+    rec = await run.env.image.read(snapshot, run.target_oid, selector, args)
+    if rec.kind == "missing":  # removed meanwhile: not an invitation to generate code behind the sender's back
+        raise ServiceError(ErrorCode.CONFLICT, f"#{selector} disappeared from {run.target_oid} during the send")
+    await run.to(State.VALIDATING, f"{rec.kind} #{selector}")
+    if rec.kind in ("slot", "builtin"):
+        if rec.kind == "slot" and (args or kwargs):
+            raise ServiceError(ErrorCode.BAD_ARGS, f"#{selector} is a data slot; it takes no arguments")
+        await run.complete("SUCCESS", {"result": rec.value, "kind": rec.kind}, output=rec.value)
+        return {"status": "SUCCESS", "result": rec.value, "kind": rec.kind, "generated": False}
+    result = await _sandboxed(run, rec, rec.source or "", selector, args, kwargs)
+    written = await _finish(run, selector, rec, result, source=None)
+    return {"status": "SUCCESS", "result": result.value, "kind": "method", "generated": False,
+            "method_version": rec.version, "stdout": result.stdout, "slot_updates": written["slots"]}
+
+
+async def _does_not_understand(run: CycleRun, selector: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    await run.to(State.DECOMPOSING, f"#{selector} not understood by {run.target_oid}")
+    rec = await run.env.image.read(snapshot, run.target_oid, selector, args)
+    call = render_call(selector, args, kwargs)
+    await run.to(State.REASONING)
+    context = await retrieve(run, f"Write the method {call} for object {rec.oid} ({rec.prototype or rec.name})",
+                             f"{selector} {rec.prototype} {' '.join(sorted(rec.slots))}")
+    await run.to(State.SYNTHESIZING, "BRICK writes the method")
+    source, prompt = await _brick_writes(run, rec, selector, call, args, kwargs, context.chunks)
+    await run.to(State.VALIDATING, "sandbox trial with the real arguments")
+    try:
+        result = await _sandboxed(run, rec, source, selector, args, kwargs)
+    except ServiceError as e:
+        await _dnu_outcome(run, rec, selector, "FAILURE", source=source, prompt=prompt, error=e.message)
+        raise
+    written = await _finish(run, selector, rec, result, source=source)
+    await _dnu_outcome(run, rec, selector, "SUCCESS", source=source, prompt=prompt, result=result.value)
+    return {"status": "SUCCESS", "result": result.value, "kind": "method", "generated": True,
+            "method_source": source, "method_version": written["version"], "stdout": result.stdout,
+            "slot_updates": written["slots"], "context": [c.where for c in context.chunks]}
+
+
+async def _define(run: CycleRun, selector: str, source: str) -> dict[str, Any]:
+    await run.to(State.DECOMPOSING, f"define #{selector} on {run.target_oid}")
+    rec = await run.env.image.read(snapshot, run.target_oid, selector)  # the target exists, is a UvmObject
+    if selector in rec.own:  # lookup finds an object's own slots before its own methods
+        raise ServiceError(ErrorCode.CONFLICT, f"{run.target_oid} has a data slot #{selector}; a method of that "
+                                               "name would never be found")
+    await run.to(State.VALIDATING, "code policy and compile check")
+    try:
+        checked = code_policy.validate_method_source(source, selector)
+    except code_policy.PolicyViolation as e:
+        raise ServiceError(ErrorCode.REJECTED, f"method refused by the code policy: {e}") from None
+    version = await run.env.image.transact(_store, run.cycle_id, run.target_oid, selector, checked.source,
+                                           {"defined_by": "architect", "cycle_id": run.cycle_id}, {}, [], set(),
+                                           set())
+    await run.completed("SUCCESS", output=checked.source)
+    await run.audit("METHOD_DEFINED", status="SUCCESS", persona="BRICK", receiver_oid=run.target_oid,
+                    selector=selector, method_source=checked.source, version=version["version"])
+    return {"status": "SUCCESS", "oid": run.target_oid, "selector": selector, "version": version["version"],
+            "params": list(checked.params)}
+
+
+# -- the pieces ------------------------------------------------------------------------------------
+
+
+def render_call(selector: str, args: list[Any], kwargs: dict[str, Any]) -> str:
+    parts = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+    return f"{selector}({', '.join(parts)})"
+
+
+def signature_hint(selector: str, args: list[Any], kwargs: dict[str, Any]) -> str:
+    params = ["self", *(f"arg{i + 1}" for i in range(len(args))), *(f"{k}=None" for k in kwargs)]
+    return f"def {selector}({', '.join(params)}):"
+
+
+def brick_prompt(rec: Receiver, selector: str, call: str, args: list[Any], kwargs: dict[str, Any],
+                 chunks: list[Any], problem: str = "") -> str:
+    """Short, code-shaped, ending in the signature to complete: a 135M model copies prose it is shown."""
+    slots = [f"#   self.{k} = {_short(v)}" for k, v in sorted(rec.slots.items()) if k != "vector_embedding"][:20]
+    lines = [f"# A method for BAT OS object {rec.oid} ({rec.prototype or rec.name}).",
+             "# Its slots:", *(slots or ["#   (none)"])]
+    if rec.methods:
+        lines.append(f"# Its other methods: {', '.join(sorted(rec.methods))}")
+    lines += [f"# It must support the call: obj.{call}",
+              "# Read slots as self.<name>. Return the result. No files, no network. Imports only inside the "
+              f"method, only from: {', '.join(sorted(code_policy.ALLOWED_MODULES))}."]
+    for c in chunks[:CONTEXT_CHUNKS]:
+        lines += [f"# Related code from {c.where}:", *(f"#   {ln}" for ln in c.text[:CONTEXT_CHARS].splitlines())]
+    if problem:
+        lines.append(f"# A previous answer was refused: {problem}")
+    lines += ["Complete this method. Reply with the Python code only.", "```python",
+              signature_hint(selector, args, kwargs)]
+    return "\n".join(lines)
+
+
+def extract(raw: str, selector: str, signature: str) -> str:
+    """The method in BRICK's reply: a whole ``def`` anywhere in it, or else -- because the prompt ends with the
+    signature -- the reply read as that signature's body. Either way it must then pass the code policy."""
+    try:
+        return code_policy.extract_method_source(raw, selector)
+    except code_policy.PolicyViolation:
+        body = raw.split("```")[0].rstrip()
+        if not body.strip():
+            raise
+        lines = body.splitlines()
+        indent = "" if all(not ln.strip() or ln.startswith((" ", "\t")) for ln in lines) else "    "
+        source = code_policy.extract_method_source(signature + "\n" + "\n".join(indent + ln for ln in lines), selector)
+        if not _does_something(source):  # prose that happens to parse ("server-server-server") is not a body
+            raise code_policy.PolicyViolation("the reply is neither a method nor a method body") from None
+        return source
+
+
+def _does_something(source: str) -> bool:
+    """True when the function body holds a statement other than bare expressions (a docstring, `a - b`)."""
+    func = ast.parse(source).body[0]
+    return any(not isinstance(stmt, ast.Expr) or isinstance(stmt.value, ast.Call) for stmt in func.body)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= SLOT_PROMPT_CHARS else text[:SLOT_PROMPT_CHARS] + "..."
+
+
+async def _brick_writes(run: CycleRun, rec: Receiver, selector: str, call: str, args: list[Any],
+                        kwargs: dict[str, Any], chunks: list[Any]) -> tuple[str, str]:
+    """BRICK's method source (extracted and policy-checked) and the prompt that produced it."""
+    problem = ""
+    raw = ""
+    prompt = ""
+    for attempt in range(1, BRICK_ATTEMPTS + 1):
+        prompt = brick_prompt(rec, selector, call, args, kwargs, chunks, problem)
+        reply = await run.llm("generate", {"messages": [{"role": "user", "content": prompt}],
+                                           "max_tokens": BRICK_MAX_TOKENS, "temperature": 0.0},
+                              persona="BRICK", stream=True)
+        raw = str(reply.get("text") or "")
+        try:
+            source = extract(raw, selector, signature_hint(selector, args, kwargs))
+            return code_policy.validate_method_source(source, selector).source, prompt
+        except code_policy.PolicyViolation as e:
+            problem = e.reason if e.lineno is None else f"line {e.lineno}: {e.reason}"
+            await run.note(f"BRICK attempt {attempt}/{BRICK_ATTEMPTS} refused: {problem}")
+    reason = f"BRICK's reply held no acceptable method after {BRICK_ATTEMPTS} attempts: {problem}"
+    await _dnu_outcome(run, rec, selector, "FAILURE", source=None, prompt=prompt, error=reason, raw=raw)
+    raise ServiceError(ErrorCode.REJECTED, reason)
+
+
+async def _sandboxed(run: CycleRun, rec: Receiver, source: str, selector: str, args: list[Any],
+                     kwargs: dict[str, Any]) -> sandbox.SandboxResult:
+    settings = run.env.settings
+    cancel = threading.Event()
+    try:
+        result = await asyncio.get_running_loop().run_in_executor(None, lambda: sandbox.run_method(
+            source, selector, rec.slots, args, kwargs, timeout_s=settings.sandbox_timeout,
+            memory_mb=settings.sandbox_memory_mb, methods=rec.methods, cancel=cancel))
+    except asyncio.CancelledError:
+        cancel.set()  # the thread kills the sandboxed process and returns
+        raise
+    except sandbox.SandboxUnavailable as e:
+        raise ServiceError(ErrorCode.UNAVAILABLE, f"no sandbox on this host, so the method was not run: {e}") from None
+    except ValueError as e:
+        raise ServiceError(ErrorCode.BAD_ARGS, f"cannot run #{selector}: {e}") from None
+    await run.emit("log", text=f"sandbox: {'returned' if result.ok else 'failed'} in {result.elapsed_s:.2f} s")
+    if result.stdout:
+        await run.emit("log", text=f"method printed: {result.stdout[:2000]}")
+    if not result.ok:
+        code = ErrorCode.REJECTED if result.error_kind == "policy" else ErrorCode.SANDBOX
+        raise ServiceError(code, f"#{selector} failed in the sandbox ({result.error_kind}): {result.error}",
+                           {"traceback": result.traceback or "", "stderr": result.stderr[-2000:]})
+    return result
+
+
+async def _finish(run: CycleRun, selector: str, rec: Receiver, result: sandbox.SandboxResult,
+                  source: str | None) -> dict[str, Any]:
+    """One transaction: store a generated method (if any), write back slot updates, complete the cycle."""
+    meta = {"cycle_id": run.cycle_id, "generated_by": "BRICK"} if source else {}
+    out = await run.env.image.transact(_store, run.cycle_id, run.target_oid, selector, source, meta,
+                                       result.slot_updates, list(result.deleted_slots), rec.plain, set(rec.slots))
+    await run.completed("SUCCESS", output=source if source else result.value)
+    if out["skipped"]:
+        await run.note(f"slot updates not written back (values were copies of non-plain data): {out['skipped']}")
+    return out
+
+
+def _store(root: Any, conn: Any, cycle_id: str, target_oid: str, selector: str, source: str | None,
+           meta: dict[str, Any], updates: dict[str, Any], deleted: list[str], plain: set[str],
+           known: set[str]) -> dict[str, Any]:
+    """The COMPLETE transaction of a send or define (see the module docstring for what is written back)."""
+    obj = records.resolve_target(root, conn, target_oid)
+    version = None
+    if source is not None:
+        version = obj.define_method(selector, source, **meta).version
+    written, skipped = [], []
+    for name, value in updates.items():
+        if name in known and name not in plain:
+            skipped.append(name)
+            continue
+        try:
+            obj.set_slot(name, value)
+            written.append(name)
+        except ValueError:
+            skipped.append(name)
+    for name in deleted:
+        if obj.has_slot(name) and name in plain:
+            obj.del_slot(name)
+            written.append(name)
+        else:
+            skipped.append(name)
+    records.transition(root, conn, cycle_id, State.COMPLETE.value, "SUCCESS",
+                       {"status": "SUCCESS", "result": {"selector": selector, "version": version, "slots": written}})
+    return {"version": version, "slots": written, "skipped": skipped}
+
+
+async def _dnu_outcome(run: CycleRun, rec: Receiver, selector: str, status: str, *, source: str | None,
+                       prompt: str, error: str | None = None, result: Any = None, raw: str | None = None) -> None:
+    await run.audit("DNU_OUTCOME", status=status, persona="BRICK", receiver_oid=rec.oid, selector=selector,
+                    method_source=source if status == "SUCCESS" else None, source=source, llm_prompt=prompt,
+                    mission_brief=run.mission.get("mission_brief", run.mission), error=error,
+                    result=sandbox.to_jsonable(result), llm_response_raw=raw)

@@ -1,0 +1,40 @@
+"""The kernel's whitelist: wire command -> handler. Every handler is the same two steps: the request becomes a
+Table 1 object (commands.from_console, or the raw object for ``command``), then commands.dispatch runs it with
+events going to the requester only (``req.emit``). ``ping`` and ``status`` are answered by the worker runtime
+(``status`` merges kernel.status_hook: the broker's worker table and this kernel's cycles and loops).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batos.errors import ServiceError
+from batos.worker import Request
+from proto import ErrorCode
+from services.kernel import commands
+
+CONSOLE_COMMANDS = ("ask", "send", "define", "display_yourself", "ingest", "search", "inspect", "stats", "trace",
+                    "audit", "forge")
+
+
+def _kernel(req: Request) -> Any:
+    kernel = req.ctx.state.get("kernel")
+    if kernel is None:
+        raise ServiceError(ErrorCode.UNAVAILABLE, "the kernel is still awakening; try again in a moment")
+    return kernel
+
+
+def _convenience(name: str):
+    async def handle(req: Request) -> dict[str, Any]:
+        return await commands.dispatch(_kernel(req), req.emit, commands.from_console(name, req.args))
+
+    handle.__name__ = f"handle_{name}"
+    return handle
+
+
+async def handle_command(req: Request) -> dict[str, Any]:
+    """A raw Table 1 object (the console's `{...}` lines, or any client)."""
+    return await commands.dispatch(_kernel(req), req.emit, commands.parse(req.args))
+
+
+HANDLERS = {"command": handle_command, **{name: _convenience(name) for name in CONSOLE_COMMANDS}}

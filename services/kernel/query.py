@@ -1,0 +1,73 @@
+"""The question cycle (`ask`, mission type ``query``): IDLE -> DECOMPOSING -> REASONING -> SYNTHESIZING ->
+VALIDATING -> COMPLETE, each state's work in one place.
+
+DECOMPOSING checks the target object (an unknown OID is a clear error; a UvmObject target adds a brief of its
+slots to the answer prompt, so `ask` can be about one object); REASONING is react.reason (one transaction);
+SYNTHESIZING and VALIDATING are answer.write and answer.finalize.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batos.errors import ServiceError
+from batos.uvm import UvmObject, oid_hex, prototype_of
+from proto import ErrorCode
+from services.kernel import answer
+from services.kernel import cycle as records
+from services.kernel.psm import State
+from services.kernel.react import reason
+from services.kernel.run import CycleRun
+
+MAX_QUESTION_CHARS = 4000
+SLOT_PREVIEW_CHARS = 80
+
+
+def check_question(question: Any) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise ServiceError(ErrorCode.BAD_ARGS, "the question must be a non-empty string")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ServiceError(ErrorCode.BAD_ARGS, f"the question is {len(question)} characters; the limit is "
+                                               f"{MAX_QUESTION_CHARS}")
+    return " ".join(question.split())
+
+
+def target_brief(root: Any, conn: Any, target_oid: str) -> str:
+    """A few lines about the target object for the prompt ('' for the root); KeyError for an unknown OID."""
+    obj = records.resolve_target(root, conn, target_oid)
+    if not isinstance(obj, UvmObject):
+        return ""
+    slots = ", ".join(f"{k}={_preview(v)}" for k, v in sorted(obj.own_slots().items())[:12])
+    methods = ", ".join(obj.method_names()) or "none"
+    return (f"Target object {oid_hex(obj)} ({prototype_of(obj, root['prototypes']) or obj.uvm_name}): "
+            f"slots {slots or 'none'}; methods {methods}")
+
+
+def _preview(value: Any) -> str:
+    text = repr(value) if not isinstance(value, UvmObject) else f"<object {oid_hex(value)}>"
+    return text if len(text) <= SLOT_PREVIEW_CHARS else text[:SLOT_PREVIEW_CHARS] + "..."
+
+
+async def decompose(run: CycleRun, question: str) -> str:
+    await run.to(State.DECOMPOSING, f"question of {len(question)} characters")
+    try:
+        return await run.env.image.read(target_brief, run.target_oid)
+    except KeyError as e:
+        raise ServiceError(ErrorCode.NOT_FOUND, str(e).strip("\"'")) from None
+
+
+async def run_query(run: CycleRun, question: str, *, persona: str = "ROBIN", kind: str = "answer") -> dict[str, Any]:
+    """The whole question cycle on an already-begun CycleRun; returns the reply body."""
+    brief = await decompose(run, question)
+    await run.to(State.REASONING)
+    evidence = await reason(run, question, max_steps=run.env.settings.react_max_steps)
+    await run.to(State.SYNTHESIZING, f"{len(evidence.summaries)} summaries, {len(evidence.chunks)} chunks")
+    draft = await answer.write(run, question, evidence, persona=persona, kind=kind, extra=brief)
+    await run.to(State.VALIDATING)
+    final = answer.finalize(draft, evidence)
+    await run.complete(final.status, final.record(), output=final.answer)
+    out = {**final.reply(), "steps": evidence.steps, "fallback": evidence.fallback, "persona": persona,
+           "query_morph": evidence.morph_oid, "prompt_budget": draft.budget}
+    if kind != "answer":  # a plan (genesis cycle 1): the caller needs the model's own text, sources apart
+        out["model_text"] = final.model_text
+    return out

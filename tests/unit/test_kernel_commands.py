@@ -1,0 +1,263 @@
+"""Kernel: Table 1 dispatch, the console conveniences mapped onto it, the relays, startup recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import msgspec
+import pytest
+
+from batos.errors import ServiceError
+from services.kernel import commands
+from services.kernel import cycle as records
+from services.kernel.autotelic import Autotelic
+from services.kernel.kernel import Kernel, recover, start_kernel, stop_kernel
+from services.kernel.psm import State
+from tests.unit.test_kernel_cycle import *  # noqa: F403  (the kernel test kit: fixtures)
+from tests.unit.test_kernel_cycle import Events, new_run
+
+
+@pytest.fixture
+def kernel(env):
+    return Kernel(env, Autotelic(env))
+
+
+def t1(command: str = "initiate_cognitive_cycle", target: str = "0", **brief: Any) -> dict[str, Any]:
+    mb = {"type": "query", "selector": "ask", "args": [], "kwargs": {}, **brief}
+    return {"command": command, "target_oid": target, "mission_brief": mb}
+
+
+# -- the mapping ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "args", "expect"), [
+    ("ask", {"question": "why?"}, ("initiate_cognitive_cycle", "0", "query", "ask", ["why?"], {})),
+    ("send", {"oid": "1f", "selector": "greet", "args": [1], "kwargs": {"a": 2}},
+     ("initiate_cognitive_cycle", "1f", "message", "greet", [1], {"a": 2})),
+    ("define", {"oid": "1f", "selector": "greet", "source": "def greet(self): pass"},
+     ("initiate_cognitive_cycle", "1f", "define_method", "greet", ["def greet(self): pass"], {})),
+    ("display_yourself", {}, ("initiate_cognitive_cycle", "0", "display_yourself", "display_yourself", [], {})),
+    ("ingest", {"path": "/src"}, ("ingest", "0", "ingest", "ingest", ["/src"], {})),
+    ("search", {"text": "lookup", "k": 3}, ("search", "0", "search", "search", ["lookup"], {"k": 3})),
+    ("inspect", {"oid": "2"}, ("inspect", "2", "inspect", "inspect", [], {})),
+    ("trace", {"cycle_id": "abc"}, ("trace", "0", "trace", "trace", ["abc"], {})),
+    ("forge", {"persona": "BRICK"}, ("forge", "0", "forge", "forge", ["BRICK"], {})),
+    ("audit", {}, ("audit", "0", "audit", "audit", [], {})),
+])
+def test_console_conveniences_are_table1_objects(name, args, expect):
+    cmd = commands.from_console(name, args)
+    mb = cmd.mission_brief
+    assert (cmd.command, cmd.target_oid, mb.type, mb.selector, mb.args, mb.kwargs) == expect
+    # and each one survives the wire validation a raw `command` gets
+    assert commands.parse(msgspec.to_builtins(cmd)) == cmd
+
+
+@pytest.mark.parametrize(("name", "args"), [("ask", {}), ("ask", {"question": 3}), ("send", {"oid": "1"}),
+                                            ("ingest", {"path": None}), ("nonsense", {})])
+def test_malformed_console_arguments_are_clear_errors(name, args):
+    with pytest.raises(ServiceError) as info:
+        commands.from_console(name, args)
+    assert info.value.code in ("bad_args", "unknown_command")
+
+
+@pytest.mark.parametrize(("body", "match"), [
+    ({"command": "initiate_cognitive_cycle"}, "malformed Table 1"),
+    ({**t1(), "extra": 1}, "malformed Table 1"),
+    ({**t1(), "schema_version": 99}, "schema_version"),
+    (t1(type="levitate"), "unknown mission_brief.type 'levitate'"),
+    (t1(command="explode"), "unknown Table 1 command 'explode'"),
+    (t1(target="xyz"), "bad OID"),
+    (t1(args=[""]), "non-empty string"),
+    (t1(args=["q"], kwargs={"persona": "JOKER"}), "unknown persona"),
+])
+async def test_malformed_table1_commands_are_refused_with_the_reason(kernel, body, match):
+    events = Events()
+    with pytest.raises(ServiceError, match=match):
+        await commands.dispatch(kernel, events, commands.parse(body))
+    assert events.items == []  # refused before any cycle began
+
+
+async def test_an_unknown_target_oid_fails_the_cycle_in_decomposing(kernel):
+    events = Events()
+    with pytest.raises(ServiceError) as info:
+        await commands.dispatch(kernel, events, commands.parse(t1(target="0xBEEF99", args=["why?"])))
+    assert info.value.code == "not_found" and "beef99" in info.value.message
+    assert events.states() == ["IDLE", "DECOMPOSING", "FAILED"]
+
+
+# -- relays --------------------------------------------------------------------------------------
+
+
+async def test_ingest_forwards_the_ingest_services_events_to_the_console(kernel, client):
+    async def ingest(body: dict[str, Any], on_event: Any) -> dict[str, Any]:
+        await on_event({"event": "progress", "stage": "CHUNKING", "files_done": 1, "files_total": 2})
+        return {"files": 2, "chunks": 7, "path": body["path"]}
+
+    client.handlers[("ingest", "ingest")] = ingest
+    events = Events()
+    out = await commands.dispatch(kernel, events, commands.from_console("ingest", {"path": "/src"}))
+    assert out["chunks"] == 7 and out["path"] == "/src"
+    assert events.items == [("progress", {"stage": "CHUNKING", "files_done": 1, "files_total": 2})]
+
+
+async def test_search_inspect_stats_relay_to_memory(kernel, client):
+    client.handlers[("memory", "search")] = lambda body, ev: {"hits": [{"oid": "5", "k": body["k"]}]}
+    client.handlers[("memory", "inspect")] = lambda body, ev: {"oid": body["oid"], "prototype": "traits"}
+    client.handlers[("memory", "stats")] = lambda body, ev: {"counts": {"memory_chunk": 3}}
+    out = await commands.dispatch(kernel, Events(), commands.from_console("search", {"text": "x", "k": 4}))
+    assert out["hits"] == [{"oid": "5", "k": 4}]
+    with pytest.raises(ServiceError, match="k must be"):
+        await commands.dispatch(kernel, Events(), commands.from_console("search", {"text": "x", "k": 0}))
+    assert (await commands.dispatch(kernel, Events(), commands.from_console("inspect", {"oid": "0x00A"})))["oid"] == "a"
+    stats = await commands.dispatch(kernel, Events(), commands.from_console("stats", {}))
+    assert stats["counts"] == {"memory_chunk": 3} and stats["cycles"] == {"total": 0, "unfinished": 0}
+
+
+async def test_status_shows_the_worker_table_and_the_kernel(kernel, client):
+    client.handlers[("broker", "workers")] = lambda body, ev: {"services": {"kernel": [{"identity": "k1"}]}}
+    out = await commands.dispatch(kernel, Events(), commands.from_console("status", {}))
+    assert out["broker"]["services"]["kernel"][0]["identity"] == "k1"
+    assert out["kernel"]["instance"] == "kernel-test" and out["kernel"]["active_cycles"] == []
+
+
+async def test_forge_relays_with_a_checked_persona(kernel, client):
+    client.handlers[("forge", "run")] = lambda body, ev: {"persona": body["persona"], "trained": False}
+    out = await commands.dispatch(kernel, Events(), commands.from_console("forge", {"persona": "brick"}))
+    assert out == {"persona": "BRICK", "trained": False}
+    with pytest.raises(ServiceError, match="unknown persona"):
+        await commands.dispatch(kernel, Events(), commands.from_console("forge", {"persona": "NOBODY"}))
+
+
+# -- audit and trace: the real audit log, a fake memory ---------------------------------------------
+
+
+class FractalMemory:
+    """Enough of memory's audit_offset / create_fractals / query_fractals for the ingestion."""
+
+    def __init__(self) -> None:
+        self.offsets: dict[str, int] = {}
+        self.fractals: dict[str, dict[str, Any]] = {}
+
+    def install(self, client: Any) -> None:
+        client.handlers[("memory", "audit_offset")] = lambda b, ev: {"value": self.offsets.get(b["path"], 0)}
+        client.handlers[("memory", "create_fractals")] = self.create
+        client.handlers[("memory", "query_fractals")] = lambda b, ev: {"fractals": [
+            f for f in self.fractals.values() if f["meta"]["cycle_id"] == b.get("cycle_id")]}
+
+    def create(self, body: dict[str, Any], on_event: Any) -> dict[str, Any]:
+        new = [e for e in body["events"] if e["event_id"] not in self.fractals]
+        for e in new:
+            self.fractals[e["event_id"]] = e
+        self.offsets[body["offset"]["path"]] = body["offset"]["value"]
+        return {"created": len(new), "skipped": len(body["events"]) - len(new)}
+
+
+@pytest.fixture
+async def real_audit(env, settings):
+    from batos.audit import AuditLog
+
+    log = AuditLog(settings.audit_log)
+    await log.open()
+    env.audit = log
+    yield log
+    await log.close()
+
+
+async def test_audit_ingests_new_lines_and_trace_shows_a_cycle(kernel, env, client, real_audit):
+    memory = FractalMemory()
+    memory.install(client)
+    run = new_run(env, Events())
+    await run.begin()
+    await run.to(State.DECOMPOSING)
+    events = Events()
+    out = await commands.dispatch(kernel, events, commands.from_console("audit", {}))
+    assert out["ingest"]["created"] == 3  # CYCLE_START and the transitions into IDLE and DECOMPOSING
+    assert [e["event_type"] for e in out["recent"]] == ["CYCLE_START", "STATE_TRANSITION", "STATE_TRANSITION"]
+    assert events.of("progress")
+    again = await commands.dispatch(kernel, Events(), commands.from_console("audit", {}))
+    assert again["ingest"]["created"] == 0
+    trace = await commands.dispatch(kernel, Events(), commands.from_console("trace", {"cycle_id": run.cycle_id}))
+    assert trace["cycle"]["psm_state"] == "DECOMPOSING"
+    assert [e["event_type"] for e in trace["events"]] == ["CYCLE_START", "STATE_TRANSITION", "STATE_TRANSITION"]
+    with pytest.raises(ServiceError, match="no cognitive cycle"):
+        await commands.dispatch(kernel, Events(), commands.from_console("trace", {"cycle_id": "dead-beef"}))
+
+
+async def test_recovery_fails_interrupted_cycles_and_audits_it(env, real_audit, settings):
+    run = new_run(env, Events())
+    await run.begin()
+    await run.to(State.DECOMPOSING)
+    failed = await recover(env)
+    assert [f["cycle_id"] for f in failed] == [run.cycle_id] and env.info["recovered"] == [run.cycle_id]
+    await real_audit.flush()
+    lines = [json.loads(x) for x in settings.audit_log.read_text().splitlines()]
+    ends = [e for e in lines if e["event_type"] == "CYCLE_END"]
+    assert ends and ends[-1]["status"] == "FAILURE" and ends[-1]["event_data"]["error"] == records.RESTART_REASON
+    assert ends[-1]["mission_type"] == "query"
+
+
+async def test_several_consoles_each_see_only_their_own_cycle(kernel, client):
+    client.handlers[("memory", "search")] = lambda body, ev: {"hits": []}
+
+    async def one(i: int) -> tuple[Events, str]:
+        events = Events()
+        with pytest.raises(ServiceError):  # no llm: each fails after its own transitions
+            await commands.dispatch(kernel, events, commands.parse(t1(args=[f"question {i}"])))
+        return events, events.items[0][1]["cycle_id"]
+
+    results = await asyncio.gather(*(one(i) for i in range(4)))
+    ids = {cid for _, cid in results}
+    assert len(ids) == 4
+    for events, cid in results:
+        assert {d["cycle_id"] for _, d in events.items} == {cid}
+        assert events.states()[-1] == "FAILED"
+
+
+async def test_start_kernel_installs_recovers_warms_up_and_stops(settings, image, client, audit):
+    env_run = None
+    kernel = await start_kernel(settings, client, image=image, audit=audit)
+    try:
+        env_run = new_run(kernel.env, Events())
+        await env_run.begin()
+        assert "sandbox" in kernel.env.info and kernel.env.info["recovered"] == []
+        assert kernel.autotelic.describe()["running"] is True
+    finally:
+        await stop_kernel(kernel)
+    assert kernel.autotelic.task is None
+    # the next kernel of the same instance name finds the unfinished cycle and fails it
+    again = await start_kernel(settings, client, image=await image.open(), audit=audit)
+    try:
+        assert again.env.info["recovered"] == [env_run.cycle_id]
+    finally:
+        await stop_kernel(again)
+
+
+async def test_the_autotelic_loop_ingests_periodically_and_survives_failures(env, client, settings, real_audit):
+    env.settings = settings.model_copy(update={"autotelic_period": 0.05})
+    memory = FractalMemory()
+    memory.install(client)
+    offsets = client.handlers[("memory", "audit_offset")]
+    calls = {"n": 0}
+
+    def flaky(body: dict[str, Any], on_event: Any) -> dict[str, Any]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ServiceError("unavailable", "memory restarting")
+        return offsets(body, on_event)
+
+    client.handlers[("memory", "audit_offset")] = flaky
+    run = new_run(env, Events())
+    await run.begin()
+    loop = Autotelic(env)
+    loop.start()
+    try:
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if loop.runs >= 2:
+                break
+    finally:
+        await loop.stop()
+    assert loop.runs >= 2 and calls["n"] >= 3  # the first run failed, later ones went on
+    assert len(memory.fractals) == 2 and loop.describe()["last_error"] is None  # CYCLE_START, IDLE
