@@ -25,7 +25,7 @@ up: setup
 	@$(PY) -m batos.ctl up
 
 down:
-	@test -x $(PY) && $(PY) -m batos.ctl down || true
+	@if test -x $(PY); then $(PY) -m batos.ctl down; fi
 
 status:
 	@$(PY) -m batos.ctl status

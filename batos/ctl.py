@@ -126,7 +126,7 @@ def status(settings: Settings, as_json: bool = False) -> int:
     for p in infos:
         print(f"{p['name']:15} {p['statename']:10} {p['pid']:>7}  {p['description']}")
     print()
-    services = kernel.get("services", {})
+    services = kernel.get("services") or kernel.get("broker", {}).get("services", {})
     if "error" in kernel:
         print(f"kernel status unavailable: {kernel['error']}")
     print(f"{'service':8} {'worker':40} {'alive':5} {'version':8} {'uptime':>8} {'served':>7} {'busy':>4}")

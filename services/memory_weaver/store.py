@@ -115,6 +115,8 @@ def _set_add(tree: OOTreeSet, key: Any, oid: int) -> None:
 
 
 def _set_remove(tree: OOTreeSet, key: Any, oid: int) -> None:
+    if key is None or key == "":  # never filed (see _set_add); a None key cannot be compared with str
+        return
     if (key, oid) in tree:
         tree.remove((key, oid))
 

@@ -412,3 +412,15 @@ async def test_concurrent_writers_in_two_clients_both_land(weaver, weaver2):
     h1 = [h["oid"] for h in (await weaver.search({"text": "alpha", "k": 30}))["hits"]]
     h2 = [h["oid"] for h in (await weaver2.search({"text": "alpha", "k": 30}))["hits"]]
     assert h1 == h2 and len(h1) == 18
+
+
+async def test_rewriting_a_file_whose_summary_lacks_name_and_type(weaver):
+    """Index keys may be missing: removing them on a rewrite must not compare None with str."""
+    await weaver.replace_file(file_payload("/src/other.py"))
+    bare = file_payload("/src/bare.py")
+    bare["summaries"][0]["metadata"] = {}
+    await weaver.replace_file(bare)
+    again = file_payload("/src/bare.py", version="2")
+    again["summaries"][0]["metadata"] = {}
+    out = await weaver.replace_file(again)
+    assert out["chunks"] == 2
