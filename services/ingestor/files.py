@@ -1,0 +1,83 @@
+"""One file from disk to chunks: classify, size and binary checks, hash, decode, chunk.
+
+Runs in a worker thread (pure CPU and file IO, no event loop). The outcome says what happened:
+``chunked`` (with the chunks), ``unchanged`` (its hash matches what memory holds), or ``skipped``
+with a reason (``too_large``, ``binary``, ``unsupported``, ``undecodable``, ``unreadable``).
+A Python file that does not parse is ``chunked`` as line windows and carries ``error``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from services.ingestor import textfiles
+from services.ingestor.chunker import chunk_python
+from services.ingestor.model import SYNTAX_FALLBACK, FileChunks
+from services.ingestor.source import decode_python, decode_text, file_hash
+
+PYTHON_SUFFIXES = frozenset({".py", ".pyi"})
+BINARY_SNIFF_BYTES = 8192  # a NUL in the first 8 KiB marks a binary file (git's heuristic)
+
+
+@dataclass
+class Outcome:
+    path: str
+    status: str  # "chunked" | "unchanged" | "skipped"
+    reason: str = ""
+    result: FileChunks | None = None
+    error: str | None = None
+
+
+def classify(path: str) -> str | None:
+    """``"python"``, ``"text"`` or None (not ingested)."""
+    if os.path.splitext(path)[1].lower() in PYTHON_SUFFIXES:
+        return "python"
+    if textfiles.is_text_name(path):
+        return "text"
+    return None
+
+
+def chunk_file(path: str, max_tokens: int, max_bytes: int, *, known_hash: str | None = None,
+               use_unparse: bool = False) -> Outcome:
+    kind = classify(path)
+    if kind is None:
+        return Outcome(path, "skipped", "unsupported")
+    try:
+        size = os.stat(path).st_size
+        if size > max_bytes:
+            return Outcome(path, "skipped", "too_large")
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as e:
+        return Outcome(path, "skipped", "unreadable", error=f"{type(e).__name__}: {e}")
+    if len(raw) > max_bytes:  # it grew since stat
+        return Outcome(path, "skipped", "too_large")
+    digest = file_hash(raw)
+    if known_hash is not None and known_hash == digest:
+        return Outcome(path, "unchanged")
+    if b"\0" in raw[:BINARY_SNIFF_BYTES]:
+        return Outcome(path, "skipped", "binary")
+    if kind == "text":
+        try:
+            text = decode_text(raw)
+        except UnicodeDecodeError as e:
+            return Outcome(path, "skipped", "undecodable", error=f"not UTF-8: {e.reason} at byte {e.start}")
+        return Outcome(path, "chunked", result=textfiles.chunk_text(text, path, max_tokens, file_hash=digest))
+    return _python(path, raw, digest, max_tokens, use_unparse)
+
+
+def _python(path: str, raw: bytes, digest: str, max_tokens: int, use_unparse: bool) -> Outcome:
+    try:
+        text = decode_python(raw)
+    except (SyntaxError, UnicodeDecodeError, LookupError) as e:  # bad coding cookie or bytes
+        return Outcome(path, "skipped", "undecodable", error=f"{type(e).__name__}: {e}")
+    try:
+        result = chunk_python(text, path, max_tokens, file_hash=digest, use_unparse=use_unparse)
+        return Outcome(path, "chunked", result=result)
+    except (SyntaxError, ValueError) as e:  # ValueError: source with NUL bytes, among others
+        where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
+        error = f"{type(e).__name__}: {getattr(e, 'msg', None) or e}{where}"
+    result = textfiles.chunk_text(text, path, max_tokens, file_hash=digest, kind="python",
+                                  extra_flags=(SYNTAX_FALLBACK,), error=error)
+    return Outcome(path, "chunked", result=result, error=error)
