@@ -64,12 +64,16 @@ class Settings(BaseModel):
     # cognition
     react_max_steps: int = 3
     answer_budget_tokens: int = 1200
+    answer_max_tokens: int = 320  # ROBIN's answer length
+    brick_max_tokens: int = 256  # BRICK's generated method length
     cycle_timeout: float = 900.0
     autotelic_period: float = 60.0
     audit_max_bytes: int = 64 * 1024 * 1024  # the audit log rotates (between lines) past this size
     forge_threshold: int = 5  # new SUCCESS cycles per persona before curation
     forge_program: str = "forge"  # the supervisord program the steward restarts around training
     forge_train_timeout: float = 21600.0  # the steward kills a training run after this long
+    forge_incarnation_grace: float = 300.0  # after training, how long the kernel waits for the new adapter
+    forge_pickup_timeout: float = 300.0  # how long the kernel waits for the steward to take an instruction
     sandbox_timeout: float = 10.0
     sandbox_memory_mb: int = 512
 

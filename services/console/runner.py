@@ -88,12 +88,15 @@ class Runner:
                               f"not connected to the broker at {self.endpoint} (retrying in the background); "
                               "the request was not sent")
         limit = self.timeout_for(req)
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(limit) as deadline:
                 entry.call = await self.client.start_call(req.service, req.command, req.body)
                 handle.id = entry.call.id
                 async for env in entry.call.events():
                     if env.kind == Kind.EVENT:
+                        if req.long_running:  # an idle limit: a forge that reports progress for hours is alive
+                            deadline.reschedule(loop.time() + limit)
                         self._safe(self.view.event, handle, env.body)
                     elif env.kind == Kind.ERROR:
                         b = env.body
@@ -105,7 +108,8 @@ class Runner:
             return self._fail(handle, ErrorCode.INTERNAL, "the request ended without a reply")
         except TimeoutError:
             await self._send_cancel(entry)
-            return self._fail(handle, ErrorCode.TIMEOUT, f"no reply within {limit:g} s; the request was cancelled")
+            what = "no reply or event" if req.long_running else "no reply"
+            return self._fail(handle, ErrorCode.TIMEOUT, f"{what} within {limit:g} s; the request was cancelled")
         except asyncio.CancelledError:
             if entry.gave_up:
                 task = asyncio.current_task()

@@ -35,7 +35,7 @@ BATCH_FILES = 32
 PROGRESS_INTERVAL = 0.5  # seconds between progress events of one stage
 CALL_TIMEOUT_BASE = 120.0  # seconds for a memory call, plus CALL_TIMEOUT_PER_CHUNK for each chunk in it
 CALL_TIMEOUT_PER_CHUNK = 1.0
-SEND_CONTEXT_HEADER = False  # memory's Table 2 schema forbids unknown fields; flip when it accepts context_header
+SEND_CONTEXT_HEADER = True  # memory's Table 2 schema accepts context_header
 FATAL_CODES = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.UNKNOWN_SERVICE, ErrorCode.CANCELLED})
 
 Emit = Callable[..., Awaitable[None]]

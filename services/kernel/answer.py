@@ -84,11 +84,13 @@ def evidence_list(summaries: list[Evidence], chunks: list[Evidence]) -> str:
 
 
 async def write(run: CycleRun, question: str, evidence: ReactResult, *, persona: str, kind: str = "answer",
-                extra: str = "", max_tokens: int = ANSWER_MAX_TOKENS) -> Draft:
+                extra: str = "", max_tokens: int | None = None) -> Draft:
     """SYNTHESIZING: assemble within budget, audit the budget, stream the persona's answer."""
     from services.kernel.governor import assemble
 
     budget = run.env.settings.answer_budget_tokens
+    if max_tokens is None:
+        max_tokens = int(run.env.setting("answer_max_tokens", ANSWER_MAX_TOKENS))
     assembled = assemble(INSTRUCTIONS[kind], question, evidence.summaries, evidence.chunks, budget, extra=extra)
     await run.audit("PROMPT_BUDGET", status="SUCCESS", persona=persona, budget_tokens=budget,
                     used_tokens=assembled.used_tokens, sections=assembled.sections,

@@ -305,7 +305,8 @@ async def _brick_writes(run: CycleRun, rec: Receiver, selector: str, call: str, 
     for attempt in range(1, BRICK_ATTEMPTS + 1):
         prompt = brick_prompt(rec, selector, call, args, kwargs, chunks, problem)
         reply = await run.llm("generate", {"messages": [{"role": "user", "content": prompt}],
-                                           "max_tokens": BRICK_MAX_TOKENS, "temperature": 0.0},
+                                           "max_tokens": int(run.env.setting("brick_max_tokens", BRICK_MAX_TOKENS)),
+                                           "temperature": 0.0},
                               persona="BRICK", stream=True)
         raw = str(reply.get("text") or "")
         try:

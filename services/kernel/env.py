@@ -44,4 +44,14 @@ class KernelEnv:
     info: dict[str, Any] = field(default_factory=dict)  # autotelic loop and recovery facts for `status`
 
     def setting(self, name: str, default: Any) -> Any:
-        return getattr(self.settings, name, default)
+        """A setting that batos.config.Settings may not have yet: its field if it has one, else the environment's
+        ``BATOS_<NAME>`` read as ``default``'s type (how every other setting is read), else ``default``."""
+        if name in getattr(type(self.settings), "model_fields", {}):
+            return getattr(self.settings, name)
+        raw = os.environ.get(f"BATOS_{name.upper()}")
+        if raw is None:
+            return getattr(self.settings, name, default)
+        try:
+            return type(default)(raw) if default is not None else raw
+        except ValueError:
+            raise ValueError(f"BATOS_{name.upper()}={raw!r} is not a valid {type(default).__name__}") from None

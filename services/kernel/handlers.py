@@ -2,6 +2,9 @@
 Table 1 object (commands.from_console, or the raw object for ``command``), then commands.dispatch runs it with
 events going to the requester only (``req.emit``). ``ping`` and ``status`` are answered by the worker runtime
 (``status`` merges kernel.status_hook: the broker's worker table and this kernel's cycles and loops).
+
+``audit_event`` is not a console command: other processes (the forge worker) send their Table 3 events here,
+because the kernel is the audit log's single writer (audit_event.py).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from batos.errors import ServiceError
 from batos.worker import Request
 from proto import ErrorCode
 from services.kernel import commands
+from services.kernel.audit_event import record_event
 
 CONSOLE_COMMANDS = ("ask", "send", "define", "display_yourself", "ingest", "search", "inspect", "stats", "trace",
                     "audit", "forge")
@@ -37,4 +41,12 @@ async def handle_command(req: Request) -> dict[str, Any]:
     return await commands.dispatch(_kernel(req), req.emit, commands.parse(req.args))
 
 
-HANDLERS = {"command": handle_command, **{name: _convenience(name) for name in CONSOLE_COMMANDS}}
+async def handle_audit_event(req: Request) -> dict[str, Any]:
+    """{event: Table 3 object} from another process -> validated and written to the audit log."""
+    if "event" not in req.args:
+        raise ServiceError(ErrorCode.BAD_ARGS, "audit_event: missing argument 'event' (a Table 3 object)")
+    return await record_event(_kernel(req).env, req.args["event"])
+
+
+HANDLERS = {"command": handle_command, "audit_event": handle_audit_event,
+            **{name: _convenience(name) for name in CONSOLE_COMMANDS}}

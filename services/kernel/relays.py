@@ -3,7 +3,8 @@
 ingest / search / inspect / stats go to the ``ingest`` and ``memory`` services; their streamed events are
 forwarded to the console that asked. status = the broker's worker table + this kernel's state. trace = a
 cycle's record in the image + its audit events (after catching the audit log up). audit = ALFRED's audit
-ingestion now, with progress events. forge = the forge service's run, events forwarded.
+ingestion now, with progress events. forge = the forge service's run, events forwarded, then the steward's
+status log followed to the adapter's incarnation (forge_follow.py).
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ from batos import personas
 from batos.errors import ServiceError
 from proto import ErrorCode, Table1Command
 from services.kernel import cycle as records
-from services.kernel import history
+from services.kernel import forge_follow, history
 from services.kernel.env import Emit
 
 log = logging.getLogger("batos.kernel.relays")
 
 INGEST_TIMEOUT = 6 * 3600.0  # a whole tree on 2 cores embeds at ~25 chunks/s: hours for a big one
-FORGE_TIMEOUT = 6 * 3600.0  # curation + LoRA training on CPU
+FORGE_TIMEOUT = 6 * 3600.0  # LoRA training on CPU, followed through the steward's status log
+FORGE_PREPARE_TIMEOUT = 1800.0  # curation + BRICK writing the training script (~a minute on 2 cores)
+FORGE_INCARNATION_GRACE = 300.0  # the restarted worker loads the model, then judges and activates the adapter
+FORGE_PICKUP_TIMEOUT = 300.0  # the steward polls every 0.5 s: minutes without a pickup means it is not running
+FORGE_OPTIONS = ("mission_type", "epochs", "max_steps", "generate_script", "format_prompts", "logging_steps")
 MEMORY_TIMEOUT = 60.0
 TRACE_TEXT_CHARS = 2000  # prompts in a trace are cut here (the audit log keeps them whole)
 RECENT_EVENTS = 10
@@ -174,6 +179,17 @@ def _recent_events(path: Path, n: int = RECENT_EVENTS) -> list[dict[str, Any]]:
 
 
 async def forge(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+    """The forge service prepares the run (its events forwarded), then the steward's status log is followed to
+    the end (forge_follow.py): training progress, the worker's restart, the adapter's incarnation."""
     persona = persona_arg(_first_arg(cmd, "persona"))
-    return await kernel.env.client.call("forge", "run", {"persona": persona}, on_event=forwarder(emit),
-                                        timeout=FORGE_TIMEOUT)
+    env = kernel.env
+    body = {"persona": persona, **{k: v for k, v in cmd.mission_brief.kwargs.items() if k in FORGE_OPTIONS}}
+    reply = await env.client.call("forge", "run", body, on_event=forwarder(emit), timeout=FORGE_PREPARE_TIMEOUT)
+    instruction_id = reply.get("instruction_id")
+    if not isinstance(instruction_id, str) or not instruction_id:
+        raise ServiceError(ErrorCode.INTERNAL, f"forge.run replied without an instruction_id: {sorted(reply)}")
+    outcome = await forge_follow.follow_run(
+        Path(env.settings.upgrade_channel), instruction_id, emit, timeout=FORGE_TIMEOUT,
+        incarnation_grace=float(env.setting("forge_incarnation_grace", FORGE_INCARNATION_GRACE)),
+        pickup_timeout=float(env.setting("forge_pickup_timeout", FORGE_PICKUP_TIMEOUT)))
+    return {**reply, "persona": persona, **outcome}

@@ -37,6 +37,7 @@ class Table2Metadata(msgspec.Struct, forbid_unknown_fields=True):
     token_count: int | None = None
     flags: list[str] | dict[str, Any] | None = None
     embed_windows: int | None = None  # set by memory; a caller's value is overwritten
+    context_header: str | None = None  # a split class/function's header, given to its pieces as context
 
 
 class ChunkIn(msgspec.Struct, forbid_unknown_fields=True):

@@ -178,6 +178,8 @@ def _new_summary(root: Any, conn: Any, file_path: str, s: SummaryIn, vec: np.nda
 
 def _new_chunk(root: Any, conn: Any, c: ChunkIn, vec: np.ndarray, windows: int, parent: UvmObject | None) -> UvmObject:
     meta = msgspec.to_builtins(c.metadata)
+    if meta.get("context_header") is None:  # optional: only chunks of a split class/function have one
+        meta.pop("context_header", None)
     meta["content_hash"] = chunk_hash(c)
     meta["embed_windows"] = windows
     obj = root["prototypes"]["memory_chunk"].clone(
