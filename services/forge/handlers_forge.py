@@ -39,7 +39,7 @@ Call = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]
 Emit = Callable[..., Awaitable[None]]
 
 MEMORY_TIMEOUT = 60.0
-QUERY_LIMIT = 20_000  # golden events fetched per query
+QUERY_LIMIT = 10_000  # golden events fetched per query
 MAX_CYCLES = 2_000  # cycles whose full event lists are fetched for one curation
 CYCLE_QUERY_CONCURRENCY = 8
 SCRIPT_MAX_TOKENS = 700  # a complete training script; BRICK on CPU needs about a minute for it

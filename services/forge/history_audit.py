@@ -35,7 +35,7 @@ from services.forge.steward import all_instructions
 Call = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]  # (service, command, body) -> reply
 Dispatch = Callable[[str, int], Awaitable[Any]]  # (persona, new successful cycles) -> anything
 
-QUERY_LIMIT = 20_000  # fractals per query; the counts only need to reach the threshold
+QUERY_LIMIT = 10_000  # fractals per query; the counts only need to reach the threshold
 CYCLE_QUERY_CONCURRENCY = 8
 
 

@@ -66,3 +66,8 @@ def test_table1_valid_and_invalid():
         with pytest.raises(ProtocolError) as e:
             proto.parse_table1(bad)
         assert e.value.code == ErrorCode.BAD_ARGS
+
+
+def test_bytes_travel_as_bytes():
+    req = proto.request("memory", "blob_put", {"data": b"\x00\xffadapter", "meta": {"k": 1}})
+    assert proto.decode(proto.encode(req)).body["data"] == b"\x00\xffadapter"
