@@ -164,7 +164,8 @@ async def ingest(path: str, *, client: Any, emit: Emit, max_chunk_tokens: int, m
             raise ServiceError(ErrorCode.CANCELLED, "ingest cancelled")
         await memory.delete(gone)
         run.removed += 1
-    await progress.send("COMPLETE", run.files + run.unchanged, run.chunks, force=True)
+    # every file was dealt with (ingested, unchanged, skipped or failed): the bar ends full
+    await progress.send("COMPLETE", progress.files_total, run.chunks, force=True)
     return run.reply(time.monotonic() - started)
 
 

@@ -207,7 +207,13 @@ class ReactLoop:
         await self.run.emit("action", step=step, text=desc, kind=plan.kind, level=plan.level, within=plan.within,
                             note=plan.note)
         reply = await self.run.memory("search", body)
-        hits = [self._evidence(h, step) for h in reply.get("hits", []) if isinstance(h, dict) and h.get("oid")]
+        raw = [h for h in reply.get("hits", []) if isinstance(h, dict) and h.get("oid")]
+        if plan.query != self.question:
+            # Anchored retrieval: a small model's query can drift far from the question, so every
+            # search also runs with the question itself and the two rankings are merged by score.
+            anchored = await self.run.memory("search", {**body, "text": self.question})
+            raw = _merge_hits(raw, anchored.get("hits", []), body["k"])
+        hits = [self._evidence(h, step) for h in raw]
         await self.run.audit("RETRIEVAL_ACTION", status="SUCCESS", persona=self.persona, step=step,
                              action=plan.kind, query=plan.query, level=plan.level, within=plan.within,
                              retrieved_chunk_ids=[h.oid for h in hits], note=plan.note)
@@ -272,6 +278,18 @@ class ReactLoop:
             lines += self.log[-9:]
         lines.append("Choose the next action.")  # the llm service adds the action list and the JSON form
         return "\n".join(lines)
+
+
+def _merge_hits(first: list[Any], second: list[Any], k: int) -> list[dict[str, Any]]:
+    """Union of two hit lists by oid (the higher score wins), best first, at most ``k``."""
+    best: dict[str, dict[str, Any]] = {}
+    for hit in [*first, *second]:
+        if not isinstance(hit, dict) or not hit.get("oid"):
+            continue
+        oid = str(hit["oid"])
+        if oid not in best or float(hit.get("score") or 0) > float(best[oid].get("score") or 0):
+            best[oid] = hit
+    return sorted(best.values(), key=lambda h: float(h.get("score") or 0), reverse=True)[:k]
 
 
 def _one_line(text: str) -> str:

@@ -121,9 +121,12 @@ async def test_summaries_then_zoom_into_the_chosen_summary_then_answer(env, clie
     events = Events()
     out = await execute(new_run(env, events), reasoning_body)
     searches = [b for s, c, b in client.calls if c == "search"]
-    assert [b["level"] for b in searches] == ["summaries", "chunks"]
-    assert searches[1]["within"] == [s2]  # the chosen summary's children only
-    assert out["chunks"] == [c["oid"] for c in corpus["chunks"][s2]]
+    # each of the model's queries is paired with an anchored search for the question itself
+    assert [b["level"] for b in searches] == ["summaries", "summaries", "chunks", "chunks"]
+    assert searches[0]["text"] == "lookup" and searches[2]["text"] == "lookup chain"
+    assert searches[1]["text"] == searches[3]["text"] != "lookup"
+    assert searches[2]["within"] == searches[3]["within"] == [s2]  # the chosen summary's children only
+    assert sorted(out["chunks"]) == sorted(c["oid"] for c in corpus["chunks"][s2])
     assert out["steps"] == 3 and out["fallback"] is None
     assert [d["step"] for d in events.of("thought")] == [1, 2, 3]
     assert [d["step"] for d in events.of("observation")] == [1, 2]
