@@ -131,33 +131,39 @@ class Client:
         req = proto.request(service, command, body, idempotent=idempotent)
         call = PendingCall(self, req)
         self.pending[req.id] = call
-        await self._send(req)
+        try:
+            await self._send(req)
+        except BaseException:  # timed out or cancelled while the send waited: nobody will collect it
+            self.pending.pop(req.id, None)
+            raise
         return call
 
     async def call(self, service: str, command: str, body: dict[str, Any] | None = None, *,
                    on_event: EventCallback | None = None, timeout: float | None = 60.0,
                    idempotent: bool = False) -> dict[str, Any]:
-        started: list[PendingCall] = []
-
-        async def run() -> dict[str, Any]:
-            # the send is inside the timeout too: with no reachable broker a DEALER send waits
-            call = await self.start_call(service, command, body, idempotent=idempotent)
-            started.append(call)
-            return await call.result(on_event)
-
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that arrives
+        # as the reply does (the caller, e.g. close() cancelling the watcher, then waits forever),
+        # and it costs a Task per call.
+        deadline = asyncio.timeout(timeout)
+        call: PendingCall | None = None
         try:
-            return await asyncio.wait_for(run(), timeout)
+            async with deadline:
+                # the send is inside the timeout too: with no reachable broker a DEALER send waits
+                call = await self.start_call(service, command, body, idempotent=idempotent)
+                return await call.result(on_event)
         except TimeoutError:
-            if started:
-                await self.cancel(started[0].id)
+            if not deadline.expired():
+                raise  # a TimeoutError of the caller's own (e.g. from on_event), not ours
+            if call is not None:
+                await self.cancel(call.id)
             raise ServiceError(ErrorCode.TIMEOUT, f"{service}.{command} gave no reply within {timeout} s") from None
         except asyncio.CancelledError:
-            if started:
-                await self.cancel(started[0].id)
+            if call is not None:
+                await self.cancel(call.id)
             raise
         finally:
-            if started:
-                self.pending.pop(started[0].id, None)
+            if call is not None:
+                self.pending.pop(call.id, None)
 
     async def cancel(self, request_id: str) -> None:
         if request_id in self.pending and self.sock is not None:

@@ -13,7 +13,7 @@ each carrying ``corr`` = the request's ``id``.
 from __future__ import annotations
 
 import enum
-import uuid
+import os
 from typing import Any
 
 import msgspec
@@ -91,7 +91,8 @@ class Envelope(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, the format of uuid4().hex at less than half its cost
+    return os.urandom(16).hex()
 
 
 def encode(env: Envelope) -> bytes:
