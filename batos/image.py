@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -217,6 +218,15 @@ def make_client_storage(settings: Any, addr: Any = None, wait_timeout: float = O
     # share it). Under var/ so an installation (or a test's temp dir) keeps it with its image.
     blob_dir = Path(settings.var_dir) / "blob_cache" / _addr_label(address)
     blob_dir.mkdir(parents=True, exist_ok=True)
+    # ZODB creates <blob_dir>/tmp and the layout marker with check-then-create; two processes starting
+    # together (kernel and memory share this cache) race on both, and the loser dies. Create them first,
+    # the marker atomically, with the layout ZEO uses for a client cache.
+    (blob_dir / "tmp").mkdir(exist_ok=True)
+    marker = blob_dir / ".layout"
+    if not marker.exists():
+        staged = blob_dir / f".layout.{os.getpid()}"
+        staged.write_text("zeocache")
+        staged.replace(marker)
     return ClientStorage(
         address,
         blob_dir=str(blob_dir),
