@@ -87,6 +87,9 @@ class Search(msgspec.Struct, forbid_unknown_fields=True):
     level: Literal["summaries", "chunks", "fractals", "both", "all"] = "both"
     filters: Filters = msgspec.field(default_factory=Filters)
     within: list[str] | None = None
+    # hybrid: dense + BM25 + exact names fused and reranked (hybrid.py); dense: cosine only (the
+    # behaviour before hybrid search); lexical: BM25 and nothing embedded. A `vector` query is dense.
+    mode: Literal["hybrid", "dense", "lexical"] = "hybrid"
 
 
 class FractalMeta(msgspec.Struct):
@@ -200,6 +203,8 @@ def _check(value: Any) -> None:
     elif isinstance(value, Search):
         if value.text is None and value.vector is None:
             raise bad("search needs `text` or `vector`")
+        if value.mode == "lexical" and value.text is None:
+            raise bad("a lexical search needs `text`")
         if not 1 <= value.k <= MAX_K:
             raise bad(f"k must be between 1 and {MAX_K}")
         _check_text(value.text, "text")

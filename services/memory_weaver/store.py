@@ -235,15 +235,36 @@ def _vector(vectors: dict[str, tuple[np.ndarray, int]], item: ChunkIn | SummaryI
     return found
 
 
+def lex_doc(obj: UvmObject, level: int) -> tuple[str, str, str]:
+    """(file path, name, text) the lexical channel indexes for a memory object: a chunk's source with its
+    scope and context header (what its embedding reads, recomputed from the object so that an image
+    written before segments carried documents gives the same), a summary's outline, a fractal's summary."""
+    meta = obj.get_slot("metadata") or {}
+    if level == LEVEL_CHUNK:
+        scope = ".".join([*(meta.get("parent_nodes") or ()), meta.get("node_name") or ""])
+        text = "\n".join(x for x in (meta.get("file_path", ""), scope, meta.get("context_header") or "",
+                                      obj.get_slot("source_text") or "") if x)
+        return str(meta.get("file_path", "")), str(meta.get("node_name") or ""), text
+    if level == LEVEL_SUMMARY:
+        return str(meta.get("file_path", "")), str(meta.get("node_name") or ""), obj.get_slot("summary_text") or ""
+    return "", "", obj.get_slot("summary") or ""
+
+
+def lex_doc_of_oid(root: Any, oid: int, level: int) -> tuple[str, str, str] | None:
+    obj = memory(root).objects.get(oid)
+    return None if obj is None else lex_doc(obj, level)
+
+
 def _index_and_embed(mem: MemoryIndexes, summaries: Iterable[UvmObject], chunks: Iterable[UvmObject]) -> None:
-    oids, levels, vecs = [], [], []
+    oids, levels, vecs, docs = [], [], [], []
     for obj, proto, level in [*((s, "contextual_summary", LEVEL_SUMMARY) for s in summaries),
                               *((c, "memory_chunk", LEVEL_CHUNK) for c in chunks)]:
         oids.append(_index(mem, obj, proto, obj._key_hash))
         levels.append(level)
         vecs.append(np.frombuffer(obj.get_slot("vector_embedding"), dtype=np.float32))
+        docs.append(lex_doc(obj, level))
     if oids:
-        mem.vectors.append(np.stack(vecs), oids, levels)
+        mem.vectors.append(np.stack(vecs), oids, levels, docs)
 
 
 def reusable_vectors(root: Any, file_path: str) -> dict[str, tuple[np.ndarray, int]]:
@@ -458,7 +479,8 @@ def create_fractals(
         made.append(obj)
     if made:
         mem.vectors.append(np.stack([np.frombuffer(o.get_slot("vector_embedding"), dtype=np.float32) for o in made]),
-                           [oid_int(o) for o in made], [LEVEL_FRACTAL] * len(made))
+                           [oid_int(o) for o in made], [LEVEL_FRACTAL] * len(made),
+                           [lex_doc(o, LEVEL_FRACTAL) for o in made])
     if offset is not None:
         mem.offsets[offset[0]] = offset[1]
     return {"created": len(made), "skipped": len(events) - len(made)}

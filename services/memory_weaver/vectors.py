@@ -30,6 +30,8 @@ import persistent
 from BTrees.Length import Length
 from BTrees.LLBTree import LLBTree
 
+from .lexical import LexDoc, LexicalIndex
+
 LEVEL_CHUNK, LEVEL_SUMMARY, LEVEL_FRACTAL = 0, 1, 2
 LEVEL_NAMES = {LEVEL_CHUNK: "chunk", LEVEL_SUMMARY: "summary", LEVEL_FRACTAL: "fractal"}
 LEVEL_CODES = {name: code for code, name in LEVEL_NAMES.items()}
@@ -46,13 +48,21 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 class VectorSegment(persistent.Persistent):
-    """Immutable rows appended by one transaction."""
+    """Immutable rows appended by one transaction, with each row's lexical document (path, name, text)
+    so the lexical index loads in the same records as the vectors (None in segments written before it)."""
 
-    def __init__(self, vectors: np.ndarray, oids: np.ndarray, levels: np.ndarray):
+    lex: tuple[tuple[str, str, str], ...] | None = None
+
+    def __init__(self, vectors: np.ndarray, oids: np.ndarray, levels: np.ndarray,
+                 lex: tuple[tuple[str, str, str], ...] | None = None):
         self.n = int(vectors.shape[0])
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
         self.oids = np.ascontiguousarray(oids, dtype=np.uint64).tobytes()
         self.levels = np.ascontiguousarray(levels, dtype=np.uint8).tobytes()
+        if lex is not None:
+            if len(lex) != self.n:
+                raise ValueError(f"{len(lex)} lexical documents for {self.n} rows")
+            self.lex = tuple(lex)
 
     def arrays(self, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return (
@@ -89,11 +99,15 @@ class VectorStore(persistent.Persistent):
     def total_rows(self) -> int:
         return self.shards[-1].index * self.shard_rows + self.shards[-1].nrows if self.shards else 0
 
-    def append(self, vectors: np.ndarray, oids: list[int], levels: list[int]) -> list[int]:
-        """Append normalised rows for ``oids``; returns their global rows. Inside a transaction."""
+    def append(self, vectors: np.ndarray, oids: list[int], levels: list[int],
+               lex: list[tuple[str, str, str]] | None = None) -> list[int]:
+        """Append normalised rows for ``oids`` (and their lexical documents); returns their global rows.
+        Inside a transaction."""
         vecs = normalize(vectors)
         if vecs.shape != (len(oids), self.dim) or len(levels) != len(oids):
             raise ValueError(f"expected {len(oids)} vectors of dimension {self.dim}, got {vecs.shape}")
+        if lex is not None and len(lex) != len(oids):
+            raise ValueError(f"expected {len(oids)} lexical documents, got {len(lex)}")
         oid_arr = np.asarray(oids, dtype=np.uint64)
         lvl_arr = np.asarray(levels, dtype=np.uint8)
         rows: list[int] = []
@@ -103,7 +117,7 @@ class VectorStore(persistent.Persistent):
             shard = self._tail()
             take = min(shard.free, len(oids) - done)
             part = slice(done, done + take)
-            seg = VectorSegment(vecs[part], oid_arr[part], lvl_arr[part])
+            seg = VectorSegment(vecs[part], oid_arr[part], lvl_arr[part], None if lex is None else tuple(lex[part]))
             start = shard.index * self.shard_rows + shard.nrows
             shard.segments = (*shard.segments, seg)
             shard.nrows += take
@@ -127,11 +141,15 @@ class VectorStore(persistent.Persistent):
 
     def _compact(self, shard: VectorShard) -> None:
         parts = [s.arrays(self.dim) for s in shard.segments]
+        lex = None
+        if all(s.lex is not None for s in shard.segments):
+            lex = tuple(d for s in shard.segments for d in s.lex or ())
         shard.segments = (
             VectorSegment(
                 np.concatenate([p[0] for p in parts]),
                 np.concatenate([p[1] for p in parts]),
                 np.concatenate([p[2] for p in parts]),
+                lex,
             ),
         )
 
@@ -176,6 +194,8 @@ class VectorIndex:
     shards: list[_ShardState] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     refreshed_shards: int = 0  # how many shard reloads so far (tests and stats)
+    lexical: LexicalIndex = field(default_factory=LexicalIndex)
+    missing_lex: list[tuple[int, int]] = field(default_factory=list)  # (row, oid) whose segment has no documents
     _masks: dict[frozenset[int] | None, tuple[np.ndarray, int]] = field(default_factory=dict)
 
     def refresh(self, store: VectorStore) -> int:
@@ -200,6 +220,8 @@ class VectorIndex:
         self.dim, self.shard_rows, self.store_oid = store.dim, store.shard_rows, store._p_oid
         self.shards = []
         self._masks.clear()
+        self.lexical.reset()
+        self.missing_lex.clear()
         self.matrix = np.zeros((0, self.dim), dtype=np.float32)
         self._ensure_capacity(0)
         self.rows = 0
@@ -236,6 +258,7 @@ class VectorIndex:
             self.matrix[base + offset:end] = vecs
             self.oids[base + offset:end] = oids
             self.levels[base + offset:end] = levels
+            self._load_lex(base + offset, seg, oids)
             offset += seg.n
         alive = self.alive[base:base + shard.capacity]
         alive[:] = False
@@ -243,6 +266,30 @@ class VectorIndex:
         if shard.dead:
             alive[np.fromiter(shard.dead, dtype=np.int64)] = False
         state.serial, state.segment_oids, state.loaded_rows = shard._p_serial, seg_oids, offset
+
+    def _load_lex(self, start: int, seg: VectorSegment, oids: np.ndarray) -> None:
+        lex = seg.lex
+        if lex is None:  # written before segments carried documents: the caller resolves them from objects
+            self.missing_lex.extend((start + i, int(o)) for i, o in enumerate(oids) if not self.lexical.has(start + i))
+            return
+        for i, (path, name, text) in enumerate(lex):
+            self.lexical.add(start + i, LexDoc(path, name, text))
+
+    def take_missing_lex(self) -> list[tuple[int, int]]:
+        with self.lock:
+            out, self.missing_lex = self.missing_lex, []
+            return out
+
+    def candidate_mask(self, levels: set[int] | None, rows: np.ndarray | None) -> np.ndarray:
+        """Live rows of the wanted levels (and among ``rows`` when given), over the first ``self.rows``."""
+        mask, _ = self._mask(levels)
+        if rows is None:
+            return mask
+        cand = np.asarray(rows, dtype=np.int64)
+        cand = cand[(cand >= 0) & (cand < self.rows)]
+        sub = np.zeros(self.rows, dtype=bool)
+        sub[cand] = True
+        return sub & mask
 
     def search(
         self,

@@ -23,10 +23,11 @@ from batos.errors import ServiceError
 from batos.image import Image, Lane
 from proto import ErrorCode
 
+from . import hybrid, render, store
 from . import payloads as P
-from . import render, store
 from .embedder import EmbeddingCancelled, TextEmbedder
-from .vectors import LEVEL_CHUNK, LEVEL_CODES, LEVEL_FRACTAL, LEVEL_NAMES, LEVEL_SUMMARY, VectorIndex
+from .lexical import LexDoc
+from .vectors import LEVEL_CHUNK, LEVEL_CODES, LEVEL_FRACTAL, LEVEL_NAMES, LEVEL_SUMMARY, VectorIndex, VectorStore
 
 LEVELS = {
     "summaries": {LEVEL_SUMMARY},
@@ -57,7 +58,7 @@ class MemoryWeaver:
         dim = self.embedder.dim
         await self.image.transact(lambda root, conn: store.ensure_memory(root, dim, self.shard_rows) and None)
         self._lane = self.image.lane("memory-search")
-        await self.image.read(lambda root, conn: self.index.refresh(store.vector_store(root)), lane=self._lane)
+        await self.image.read(lambda root, conn: self._refresh(root), lane=self._lane)
         return time.perf_counter() - t0
 
     async def close(self) -> None:
@@ -154,16 +155,18 @@ class MemoryWeaver:
 
     async def search(self, body: dict[str, Any]) -> dict[str, Any]:
         req = P.parse(P.Search, body)
+        mode = req.mode if req.text is not None and req.vector is None else "dense"
+        query: np.ndarray | None = None
         if req.vector is not None:
             query = np.asarray(req.vector, dtype=np.float32)
             if query.shape != (self.embedder.dim,):
                 raise P.bad(f"vector has {query.size} values; the index has dimension {self.embedder.dim}")
-        else:
+        elif mode != "lexical":
             query = await self._query_vector(req.text or "")
         levels = LEVELS[req.level]
         if req.within is not None:
             levels = levels & {LEVEL_CHUNK} or {LEVEL_CHUNK}  # `within` means the summaries' child chunks
-        hits = await self.image.read(self._search_in_txn, query, req, levels, lane=self._search_lane())
+        hits = await self.image.read(self._search_in_txn, query, req, levels, mode, lane=self._search_lane())
         return {"hits": hits}
 
     def _search_lane(self) -> Lane:
@@ -171,21 +174,37 @@ class MemoryWeaver:
             raise ServiceError(ErrorCode.UNAVAILABLE, "memory weaver is not started")
         return self._lane
 
-    def _search_in_txn(self, root: Any, conn: Any, query: np.ndarray, req: P.Search, levels: set[int]) -> list:
+    def _refresh(self, root: Any) -> VectorStore:
         vs = store.vector_store(root)
         self.index.refresh(vs)
+        for row, oid in self.index.take_missing_lex():  # rows of segments written before they carried documents
+            doc = store.lex_doc_of_oid(root, oid, int(self.index.levels[row]))
+            if doc is not None:
+                with self.index.lock:
+                    self.index.lexical.add(row, LexDoc(*doc))
+        return vs
+
+    def _search_in_txn(self, root: Any, conn: Any, query: np.ndarray | None, req: P.Search, levels: set[int],
+                       mode: hybrid.Mode) -> list:
+        vs = self._refresh(root)
         rows = None
         if req.filters.any() or req.within is not None:
             f = req.filters
             oids = store.candidate_oids(root, f.file_path, f.node_type, f.node_name, req.within)
             rows = np.fromiter((r for r in (vs.row(o) for o in oids) if r is not None), dtype=np.int64)
-        found = self.index.search(query, req.k, levels, rows)
+        found = hybrid.search(self.index, query, req.text or "", req.k, levels, rows, mode)
         # A live row's object is live in this same snapshot (unindexing and tombstoning share
         # a transaction), so load the hits directly, all in one prefetch round trip.
-        oids = [p64(oid) for oid, _, _ in found]
+        oids = [p64(h.oid) for h in found]
         conn.prefetch(oids)
-        return [store.render_hit(root, conn.get(o), LEVEL_NAMES[level], round(score, 6))
-                for o, (_, level, score) in zip(oids, found, strict=True)]
+        out = []
+        for o, h in zip(oids, found, strict=True):
+            hit = store.render_hit(root, conn.get(o), LEVEL_NAMES[h.level], round(h.score, 6))
+            if mode != "dense":
+                hit["dense_score"] = round(h.dense, 6)
+                hit["channels"] = h.ranks
+            out.append(hit)
+        return out
 
     async def _query_vector(self, text: str) -> np.ndarray:
         with self._qlock:
