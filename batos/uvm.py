@@ -2,9 +2,14 @@
 
 A UvmObject holds named slots, an ordered list of parents for delegation, and method
 slots stored as *source text* with a version (functions do not pickle, and a function
-stored in a slot would not be bound to the receiver). Methods are compiled on first use,
-cached in a volatile ``_v_`` attribute (dropped whenever ZODB ghosts or invalidates the
-object), and bound to the receiver with ``types.MethodType``.
+stored in a slot would not be bound to the receiver).
+
+Methods are never compiled or executed in the process that holds the image. This module only
+*parses* method source (``ast``: its name, parameters, docstring); ``lookup`` answers a
+:class:`BoundMethod` (the receiver, the owner and the source), not a Python function. Running
+it -- default-argument expressions, decorators and the body alike -- is the sandbox's job
+(services/kernel/sandbox.py, a separate confined process): evaluating a default expression
+here would run user code with the kernel's environment, memory and event loop.
 
 Why slots live in the object's own state rather than in a separate PersistentMapping:
 one record per object halves the records a chunk commit writes, and the blueprint's
@@ -22,11 +27,9 @@ the builtin selectors of the class (``clone``, ``get_slot``...). A miss raises
 from __future__ import annotations
 
 import ast
-import builtins
-import linecache
 import time
-import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import persistent
@@ -50,6 +53,18 @@ PROTOTYPE_NAMES = (
 BUILTIN_SELECTORS = frozenset(
     {"clone", "get_slot", "set_slot", "has_slot", "del_slot", "slot_names", "own_slots", "method_names"}
 )
+
+
+MAX_METHOD_SOURCE_CHARS = 20_000  # a method, not a program; also bounds what the parser is given
+
+
+class MethodNotRunnable(TypeError):
+    """A stored method was called in-process: methods run only in the sandbox (send them through the kernel)."""
+
+    def __init__(self, selector: str):
+        super().__init__(f"#{selector} is a stored method: it runs only in the sandbox (send it through the "
+                         "kernel); its source is never executed in this process")
+        self.selector = selector
 
 
 class DoesNotUnderstand(AttributeError):
@@ -94,35 +109,94 @@ def _check_name(name: object, what: str) -> None:
         raise ValueError(f"invalid {what} name {name!r}: reserved by UvmObject")
 
 
-def validate_method_source(selector: str, source: str) -> ast.AST:
-    """Parse ``source`` and check that it defines ``selector`` at top level; raise ValueError."""
+def validate_method_source(selector: str, source: str) -> ast.FunctionDef:
+    """Parse ``source`` (never run it) and check it defines ``selector`` at top level; raise ValueError."""
     _check_name(selector, "method")
     if not isinstance(source, str):
         raise ValueError(f"method source must be a string, got {type(source).__name__}")
+    if len(source) > MAX_METHOD_SOURCE_CHARS:
+        raise ValueError(f"method source for #{selector} is {len(source)} characters; the limit is "
+                         f"{MAX_METHOD_SOURCE_CHARS}")
     try:
         tree = ast.parse(source)
     except SyntaxError as e:
         raise ValueError(f"method source for #{selector} does not parse: {e.msg} (line {e.lineno})") from e
+    except (ValueError, RecursionError, MemoryError) as e:  # null bytes; pathological nesting
+        raise ValueError(f"method source for #{selector} does not parse: {type(e).__name__}") from None
     defs = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == selector]
     if not defs:
         raise ValueError(f"method source must define a top-level function named {selector!r}")
     if not defs[-1].args.args and not defs[-1].args.vararg:
         raise ValueError(f"method {selector!r} must take the receiver (self) as its first parameter")
-    return tree
+    return defs[-1]
 
 
-def compile_method(method: MethodSource, label: str) -> types.FunctionType:
-    """Compile a method slot into a plain function (not yet bound)."""
-    validate_method_source(method.selector, method.source)
-    filename = f"<uvm {label}#{method.selector} v{method.version}>"
-    # Register the source so tracebacks through generated methods show their lines.
-    linecache.cache[filename] = (len(method.source), None, method.source.splitlines(True), filename)
-    namespace: dict[str, Any] = {"__builtins__": builtins, "__name__": f"uvm.{method.selector}"}
-    exec(compile(method.source, filename, "exec"), namespace)
-    fn = namespace[method.selector]
-    if not isinstance(fn, types.FunctionType):
-        raise ValueError(f"{method.selector!r} in method source is not a function")
-    return fn
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the image may know about a method without running it: read from the AST alone."""
+
+    selector: str
+    params: tuple[str, ...]  # after self; "*args" / "**kw" marked; defaults shown as source text
+    doc: str | None
+
+    @property
+    def signature(self) -> str:
+        return f"{self.selector}({', '.join(('self', *self.params))})"
+
+
+def method_info(selector: str, source: str) -> MethodInfo:
+    """Name, parameters (default expressions as their source text, unevaluated) and docstring."""
+    func = validate_method_source(selector, source)
+    a = func.args
+    positional = [*a.posonlyargs, *a.args]
+    defaults: list[ast.expr | None] = [None] * (len(positional) - len(a.defaults)) + list(a.defaults)
+    params = [_param(arg, d) for arg, d in zip(positional, defaults, strict=True)][1:]
+    if a.vararg:
+        params.append("*" + a.vararg.arg)
+    params += [_param(arg, d) for arg, d in zip(a.kwonlyargs, a.kw_defaults, strict=True)]
+    if a.kwarg:
+        params.append("**" + a.kwarg.arg)
+    return MethodInfo(selector, tuple(params), ast.get_docstring(func))
+
+
+def _param(arg: ast.arg, default: ast.expr | None) -> str:
+    return arg.arg if default is None else f"{arg.arg}={ast.unparse(default)}"
+
+
+class BoundMethod:
+    """A method found by :meth:`UvmObject.lookup`: receiver, owner and source -- data, not a function.
+
+    Calling it raises :class:`MethodNotRunnable`: the image's process never executes method source.
+    The kernel sends ``source`` to the sandbox with the receiver's slots and the call's arguments.
+    """
+
+    __slots__ = ("method", "owner", "receiver")
+
+    def __init__(self, receiver: UvmObject, owner: UvmObject, method: MethodSource):
+        self.receiver = receiver
+        self.owner = owner
+        self.method = method
+
+    @property
+    def selector(self) -> str:
+        return self.method.selector
+
+    @property
+    def source(self) -> str:
+        return self.method.source
+
+    @property
+    def version(self) -> int:
+        return self.method.version
+
+    def info(self) -> MethodInfo:
+        return method_info(self.method.selector, self.method.source)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise MethodNotRunnable(self.method.selector)
+
+    def __repr__(self) -> str:
+        return f"<BoundMethod #{self.method.selector} v{self.method.version} of {self.receiver!r}>"
 
 
 class UvmObject(persistent.Persistent):
@@ -199,7 +273,6 @@ class UvmObject(persistent.Persistent):
         method = MethodSource(selector, source, version, meta)
         self._methods[selector] = method
         self._p_changed = True
-        self._compiled().pop(selector, None)
         return method
 
     def remove_method(self, selector: str) -> None:
@@ -207,7 +280,6 @@ class UvmObject(persistent.Persistent):
             raise KeyError(selector)
         del self._methods[selector]
         self._p_changed = True
-        self._compiled().pop(selector, None)
 
     def method_names(self) -> list[str]:
         """Own method selectors."""
@@ -218,25 +290,6 @@ class UvmObject(persistent.Persistent):
             if selector in obj._methods:
                 return obj._methods[selector]
         return None
-
-    def _compiled(self) -> dict[str, tuple[int, types.FunctionType]]:
-        # Volatile: ZODB drops _v_ attributes when it ghosts or invalidates the object,
-        # so a method redefined by another process is recompiled here on next use.
-        try:
-            return self._v_compiled
-        except AttributeError:
-            self._v_compiled: dict[str, tuple[int, types.FunctionType]] = {}
-            return self._v_compiled
-
-    def _function_for(self, selector: str) -> types.FunctionType:
-        method = self._methods[selector]
-        cache = self._compiled()
-        hit = cache.get(selector)
-        if hit is not None and hit[0] == method.version:
-            return hit[1]
-        fn = compile_method(method, _safe_oid(self))
-        cache[selector] = (method.version, fn)
-        return fn
 
     # -- lookup & messaging ------------------------------------------------------------------
     def _chain(self) -> Iterator[UvmObject]:
@@ -252,7 +305,7 @@ class UvmObject(persistent.Persistent):
             stack.extend(reversed(obj._parents))
 
     def lookup(self, selector: str) -> Any:
-        """Resolve ``selector``: a slot's value or a method bound to this receiver."""
+        """Resolve ``selector``: a slot's value, or a :class:`BoundMethod` (source, never compiled here)."""
         if not isinstance(selector, str) or not selector:
             raise TypeError(f"a selector must be a non-empty string, got {selector!r}")
         if selector.startswith("_"):
@@ -261,14 +314,19 @@ class UvmObject(persistent.Persistent):
             if selector in obj._slots:
                 return obj._slots[selector]
             if selector in obj._methods:
-                return types.MethodType(obj._function_for(selector), self)
+                return BoundMethod(self, obj, obj._methods[selector])
         if selector in BUILTIN_SELECTORS:
             return getattr(self, selector)
         raise DoesNotUnderstand(selector, _safe_oid(self))
 
     def send(self, selector: str, *args: Any, **kwargs: Any) -> Any:
-        """Send a message: call the method (or callable slot) found by lookup."""
+        """Send a message in-process: a data slot's value or a builtin selector's result.
+
+        A stored method raises :class:`MethodNotRunnable`: it runs only in the sandbox (the kernel's ``send``).
+        """
         target = self.lookup(selector)
+        if isinstance(target, BoundMethod):
+            raise MethodNotRunnable(selector)
         if not callable(target):
             if args or kwargs:
                 raise TypeError(f"#{selector} is a data slot, not a method; it takes no arguments")

@@ -21,8 +21,11 @@ Slot updates made by a method (``self.x = v``) are written back only for slots w
 objects, containers) as JSON copies or repr strings, which must not overwrite the originals.
 
 define OID SELECTOR source -- a ``define_method`` cycle, IDLE -> DECOMPOSING (target) -> VALIDATING (the code
-policy and a compile check) -> COMPLETE (stored, one transaction). No trial run: a method that takes arguments
-cannot be run without them, and every send runs it in the sandbox anyway.
+policy, a parse: never a compile or a run in the kernel) -> COMPLETE (stored, one transaction). No trial run:
+a method that takes arguments cannot be run without them, and every send runs it in the sandbox anyway.
+
+No method source is ever compiled or executed in the kernel: lookup hands back source text (batos.uvm.BoundMethod)
+and every default, decorator and body is evaluated only inside the sandbox process.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batos.errors import ServiceError
-from batos.uvm import BUILTIN_SELECTORS, DoesNotUnderstand, UvmObject, oid_hex, prototype_of
+from batos.uvm import BUILTIN_SELECTORS, BoundMethod, DoesNotUnderstand, UvmObject, oid_hex, prototype_of
 from proto import ErrorCode
 from services.kernel import code_policy, sandbox
 from services.kernel import cycle as records
@@ -114,9 +117,8 @@ def snapshot(root: Any, conn: Any, target_oid: str, selector: str, args: list[An
         return rec
     except (AttributeError, TypeError) as e:
         raise ServiceError(ErrorCode.BAD_ARGS, f"cannot send {selector!r}: {e}") from None
-    method = obj.method_source(selector)
-    if method is not None and callable(found):
-        rec.kind, rec.source, rec.version = "method", method.source, method.version
+    if isinstance(found, BoundMethod):  # source text only: the kernel never compiles or runs it
+        rec.kind, rec.source, rec.version = "method", found.source, found.version
     elif selector in BUILTIN_SELECTORS and selector not in slots:  # lookup reached the class's builtins
         if selector not in READ_ONLY_BUILTINS:
             raise ServiceError(ErrorCode.BAD_ARGS, f"#{selector} changes the image's structure; it cannot be sent "
@@ -220,7 +222,7 @@ async def _define(run: CycleRun, selector: str, source: str) -> dict[str, Any]:
     if selector in rec.own:  # lookup finds an object's own slots before its own methods
         raise ServiceError(ErrorCode.CONFLICT, f"{run.target_oid} has a data slot #{selector}; a method of that "
                                                "name would never be found")
-    await run.to(State.VALIDATING, "code policy and compile check")
+    await run.to(State.VALIDATING, "code policy (parsed, not run)")
     try:
         checked = code_policy.validate_method_source(source, selector)
     except code_policy.PolicyViolation as e:

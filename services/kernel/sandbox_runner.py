@@ -248,6 +248,21 @@ class SandboxSelf:
         return f"<sandboxed receiver with slots {sorted(vars(self))}>"
 
 
+def _receiver_class(sources: dict[str, str]) -> type:
+    """The receiver's class. Its other methods are defined on first use only: defining one evaluates its
+    default and decorator expressions, and a sibling the call never touches must not cost (or break) it."""
+
+    class Receiver(SandboxSelf):
+        def __getattr__(self, name: str) -> object:
+            source = sources.pop(name, None)
+            if source is None:
+                raise AttributeError(f"the receiver has no slot or method {name!r}")
+            setattr(Receiver, name, _define(source, name, {"__name__": "batos_method", "__builtins__": builtins}))
+            return getattr(self, name)
+
+    return Receiver
+
+
 def _define(source: str, selector: str, namespace: dict) -> object:
     filename = f"<method {selector}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show lines
@@ -260,9 +275,7 @@ def _run_method(request: dict) -> dict:
     slots = request.get("slots", {})
     before = {name: json.dumps(value, sort_keys=True) for name, value in slots.items()}
     try:
-        cls = type("SandboxSelf", (SandboxSelf,), {})
-        for name, source in (request.get("methods") or {}).items():
-            setattr(cls, name, _define(source, name, {"__name__": "batos_method", "__builtins__": builtins}))
+        cls = _receiver_class(dict(request.get("methods") or {}))
         func = _define(request["source"], selector, {"__name__": "batos_method", "__builtins__": builtins})
         setattr(cls, selector, func)
         receiver = cls()

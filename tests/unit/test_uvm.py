@@ -11,7 +11,9 @@ from persistent.mapping import PersistentMapping
 
 from batos.uvm import (
     PROTOTYPE_NAMES,
+    BoundMethod,
     DoesNotUnderstand,
+    MethodNotRunnable,
     UvmObject,
     awaken,
     oid_hex,
@@ -75,12 +77,13 @@ def test_methods_bound_to_receiver_and_versioned():
     proto = UvmObject("proto", greeting="hello")
     proto.define_method("greet", "def greet(self, who):\n    return f'{self.greeting}, {who}'\n", author="test")
     child = proto.clone(greeting="hi")
-    assert child.greet("bob") == "hi, bob"  # bound to the receiver, not the owner
-    assert child.send("greet", "ann") == "hi, ann"
-    assert proto.method_source("greet").version == 1
+    found = child.lookup("greet")
+    assert isinstance(found, BoundMethod)  # data about the method, bound to the receiver, not the owner
+    assert found.receiver is child and found.owner is proto and found.version == 1
+    assert found.info().signature == "greet(self, who)"
     proto.define_method("greet", "def greet(self, who):\n    return who.upper()\n")
     assert proto.method_source("greet").version == 2
-    assert child.greet("bob") == "BOB"  # recompiled after redefinition
+    assert child.lookup("greet").source.endswith("return who.upper()\n")
     assert child.method_source("greet").meta.get("defined_at")
     assert child.method_names() == []
     assert child.responds_to("greet") and not child.responds_to("nope")
@@ -93,6 +96,41 @@ def test_methods_bound_to_receiver_and_versioned():
 def test_define_method_rejects_bad_source(src):
     with pytest.raises(ValueError):
         UvmObject("o").define_method("greet", src)
+
+
+HOSTILE_DEFAULTS = [
+    "def m(self, x=open({marker!r}, 'w').write('ran')):\n    return x\n",
+    "def m(self, x=[open({marker!r}, 'w') for _ in [0]]):\n    return x\n",
+    "@(lambda f: open({marker!r}, 'w') and f)\ndef m(self):\n    return 1\n",
+    "def m(self, *, x=__import__('pathlib').Path({marker!r}).write_text('ran')):\n    return x\n",
+]
+
+
+@pytest.mark.parametrize("template", HOSTILE_DEFAULTS)
+def test_method_source_is_parsed_never_executed(tmp_path, template):
+    """Defaults and decorators are expressions: defining, looking up, describing or sending must not run them."""
+    marker = tmp_path / "ran"
+    o = UvmObject("o")
+    o.define_method("m", template.format(marker=str(marker)))
+    found = o.lookup("m")
+    assert isinstance(found, BoundMethod) and o.responds_to("m")
+    assert found.info().selector == "m"  # described from the AST alone
+    with pytest.raises(MethodNotRunnable):
+        found()
+    with pytest.raises(MethodNotRunnable):
+        o.send("m")
+    with pytest.raises(MethodNotRunnable):
+        o.m()
+    assert not marker.exists()
+
+
+def test_method_info_reads_the_signature_from_the_ast():
+    o = UvmObject("o")
+    o.define_method("f", 'def f(self, a, b=1 + 2, *rest, k=None, **kw):\n    """Doc."""\n    return a\n')
+    info = o.lookup("f").info()
+    assert info.params == ("a", "b=1 + 2", "*rest", "k=None", "**kw") and info.doc == "Doc."
+    with pytest.raises(ValueError, match="limit"):
+        o.define_method("g", "def g(self):\n    return 1\n" + "#" * 30_000)
 
 
 def test_builtin_selectors_reachable_by_send():
@@ -114,7 +152,8 @@ def test_persisted_methods_survive_reload_and_oids(db):
     conn.close()
     conn2 = db.open()
     obj = resolve_oid(conn2, oid)
-    assert obj.double() == 42
+    assert obj.lookup("double").source == "def double(self):\n    return self.n * 2\n"
+    assert obj.n == 21
     assert oid_hex(conn2.get(b"\0" * 8)) == "0"
     assert resolve_oid(conn2, "0") is conn2.get(b"\0" * 8)
     with pytest.raises(KeyError, match="unknown oid"):
