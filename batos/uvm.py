@@ -362,6 +362,7 @@ class UvmObject(persistent.Persistent):
 
 
 _CLASS_ATTRS = frozenset(n for n in dir(UvmObject) if not n.startswith("_"))
+RESERVED_NAMES = _CLASS_ATTRS  # public names of the class: never slot or method names
 
 
 def oid_hex(obj: persistent.Persistent) -> str:

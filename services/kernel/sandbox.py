@@ -41,7 +41,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batos.uvm import RESERVED_NAMES
 from services.kernel.code_policy import ALLOWED_MODULES, PolicyViolation, validate_method_source
+from services.kernel.sandbox_result import RESULT_MAX_BYTES, MalformedResult, WireResult, decode_result
 from services.kernel.sandbox_runner import to_jsonable
 
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
@@ -49,7 +51,6 @@ UNSHARE_ARGS = ("--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill
 CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # nothing inherited: no keys, no tokens
 STARTUP_GRACE_S = 5.0  # interpreter start + preload + teardown, on top of the method's own timeout
 OUTPUT_MAX_CHARS = 64_000  # of stdout and of stderr each, kept in the result
-RESULT_MAX_BYTES = 1 << 20  # JSON of the result (value + slot updates)
 FSIZE_MB = 4  # RLIMIT_FSIZE: any single file the method writes, its stdout/stderr included
 TMP_MB = 16  # the method's private /tmp (tmpfs memory is outside RLIMIT_AS, so it is capped here)
 MAX_PROCESSES = 1  # RLIMIT_NPROC for the method's own fresh uid: no fork, no threads
@@ -124,7 +125,7 @@ def _probe() -> tuple[bool, str, dict]:
         )
         if not run.report or "setup_error" in run.report or not run.report.get("confined"):
             return False, _runner_failure(run), {}
-        checks = (run.result or {}).get("value") or {}
+        checks = run.result.value if run.result is not None and isinstance(run.result.value, dict) else {}
     except (OSError, SandboxUnavailable) as exc:
         return False, f"cannot start the sandbox: {exc}", {}
     problems = []
@@ -205,7 +206,8 @@ def run_method(
 @dataclass
 class _Run:
     report: dict | None
-    result: dict | None
+    result: WireResult | None  # decoded and checked (sandbox_result.py); None when absent or malformed
+    malformed: str | None  # why the result was refused
     stdout: str
     stderr: str
     returncode: int | None
@@ -243,9 +245,11 @@ def _spawn(request: dict, timeout_s: float, cancel: threading.Event | None) -> _
         )  # fmt: skip
         host_killed = _wait(proc, timeout_s + STARTUP_GRACE_S, cancel)
         elapsed = time.monotonic() - started
+        result, malformed = _read_result(result_file, frozenset(request.get("slots") or ()))
         return _Run(
             report=_read_json(report_file),
-            result=_read_json(result_file),
+            result=result,
+            malformed=malformed,
             stdout=_read_text(stdout),
             stderr=_read_text(stderr),
             returncode=proc.returncode,
@@ -283,12 +287,26 @@ def _wait(proc: subprocess.Popen, deadline_s: float, cancel: threading.Event | N
 
 def _read_json(fh: Any) -> dict | None:
     fh.seek(0)
-    data = fh.read(RESULT_MAX_BYTES + 4096)
+    data = fh.read(1 << 16)  # the supervisor's own report: small, written before any user code could touch it
     try:
         value = json.loads(data) if data else None
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def _read_result(fh: Any, slot_names: frozenset[str]) -> tuple[WireResult | None, str | None]:
+    """The method's result, read as untrusted input: (decoded result, None) or (None, why it was refused)."""
+    size = fh.seek(0, os.SEEK_END)
+    if size == 0:
+        return None, None
+    if size > RESULT_MAX_BYTES:
+        return None, f"result is {size} bytes (limit {RESULT_MAX_BYTES})"
+    fh.seek(0)
+    try:
+        return decode_result(fh.read(RESULT_MAX_BYTES), slot_names, RESERVED_NAMES), None
+    except MalformedResult as e:
+        return None, str(e)
 
 
 def _read_text(fh: Any) -> str:
@@ -303,8 +321,8 @@ def _read_text(fh: Any) -> str:
 def _runner_failure(run: _Run) -> str:
     if run.report and "setup_error" in run.report:
         return f"sandbox setup failed: {run.report['setup_error']}"
-    if run.result and run.result.get("error_kind") == "sandbox":
-        return str(run.result.get("error"))
+    if run.result is not None and run.result.error_kind == "sandbox":
+        return str(run.result.error)
     tail = run.stderr.strip().splitlines()[-3:]
     return f"sandbox runner failed (exit status {run.returncode}): {' | '.join(tail) or 'no output'}"
 
@@ -329,6 +347,9 @@ def _interpret(run: _Run, request: dict) -> SandboxResult:
     killed = _killed_by_signal(report, request)
     if killed is not None:
         return SandboxResult(ok=False, **killed, **common)
+    if run.malformed is not None:
+        error = f"the sandbox's result was refused as malformed: {run.malformed}"
+        return SandboxResult(ok=False, error=error, error_kind="output", **common)
     result = run.result
     if result is None:
         if "MemoryError" in run.stderr:
@@ -336,22 +357,25 @@ def _interpret(run: _Run, request: dict) -> SandboxResult:
             return SandboxResult(ok=False, error=error, error_kind="memory", killed_by="memory", **common)
         error = f"the method process exited (status {report.get('exit_code')}) without a result"
         return SandboxResult(ok=False, error=error, error_kind="crash", **common)
-    if result.get("ok") is True:
+    if result.ok and report.get("exit_code") == 0:
         return SandboxResult(
             ok=True,
-            value=result.get("value"),
-            slot_updates=dict(result.get("slot_updates") or {}),
-            deleted_slots=tuple(result.get("deleted_slots") or ()),
+            value=result.value,
+            slot_updates=dict(result.slot_updates),
+            deleted_slots=tuple(result.deleted_slots),
             **common,
         )
-    kind = str(result.get("error_kind") or "exception")
+    if result.ok:  # the runner exits 0 right after writing: anything else wrote this and then died
+        error = f"the method process exited (status {report.get('exit_code')}) after an unconfirmed result"
+        return SandboxResult(ok=False, error=error, error_kind="crash", **common)
+    kind = str(result.error_kind or "exception")
     return SandboxResult(
         ok=False,
-        error=str(result.get("error") or "unknown failure"),
+        error=result.error or "unknown failure",
         error_kind=kind,
         killed_by="memory" if kind == "memory" else None,
-        exc_type=result.get("exc_type"),
-        traceback=result.get("traceback"),
+        exc_type=result.exc_type,
+        traceback=result.traceback,
         **common,
     )
 
