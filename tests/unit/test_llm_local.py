@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="module")
 def backend() -> LocalBackend:
-    b = make_backend(config.load(llm_backend="embedded"))
+    b = make_backend(config.load(llm_backend="embedded", llm_model="smollm2-135m", llm_runtime="transformers"))
     assert isinstance(b, LocalBackend)
     return b
 

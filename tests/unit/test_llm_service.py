@@ -6,6 +6,7 @@ import pytest
 
 from batos import personas
 from batos.errors import ServiceError
+from services.forge.backends import llamacpp
 from tests.unit.test_llm_openai import FakeServer
 
 pytestmark = pytest.mark.integration  # model-loading tests are also marked slow
@@ -50,7 +51,9 @@ async def test_llm_service_end_to_end(llm):
     listing = await llm.call("llm", "adapters", {})
     assert listing["personas"] == {p: None for p in personas.PERSONAS}
     status = await llm.call("llm", "status", {})
-    assert status["llm"]["ready"] is True and status["llm"]["backend"] == "local"
+    # the embedded default runs on llama.cpp; on transformers only where llama-cpp-python did not build
+    runtime = "llamacpp" if llamacpp.available() else "local"
+    assert status["llm"]["ready"] is True and status["llm"]["backend"] == runtime
 
     # the command's wiring only (8 free tokens); constrained decoding is tested in test_llm_local.py and
     # its validity rate measured by bench/llm.py

@@ -7,6 +7,8 @@ which unblocks a read even while the server is silent (e.g. during a long prefil
 Adapters: such servers serve LoRA adapters as extra model names (vLLM ``--lora-modules brick=/path``),
 so ``activate_adapter`` maps a persona to a served model name given in ``meta["model"]``.
 ``repetition_penalty`` is not sent: it is not an OpenAI parameter and strict servers refuse unknown ones.
+A schema goes as OpenAI's ``response_format`` json_schema, or, to a server that refuses that form
+(llama-cpp-python's), as ``{"type": "json_object", "schema": ...}``.
 Token counts come from the server's ``usage`` when it sends one (``stream_options.include_usage``); when
 it does not, and for ``count_tokens``, they are cl100k estimates.
 """
@@ -97,6 +99,7 @@ class OpenAICompatBackend(Backend):
         self._context = context_tokens
         self._persona_models: dict[str, dict[str, Any]] = {}
         self._encoding: Any = None
+        self._schema_style = "json_schema"  # how response_format carries a schema; see generate()
 
     @property
     def context_tokens(self) -> int:
@@ -145,7 +148,9 @@ class OpenAICompatBackend(Backend):
             body["top_p"] = params.top_p
         if params.stop:
             body["stop"] = list(params.stop)[:4]  # OpenAI's limit; all of them are applied locally too
-        if params.json_schema is not None:
+        if params.json_schema is not None and self._schema_style == "json_object":
+            body["response_format"] = {"type": "json_object", "schema": params.json_schema}
+        elif params.json_schema is not None:
             body["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": "output", "schema": params.json_schema, "strict": True},
@@ -171,6 +176,25 @@ class OpenAICompatBackend(Backend):
         params: GenerationParams,
         on_token: TokenCallback | None = None,
         cancel: threading.Event | None = None,
+    ) -> GenerationResult:
+        try:
+            return self._generate(persona, messages, params, on_token, cancel)
+        except BackendError as e:
+            # llama-cpp-python's server knows only {"type": "json_object", "schema": ...} and refuses OpenAI's
+            # json_schema form (422); a refusal comes before any token, so asking again in its form is safe
+            refused = e.code == proto.ErrorCode.BAD_ARGS and "response_format" in e.message
+            if not (refused and params.json_schema is not None and self._schema_style == "json_schema"):
+                raise
+            self._schema_style = "json_object"
+            return self._generate(persona, messages, params, on_token, cancel)
+
+    def _generate(
+        self,
+        persona: str,
+        messages: Messages,
+        params: GenerationParams,
+        on_token: TokenCallback | None,
+        cancel: threading.Event | None,
     ) -> GenerationResult:
         cancel = cancel or threading.Event()
         if self._context:
