@@ -210,8 +210,12 @@ class Session:
 
 
 def make_client_storage(settings: Any, addr: Any = None, wait_timeout: float = OPEN_TIMEOUT) -> Any:
-    """A ZEO ClientStorage for ``settings`` (or an explicit address, e.g. a test server's)."""
-    from ZEO.ClientStorage import ClientStorage
+    """A ZEO client storage for ``settings`` (or an explicit address, e.g. a test server's).
+
+    ``RestartSafeClientStorage``, not ZEO's own: the stock one keeps oids preallocated from a
+    server that then restarts and hands them out again (objects sharing an oid; issue 14).
+    """
+    from batos.zeo_client import RestartSafeClientStorage
 
     address = addr if addr is not None else settings.zeo_client_address
     # The client-side blob cache (blobs downloaded from the server; ZEO lets processes on one host
@@ -227,7 +231,7 @@ def make_client_storage(settings: Any, addr: Any = None, wait_timeout: float = O
         staged = blob_dir / f".layout.{os.getpid()}"
         staged.write_text("zeocache")
         staged.replace(marker)
-    return ClientStorage(
+    return RestartSafeClientStorage(
         address,
         blob_dir=str(blob_dir),
         shared_blob_dir=False,
