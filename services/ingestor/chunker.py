@@ -49,10 +49,25 @@ class _Piece:
     span: Span | None = None
 
 
+def _is_def(u: Unit) -> bool:
+    return u.clause is None and len(u.stmts) == 1 and isinstance(u.stmts[0], DEFS)
+
+
+def _methods(node: ast.stmt) -> int:
+    return sum(isinstance(m, DEFS) for m in getattr(node, "body", ()))
+
+
+def _def_count(c: Container) -> int:
+    """Definitions a module container holds at its top level and one level inside its classes."""
+    return sum(1 + (_methods(u.stmts[0]) if isinstance(u.stmts[0], ast.ClassDef) else 0) for u in c.children
+               if _is_def(u))
+
+
 class _Splitter:
-    def __init__(self, src: Source, budget: int):
+    def __init__(self, src: Source, budget: int, one_def: bool = True):
         self.src = src
         self.budget = budget
+        self.one_def = one_def  # each definition its own chunk (where it fits), never merged with neighbours
         self.pieces: list[_Piece] = []
         self.header_start: dict[int, int] = {}  # id(def/class) -> first line of its opened extent
         self.header_end: dict[int, int] = {}
@@ -63,7 +78,7 @@ class _Splitter:
         return self.src.cost(start, end) <= self.budget
 
     def run(self, module: Container) -> None:
-        if self.fits(1, self.src.n):
+        if self.fits(1, self.src.n) and not (self.one_def and _def_count(module) > 1):
             self.pieces.append(_Piece(1, self.src.n, None, ()))
         elif not module.children:
             self.line_split(1, self.src.n, None, ())
@@ -79,15 +94,20 @@ class _Splitter:
         pending = head is not None  # header lines wait for a body to open with them
         group: list[Unit] = []
         for u in c.children:
-            if self.fits(gstart, u.end):
+            alone = self.one_def and _is_def(u)
+            if not alone and self.fits(gstart, u.end):
                 group.append(u)
                 continue
             if group:
                 self.emit(gstart, group[-1].end, head if pending else _primary(group), chain)
                 pending, group, gstart = False, [], u.start
-                if self.fits(gstart, u.end):
+                if not alone and self.fits(gstart, u.end):
                     group.append(u)
                     continue
+            if alone and self.fits(gstart, u.end) and not self._open_anyway(u):
+                self.emit(gstart, u.end, u.owner, chain)  # a pending header travels with it, named after the def
+                pending, gstart = False, u.end + 1
+                continue
             carry = gstart if gstart < u.start else None  # header lines that must open u's first piece
             sub = open_unit(self.src, u)
             if sub is None and carry is not None and self.fits(u.start, u.end):
@@ -104,6 +124,10 @@ class _Splitter:
             pending, gstart = False, u.end + 1
         if group:
             self.emit(gstart, group[-1].end, head if pending else _primary(group), chain)
+
+    def _open_anyway(self, u: Unit) -> bool:
+        """A class with several methods is opened even when it fits: one method per chunk."""
+        return isinstance(u.owner, ast.ClassDef) and _methods(u.owner) > 1
 
     def _note_opened(self, c: Container, chain: tuple[ast.stmt, ...], has_header: bool) -> None:
         node = c.owner
@@ -180,6 +204,9 @@ class _Builder:
         self.file_key = file_key
         self.class_keys = class_keys
         self.basename = os.path.basename(file_path)
+        # the embedded header names the file by its last two components (``broker/broker.py``): the
+        # package says what the file is about; an absolute prefix (/home/...) would only add noise
+        self.short_path = "/".join(file_path.replace(os.sep, "/").split("/")[-2:])
         self._headers: dict[int, str] = {}
         self._scope_bindings: dict[int, deps.Bindings] = {}
         self._contexts: dict[tuple[int, ...], str] = {}
@@ -240,7 +267,7 @@ class _Builder:
         if context:
             metadata["context_header"] = context
         scope = ".".join([*parents, name]) if name else ".".join(parents)
-        label = f"# {self.basename}" + (f" :: {scope}" if scope else "")
+        label = f"# {self.short_path}" + (f" :: {scope}" if scope else "")
         embed = "\n".join(x for x in (label, context.rstrip("\n"), span.text) if x)
         return Chunk(span.text, embed, metadata, key)
 

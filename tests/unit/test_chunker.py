@@ -65,14 +65,42 @@ def by_start(fc, line):
     return next(c for c in fc.chunks if c.metadata["start_line"] == line)
 
 
-def test_small_file_is_one_module_chunk() -> None:
-    fc = chunk_python(SAMPLE, PATH, 10_000, file_hash="h")
+SMALL = textwrap.dedent('''\
+    """One function and its imports."""
+
+    import os
+
+
+    def here(x):
+        return os.path.join(x, "a")
+    ''')
+
+
+def test_small_file_with_one_definition_is_one_module_chunk() -> None:
+    fc = chunk_python(SMALL, PATH, 10_000, file_hash="h")
     assert len(fc.chunks) == 1
     m = fc.chunks[0].metadata
-    assert (m["start_line"], m["end_line"], m["node_type"], m["node_name"]) == (1, 45, "Module", "sample")
-    assert m["dependencies"] == ["collections", "json", "os"]
-    assert fc.chunks[0].text == SAMPLE and fc.file_hash == "h"
+    assert (m["start_line"], m["end_line"], m["node_type"], m["node_name"]) == (1, 7, "Module", "sample")
+    assert m["dependencies"] == ["os"]
+    assert fc.chunks[0].text == SMALL and fc.file_hash == "h"
     assert [s.kind for s in fc.summaries] == ["file"]
+
+
+def test_each_definition_is_its_own_chunk_even_when_the_file_fits() -> None:
+    # Changed 2026-12-06 (issue 12, "chunks that match how people ask"): a small file used to be one chunk and
+    # small methods were merged with their neighbours; a question names one function, so each definition is a
+    # chunk of its own, and only non-definition statements (docstring, imports, constants) are grouped.
+    fc = chunk_python(SAMPLE, PATH, 10_000, file_hash="h")
+    assert not quality.check(SAMPLE, fc.chunks, 10_000).problems
+    got = [(c.metadata["start_line"], c.metadata["end_line"], c.metadata["node_name"]) for c in fc.chunks]
+    assert got == [(1, 7, "__doc__"), (10, 18, "Big"), (20, 23, "one"), (25, 28, "two"), (30, 41, "three"),
+                   (44, 45, "small")]
+    one = by_start(fc, 20)
+    assert one.metadata["parent_nodes"] == ["Big"] and one.summary_key == f"{PATH}::Big"
+    # the embedded text carries path, scope and the enclosing class's header; the stored text is the exact lines
+    assert one.embed_text.startswith("# pkg/sample.py :: Big.one\nclass Big(Base):\n    \"\"\"Big class docstring.")
+    assert one.text == "".join(SAMPLE.splitlines(keepends=True)[19:23])
+    assert fc.chunks[0].metadata["dependencies"] == ["collections", "json", "os"]
 
 
 def test_split_class_structure_and_metadata() -> None:
@@ -88,7 +116,7 @@ def test_split_class_structure_and_metadata() -> None:
     assert (m["node_type"], m["node_name"], m["parent_nodes"], m["dependencies"]) == ("FunctionDef", "one", ["Big"],
                                                                                       ["os"])
     assert m["context_header"] == 'class Big(Base):\n    """Big class docstring."""\n'
-    assert one.embed_text.startswith("# sample.py :: Big.one\nclass Big(Base):")
+    assert one.embed_text.startswith("# pkg/sample.py :: Big.one\nclass Big(Base):")
     assert one.embed_text.endswith(one.text)
     assert by_start(fc, 25).metadata["dependencies"] == ["json"]  # `j` is json
     class_key = f"{PATH}::Big"
