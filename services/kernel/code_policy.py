@@ -15,6 +15,7 @@ import ast
 import importlib
 import keyword
 import re
+import string
 import textwrap
 import types
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ FORBIDDEN_NAMES: frozenset[str] = frozenset(
     {
         "eval", "exec", "compile", "open", "__import__", "globals", "locals", "vars", "breakpoint",
         "input", "help", "exit", "quit", "memoryview", "copyright", "credits", "license",
+        # `type(name, bases, ns)` builds classes from strings (dunders included: __instancecheck__,
+        # __match_args__), and any class reached through `type(x)` is a metaclass away from it; `super`
+        # walks to the parents' methods. Methods use isinstance() instead.
+        "type", "super",
     }
 )  # fmt: skip
 
@@ -61,7 +66,14 @@ _ALWAYS_FORBIDDEN_MODULE_ATTRS = frozenset(
 )  # fmt: skip
 
 MAX_SOURCE_CHARS = 20_000  # a method, not a program; also bounds parser recursion
-_FORMAT_PRIVATE_FIELD = re.compile(r"\{[^{}]*[.\[]\s*_")  # "{0.__class__}" / "{0[_x]}" in str.format
+_DUNDER_TEXT = re.compile(r"^__\w+__$")  # a string that names a dunder is a dunder access waiting to happen
+# str.format / format_map look attributes up by the names written in the format string: allowed only as
+# the direct callee of a call on a string literal, whose fields are then checked like attribute names.
+FORMAT_METHODS = frozenset({"format", "format_map"})
+# Builtin classes that match `case int(x)` against the subject itself. Any other class with positional
+# sub-patterns reads the attributes its __match_args__ names (strings chosen at run time).
+SELF_MATCHING = frozenset({"bool", "bytearray", "bytes", "dict", "float", "frozenset", "int", "list", "set",
+                           "str", "tuple"})
 
 
 class PolicyViolation(ValueError):
@@ -96,7 +108,22 @@ def _reachable_foreign_modules() -> frozenset[str]:
     return frozenset(names)
 
 
-FORBIDDEN_MODULE_ATTRS: frozenset[str] = _ALWAYS_FORBIDDEN_MODULE_ATTRS | _reachable_foreign_modules()
+def _reachable_metaclasses() -> frozenset[str]:
+    """Names under which allowed modules (and their allowed submodules) expose metaclasses (collections.abc's
+    ABCMeta): a metaclass builds classes from strings, as `type` does."""
+    names: set[str] = set()
+    for mod_name in ALLOWED_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:  # pragma: no cover - all are stdlib
+            continue
+        for sub in [mod, *(v for v in vars(mod).values() if isinstance(v, types.ModuleType))]:
+            names.update(k for k, v in vars(sub).items() if isinstance(v, type) and issubclass(v, type))
+    return frozenset(names)
+
+
+FORBIDDEN_MODULE_ATTRS: frozenset[str] = (_ALWAYS_FORBIDDEN_MODULE_ATTRS | _reachable_foreign_modules()
+                                          | _reachable_metaclasses())
 
 
 def check_selector(selector: str) -> None:
@@ -193,6 +220,7 @@ class _PolicyChecker(ast.NodeVisitor):
         self.func = func
         self.imports: set[str] = set()
         self._direct_calls: set[int] = set()  # ids of Name nodes used as the callee of a Call
+        self._literal_formats: set[int] = set()  # ids of `"literal".format` Attribute nodes that are called
 
     def fail(self, node: ast.AST, reason: str) -> None:
         raise PolicyViolation(reason, getattr(node, "lineno", None))
@@ -235,6 +263,9 @@ class _PolicyChecker(ast.NodeVisitor):
     def visit_Attribute(self, node: ast.Attribute) -> None:
         self.generic_visit(node)  # inner first: `a.__class__.__base__` is reported at `.__class__`
         self._check_attr_name(node, node.attr)
+        if node.attr in FORMAT_METHODS and id(node) not in self._literal_formats:
+            self.fail(node, f"`.{node.attr}` may only be called directly on a string literal "
+                            "(format fields read attributes by name)")
 
     def _check_attr_name(self, node: ast.AST, attr: str) -> None:
         if attr.startswith("__") and attr.endswith("__"):
@@ -256,22 +287,34 @@ class _PolicyChecker(ast.NodeVisitor):
                     node, f"`{func.id}` needs a literal attribute name (a computed name can be rebuilt into a dunder)"
                 )
             self._check_attr_name(node, name_arg.value)
+            if name_arg.value in FORMAT_METHODS:
+                self.fail(node, f"`{func.id}(..., {name_arg.value!r})` reaches a format method indirectly")
             if node.keywords or any(isinstance(a, ast.Starred) for a in node.args):
                 self.fail(node, f"`{func.id}` must be called with plain positional arguments")
         if isinstance(func, ast.Attribute) and func.attr in {"format", "format_map"}:
             receiver = func.value
             if not (isinstance(receiver, ast.Constant) and isinstance(receiver.value, str)):
                 self.fail(node, f"`.{func.attr}()` needs a literal format string (format fields can read attributes)")
+            self._literal_formats.add(id(func))
         self.generic_visit(node)
 
     def visit_Constant(self, node: ast.Constant) -> None:
-        if isinstance(node.value, str) and _FORMAT_PRIVATE_FIELD.search(node.value):
-            self.fail(node, "format string reaches a private attribute or key (e.g. '{0.__class__}')")
+        if not isinstance(node.value, str):
+            return
+        if _DUNDER_TEXT.match(node.value.strip()):
+            self.fail(node, f"the string {node.value!r} names a dunder")
+        problem = _format_field_problem(node.value)
+        if problem:
+            self.fail(node, f"format string field {problem}")
 
     def visit_MatchClass(self, node: ast.MatchClass) -> None:
-        # `case C(__class__=x)` is an attribute read spelled as a keyword pattern.
+        # `case C(__class__=x)` is an attribute read spelled as a keyword pattern; `case C(x)` reads the
+        # attribute C.__match_args__ names, chosen at run time (and C's metaclass may match anything).
         for attr in node.kwd_attrs:
             self._check_attr_name(node, attr)
+        if node.patterns and not (isinstance(node.cls, ast.Name) and node.cls.id in SELF_MATCHING):
+            self.fail(node, f"positional class patterns are allowed only for {', '.join(sorted(SELF_MATCHING))}; "
+                            "use keyword patterns (case C(name=x))")
         self.generic_visit(node)
 
     # -- statements ---------------------------------------------------------------------------------
@@ -285,16 +328,43 @@ class _PolicyChecker(ast.NodeVisitor):
         self.fail(node, "`await` is not allowed in methods")
 
     def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
-        if node is not self.func and node.decorator_list:
-            self.fail(node, "decorators are not allowed in methods")
+        if node is not self.func:
+            if node.decorator_list:
+                self.fail(node, "decorators are not allowed in methods")
+            if _is_private(node.name):  # `def __getattr__` / `def __instancecheck__` in a nested class body
+                self.fail(node, f"nested function `{node.name}`: private and dunder names are not allowed")
         self.generic_visit(node)
 
     def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        if _is_private(node.name):
+            self.fail(node, f"class `{node.name}`: private and dunder names are not allowed")
         if node.decorator_list:
             self.fail(node, "decorators are not allowed in methods")
         if node.keywords:
             self.fail(node, "class keywords (metaclass=...) are not allowed in methods")
         self.generic_visit(node)
+
+
+def _format_field_problem(text: str, depth: int = 0) -> str | None:
+    """Why `text`, used as a str.format template, would read something it must not; None when harmless."""
+    if "{" not in text or depth > 3:
+        return None
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError:  # not a valid template: .format would raise before reading anything
+        return None
+    for _, field, spec, _ in parsed:
+        if field:
+            for part in re.split(r"[.\[]", field)[1:]:
+                name = part.rstrip("]").strip()
+                if _is_private(name) or name in FORBIDDEN_ATTRIBUTES or name in FORBIDDEN_MODULE_ATTRS \
+                        or name in FORMAT_METHODS:
+                    return f"{{{field}}} reaches {name!r}"
+        if spec:
+            problem = _format_field_problem(spec, depth + 1)  # "{0:{1.__class__}}": fields nest in specs
+            if problem:
+                return problem
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------

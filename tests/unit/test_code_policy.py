@@ -81,7 +81,7 @@ def _reason(source: str, selector: str = "m") -> str:
         ("name = 'x'\n    setattr(self, name, 1)", "`setattr` needs a literal attribute name"),
         ("g = getattr\n    return g(self, 'x')", "`getattr` may only be called directly"),
         ("import functools\n    return functools.reduce(getattr, ['a'], self)", "`getattr` may only be called"),
-        ("return '{0.__class__}'.format(self)", "format string reaches a private attribute"),
+        ("return '{0.__class__}'.format(self)", "format string field {0.__class__} reaches"),
         ("fmt = self.f\n    return fmt.format(self)", "`.format()` needs a literal format string"),
         ("import operator\n    return operator.attrgetter('x')(self)", "attribute `.attrgetter` is not allowed"),
         ("from operator import methodcaller\n    return 1", "importing 'methodcaller' from operator"),
