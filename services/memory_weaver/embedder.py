@@ -10,9 +10,10 @@ gives the same pieces, and each window is checked to fit after all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,6 +54,8 @@ class Embedder:
         self.batch_size = batch_size
         self._model: Any = None
         self._lock = threading.RLock()  # one encode at a time: torch already uses every core
+        self._cond = threading.Condition()
+        self._urgent = 0  # priority callers waiting for or holding the model
 
     def load(self) -> Embedder:
         if self._model is None:
@@ -112,35 +115,65 @@ class Embedder:
         texts: list[str],
         cancelled: threading.Event | None = None,
         progress: Callable[[int, int], None] | None = None,
+        priority: bool = False,
     ) -> tuple[np.ndarray, list[int]]:
-        """(len(texts) x dim float32 unit vectors, windows per text)."""
+        """(len(texts) x dim float32 unit vectors, windows per text).
+
+        Pieces are encoded shortest first, ``batch_size`` at a time: a batch pads to its longest piece,
+        so length-sorted batches waste least (sentence-transformers sorts only within one ``encode``
+        call). The model is taken per batch, not per call, and a ``priority`` caller (a search's query)
+        goes before the next batch of any bulk caller: a query waits for one batch, never a whole ingest.
+        """
         model = self.load()._model
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out, []
-        # One caller at a time, tokenizing included: a fast tokenizer used from two threads while
-        # encode() toggles its truncation settings fails with "Already borrowed".
-        with self._lock:
-            owners: list[int] = []
-            pieces: list[str] = []
+        owners: list[int] = []
+        pieces: list[str] = []
+        # Tokenizing holds the lock too: a fast tokenizer used from two threads while encode() toggles its
+        # truncation settings fails with "Already borrowed".
+        with self._turn(priority):
             for i, text in enumerate(texts):
                 for w in self._windows(text):
                     owners.append(i)
                     pieces.append(w)
-            counts = np.bincount(np.asarray(owners, dtype=np.int64), minlength=len(texts))
-            step = self.batch_size * 4  # encode in slices so cancellation is noticed within seconds
-            sums = np.zeros_like(out)
-            for start in range(0, len(pieces), step):
-                if cancelled is not None and cancelled.is_set():
-                    raise EmbeddingCancelled("embedding cancelled")
-                vecs = model.encode(
-                    pieces[start:start + step], batch_size=self.batch_size, convert_to_numpy=True,
-                    normalize_embeddings=True, show_progress_bar=False,
-                )
-                np.add.at(sums, np.asarray(owners[start:start + step]), vecs.astype(np.float32))
-                if progress is not None:
-                    progress(min(start + step, len(pieces)), len(pieces))
+        counts = np.bincount(np.asarray(owners, dtype=np.int64), minlength=len(texts))
+        order = sorted(range(len(pieces)), key=lambda i: len(pieces[i]))
+        owner_arr = np.asarray(owners, dtype=np.int64)
+        sums = np.zeros_like(out)
+        for start in range(0, len(order), self.batch_size):
+            if cancelled is not None and cancelled.is_set():
+                raise EmbeddingCancelled("embedding cancelled")
+            idx = order[start:start + self.batch_size]
+            with self._turn(priority):
+                vecs = model.encode([pieces[i] for i in idx], batch_size=self.batch_size, convert_to_numpy=True,
+                                    normalize_embeddings=True, show_progress_bar=False)
+            np.add.at(sums, owner_arr[idx], vecs.astype(np.float32))
+            if progress is not None:
+                progress(min(start + self.batch_size, len(pieces)), len(pieces))
         norms = np.linalg.norm(sums, axis=1, keepdims=True)
         norms[norms == 0] = 1.0
         out = (sums / norms).astype(np.float32)
         return out, [int(c) for c in counts]
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """One search query's vector, ahead of any bulk embedding in progress."""
+        return self.embed([text], priority=True)[0][0]
+
+    @contextlib.contextmanager
+    def _turn(self, priority: bool) -> Iterator[None]:
+        """The model for one batch; bulk callers wait while a priority caller is waiting or running."""
+        with self._cond:
+            if priority:
+                self._urgent += 1
+            else:
+                while self._urgent:
+                    self._cond.wait()
+        try:
+            with self._lock:
+                yield
+        finally:
+            if priority:
+                with self._cond:
+                    self._urgent -= 1
+                    self._cond.notify_all()

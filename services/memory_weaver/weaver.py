@@ -38,6 +38,7 @@ LEVELS = {
 }
 WRITE_RETRIES = 6  # attempts per write transaction (ConflictError is transient)
 QUERY_CACHE = 256  # recent query texts whose vectors are kept (the ReAct loop repeats queries)
+RECENT_VECTORS = 8192  # recently embedded texts' vectors by hash (~12 MiB): a retried batch is not re-embedded
 
 Progress = Callable[[int, int], None]
 
@@ -51,6 +52,7 @@ class MemoryWeaver:
         self._lane: Lane | None = None
         self._queries: OrderedDict[str, np.ndarray] = OrderedDict()
         self._qlock = threading.Lock()
+        self._recent: OrderedDict[str, tuple[np.ndarray, int]] = OrderedDict()
 
     async def start(self) -> float:
         """Create the indexes if missing and load the vector matrix; returns seconds taken."""
@@ -93,11 +95,19 @@ class MemoryWeaver:
         for item in items:
             text = store.embed_text_of(item)
             h = store.text_hash(text)
-            if h not in out:
+            if h in out:
+                continue
+            recent = self._recent.get(h)
+            if recent is not None:  # embedded lately (a retried batch, a text shared by files)
+                out[h] = recent
+            else:
                 todo[h] = text
         vecs, windows = await self._embed(list(todo.values()), cancelled)
         for (h, _), vec, w in zip(todo.items(), vecs, windows, strict=True):
             out[h] = (vec, w)
+            self._recent[h] = (vec, w)
+        while len(self._recent) > RECENT_VECTORS:
+            self._recent.popitem(last=False)
         return out
 
     # -- commands ----------------------------------------------------------------------------
@@ -212,12 +222,16 @@ class MemoryWeaver:
             if vec is not None:
                 self._queries.move_to_end(text)
                 return vec
-        vecs, _ = await self._embed([text], None)
+        embed_query = getattr(self.embedder, "embed_query", None)
+        if embed_query is not None:  # ahead of any ingest batch in progress (embedder.py)
+            vec = await asyncio.to_thread(embed_query, text)
+        else:
+            vec = (await self._embed([text], None))[0][0]
         with self._qlock:
-            self._queries[text] = vecs[0]
+            self._queries[text] = vec
             while len(self._queries) > QUERY_CACHE:
                 self._queries.popitem(last=False)
-        return vecs[0]
+        return vec
 
     async def get(self, body: dict[str, Any]) -> dict[str, Any]:
         oid = body.get("oid")
