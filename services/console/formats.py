@@ -154,25 +154,29 @@ def _compact(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=json_default, separators=(", ", ": "))
 
 
-def format_citations(citations: list[Any], cwd: Path | None = None) -> list[Fragments]:
+def format_citations(citations: list[Any], cwd: Path | None = None, heading: str = "citations:") -> list[Fragments]:
     if not citations:
         return []
-    lines: list[Fragments] = [[("class:header", "citations:")]]
+    lines: list[Fragments] = [[("class:header", heading)]]
     for i, c in enumerate(citations, 1):
         if not isinstance(c, dict):
             lines.append([("class:cite", f"  [{i}] {c}")])
             continue
         oid = f"  oid {c['oid']}" if c.get("oid") else ""
-        lines.append([("class:cite", f"  [{i}] {location(c, cwd)}"), ("class:dim", oid)])
+        name = f" {c['node_name']}" if c.get("node_name") else ""
+        lines.append([("class:cite", f"  [{c.get('label') or i}] {location(c, cwd)}{name}"), ("class:dim", oid)])
     return lines
 
 
 def format_answer(body: dict[str, Any], streamed: bool, cwd: Path | None = None) -> list[Fragments]:
     lines: list[Fragments] = []
-    if not streamed and body.get("answer") is not None:
+    # a rewritten answer (a retry, or the extractive reply) is not what was streamed: print it
+    if (not streamed or body.get("rewritten")) and body.get("answer") is not None:
         lines += [[("class:answer", ln)] for ln in str(body["answer"]).splitlines() or [""]]
     lines += format_citations(body.get("citations") or [], cwd)
-    rest = {k: v for k, v in body.items() if k not in ("answer", "citations", "cycle_id")}
+    lines += format_citations(body.get("also_retrieved") or [], cwd, "also retrieved:")
+    rest = {k: v for k, v in body.items()
+            if k not in ("answer", "citations", "also_retrieved", "cycle_id", "model_text", "rewritten")}
     lines += format_tree(rest)
     if body.get("cycle_id"):
         lines.append(_cycle_hint(str(body["cycle_id"])))

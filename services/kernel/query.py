@@ -3,7 +3,8 @@ VALIDATING -> COMPLETE, each state's work in one place.
 
 DECOMPOSING checks the target object (an unknown OID is a clear error; a UvmObject target adds a brief of its
 slots to the answer prompt, so `ask` can be about one object); REASONING is react.reason (one transaction);
-SYNTHESIZING and VALIDATING are answer.write and answer.finalize.
+SYNTHESIZING and VALIDATING are answer.write and answer.validate (which may retry the answer once, then reply
+extractively).
 """
 
 from __future__ import annotations
@@ -61,13 +62,13 @@ async def run_query(run: CycleRun, question: str, *, persona: str = "ROBIN", kin
     brief = await decompose(run, question)
     await run.to(State.REASONING)
     evidence = await reason(run, question, max_steps=run.env.settings.react_max_steps)
-    await run.to(State.SYNTHESIZING, f"{len(evidence.summaries)} summaries, {len(evidence.chunks)} chunks")
+    await run.to(State.SYNTHESIZING, f"{len(evidence.summaries)} summaries, {len(evidence.chunks)} chunks; "
+                                     f"{evidence.stop}")
     draft = await answer.write(run, question, evidence, persona=persona, kind=kind, extra=brief)
     await run.to(State.VALIDATING)
-    final = answer.finalize(draft, evidence)
+    final = await answer.validate(run, draft, evidence, kind=kind)
     await run.complete(final.status, final.record(), output=final.answer)
-    out = {**final.reply(), "steps": evidence.steps, "fallback": evidence.fallback, "persona": persona,
-           "query_morph": evidence.morph_oid, "prompt_budget": draft.budget}
-    if kind != "answer":  # a plan (genesis cycle 1): the caller needs the model's own text, sources apart
-        out["model_text"] = final.model_text
-    return out
+    # model_text: the model's own words, sources apart (genesis cycle 1 uses it as the next cycle's prompt)
+    return {**final.reply(), "steps": evidence.steps, "thoughts": evidence.thoughts, "stop": evidence.stop,
+            "fallback": evidence.fallback, "persona": persona, "query_morph": evidence.morph_oid,
+            "prompt_budget": draft.budget}

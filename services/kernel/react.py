@@ -1,22 +1,24 @@
-"""REASONING: the QueryMorph's ReAct loop (Thought -> Action -> Observation) over hierarchical memory.
+"""REASONING: the program leads retrieval over hierarchical memory; the model's QueryMorph queries only add to it.
 
 Blueprint §3.1-3.3. The loop runs inside ONE image session (a transaction spanning its awaits): the QueryMorph
-is created there, each step updates its ``refined_query`` (PersistentMapping), ``retrieved_context``
+is created there, each search updates its ``refined_query`` (PersistentMapping), ``retrieved_context``
 (PersistentList of the retrieved MemoryChunk / ContextualSummary / ContextFractal objects themselves) and
 ``reasoning_log``, and the caller commits once at the end or aborts on any failure, so nothing partial remains.
 
-Thought  BABS is asked (llm ``action``, constrained JSON) for {thought, action, query, summary_ids}.
-Action   memory ``search``: level-1 summaries first; ``zoom`` searches ``within`` the child chunks of the
-         summaries the thought chose (and may zoom again into other summaries on later steps).
-Observe  the hits join the QueryMorph's context; the next thought sees them.
+Step 1, the program alone (no model call): memory ``search`` with the Architect's question over summaries and
+over chunks, then a zoom (``within``) into the children of the best summaries, again with the question.
+Each search is a ranked list; evidence is ranked by reciprocal rank fusion over the lists that found it (the
+question's own chunk search counts fully, zooms and the model's queries count half), so a chunk that several
+searches agree on rises, and a drifting model query can add a candidate but never outrank the question's.
 
-Policy, stated because a 135M model will often steer badly:
-- step 1 always searches summaries (the blueprint's "Initial Retrieval (Level 1)") whatever the thought said;
-- ``zoom`` with no usable summary ids zooms into the two best-scoring summaries;
-- ``answer`` before any chunk was found zooms into the best summaries instead of stopping;
-- unparseable output (``valid`` False) ends the loop with the FALLBACK: search chunks with the original question
-  (and summaries, if none were found yet). It is logged in the reasoning log, emitted and audited;
-- after react_max_steps, if no chunk was found, the same final zoom runs, so the answer has evidence.
+Sufficient evidence ends REASONING: two of the top three chunks found by more than one search (agreement), or
+the top three unchanged by a step (stable), or nothing left to read. Otherwise, while steps remain, BABS is
+asked for a thought (llm ``action``: {thought, action, query, summary_ids}); its query becomes one more chunk
+search and its summary_ids choose the next zoom; without a usable thought the program zooms into the next best
+summaries not yet read. Nothing is repeated: a search already run (same text, level and scope) is skipped, and a
+thought that repeats an earlier one is dropped and the model is not asked again (the program goes on alone).
+Unparseable model output (``valid`` False) is the stated FALLBACK: logged, emitted, audited, and the program
+goes on alone.
 """
 
 from __future__ import annotations
@@ -37,10 +39,15 @@ log = logging.getLogger("batos.kernel.react")
 
 SUMMARY_K = 4  # level-1 hits: enough to orient, few enough for a small model to read
 CHUNK_K = 6  # level-2 hits per search; the Token Governor trims to the answer budget later
-ZOOM_DEFAULT = 2  # summaries zoomed into when the thought names none usable
+ZOOM_DEFAULT = 2  # summaries zoomed into per step when the thought names none usable
 THOUGHT_MAX_TOKENS = 160  # room for a bounded JSON object; xgrammar ends strings within the schema
 PREVIEW_CHARS = 220  # per summary in the thought prompt
 QUERY_MAX_CHARS = 400
+RRF_K = 60  # reciprocal rank fusion's usual constant: ranks, not scores, so lists of any scorer mix
+QUESTION_WEIGHT = 1.0  # the Architect's question over all chunks
+SIDE_WEIGHT = 0.5  # zooms and the model's queries: they add candidates, the question's ranking leads
+TOP = 3  # the top chunks whose agreement or stability makes the evidence sufficient
+AGREE_MIN = 2  # of the TOP chunks, found by more than one search
 
 ACTIONS = {
     "search_summaries": "search file and class summaries for an overview (set query)",
@@ -52,16 +59,18 @@ ACTIONS = {
 
 @dataclass
 class Evidence:
-    label: str  # S1, C2, F3: how prompts and events name it
+    label: str  # S1, C2, F3: how the thought prompt and events name it
     oid: str
     level: str  # summary | chunk | fractal
-    score: float
+    score: float  # the best score memory gave it
     text: str
     metadata: dict[str, Any]
     token_count: int
     summary_oid: str | None
     child_oids: list[str]
     step: int
+    fused: float = 0.0  # reciprocal rank fusion over the searches that found it: the order used everywhere
+    found_by: list[str] = field(default_factory=list)  # the searches (by key) that found it
 
     @property
     def file_path(self) -> str:
@@ -93,6 +102,7 @@ class Plan:
     level: str
     within: list[str] = field(default_factory=list)
     note: str = ""
+    weight: float = QUESTION_WEIGHT
 
 
 @dataclass
@@ -103,6 +113,8 @@ class ReactResult:
     steps: int
     fallback: str | None
     log: list[str]
+    stop: str = ""  # why REASONING ended
+    thoughts: int = 0  # model calls made
 
 
 class ReactLoop:
@@ -116,35 +128,87 @@ class ReactLoop:
         self.evidence: dict[str, Evidence] = {}  # oid -> best hit
         self.log: list[str] = []
         self.fallback: str | None = None
+        self.searched: set[tuple[str, str, tuple[str, ...]]] = set()  # (query, level, within): never twice
+        self.thoughts_seen: set[str] = set()
+        self.zoomed: set[str] = set()  # summary oids already read
+        self.model_on = True
+        self.thoughts = 0
         self._labels = {"summary": 0, "chunk": 0, "fractal": 0}
 
     # -- views ----------------------------------------------------------------------------------
     def summaries(self) -> list[Evidence]:
-        return sorted((e for e in self.evidence.values() if e.level == "summary"), key=lambda e: -e.score)
+        return sorted((e for e in self.evidence.values() if e.level == "summary"), key=lambda e: (-e.fused, -e.score))
 
     def chunks(self) -> list[Evidence]:
-        return sorted((e for e in self.evidence.values() if e.level != "summary"), key=lambda e: -e.score)
+        return sorted((e for e in self.evidence.values() if e.level != "summary"), key=lambda e: (-e.fused, -e.score))
+
+    def top(self) -> list[str]:
+        return [e.oid for e in self.chunks()[:TOP]]
 
     # -- the loop -------------------------------------------------------------------------------
     async def run_loop(self) -> ReactResult:
         self.morph_oid = await self.session.run(_open_morph, self.run.cycle_id, self.question)
-        steps = 0
-        for step in range(1, self.max_steps + 1):
-            steps = step
-            thought = await self.think(step)
-            if thought is None:
-                await self.apply_fallback(step)
-                break
-            plan = self.plan(step, thought)
-            if plan is None:
-                break
-            await self.act(step, plan, thought.get("thought", ""))
-        if self.fallback is None and not self.chunks():
-            await self.final_zoom(steps + 1)
-        return ReactResult(self.morph_oid, self.summaries(), self.chunks(), steps, self.fallback, self.log)
+        await self.first_step()
+        step, stop = 1, self.sufficient(None)
+        while stop is None and step < self.max_steps:
+            step += 1
+            before = self.top()
+            ran = await self.next_step(step)
+            stop = self.sufficient(before) if ran else "nothing new left to read"
+        stop = stop or f"step budget reached ({self.max_steps} steps)"
+        entry = f"[{step}] Evidence: {stop}; top chunks " + (", ".join(e.where for e in self.chunks()[:TOP]) or "none")
+        await self.session.run(_append_log, self.morph_oid, [entry])
+        self.log.append(entry)
+        await self.run.emit("log", text=f"REASONING ended after {step} step(s): {stop}")
+        return ReactResult(self.morph_oid, self.summaries(), self.chunks(), step, self.fallback, self.log,
+                           stop, self.thoughts)
+
+    async def first_step(self) -> None:
+        """The program's own retrieval with the question: summaries, chunks, and a zoom into the best summaries."""
+        await self.act(1, Plan("search_summaries", self.question, "summaries"), "")
+        await self.act(1, Plan("search_chunks", self.question, "chunks"), "")
+        within = self._unread_summaries(ZOOM_DEFAULT)
+        if within:
+            await self.act(1, Plan("zoom", self.question, "chunks", within=within, weight=SIDE_WEIGHT), "")
+
+    async def next_step(self, step: int) -> bool:
+        """One more step: the model's thought (if still asked) adds a query and chooses a zoom; the program zooms
+        into unread summaries otherwise. False when nothing new could be searched."""
+        thought = await self.think(step) if self.model_on else None
+        text, query, chosen = "", "", []
+        if thought is not None:
+            text = _one_line(str(thought.get("thought", "")))
+            if thought.get("action") == "answer" and self.chunks():
+                return False
+            query = _one_line(str(thought.get("query") or ""))[:QUERY_MAX_CHARS]
+            chosen = [o for o in self._resolve_summary_ids(thought.get("summary_ids")) if o not in self.zoomed]
+        ran = False
+        if len(query) >= 3 and _norm(query) != _norm(self.question):
+            ran |= await self.act(step, Plan("search_chunks", query, "chunks", weight=SIDE_WEIGHT,
+                                             note="the model's query adds candidates"), text) is not None
+        within = chosen or self._unread_summaries(ZOOM_DEFAULT)
+        if within:
+            note = "summaries the model chose" if chosen else "the next best summaries not yet read"
+            ran |= await self.act(step, Plan("zoom", self.question, "chunks", within=within, weight=SIDE_WEIGHT,
+                                             note=note), "" if ran else text) is not None
+        return ran
+
+    def sufficient(self, before: list[str] | None) -> str | None:
+        """Why the evidence is enough, or None."""
+        chunks = self.chunks()
+        if not chunks:
+            return None
+        top = chunks[:TOP]
+        agreed = sum(1 for e in top if len(set(e.found_by)) > 1)
+        if agreed >= min(AGREE_MIN, len(chunks)):
+            return f"{agreed} of the top {len(top)} chunks were found by more than one search"
+        if before is not None and before == [e.oid for e in top]:
+            return "the top chunks did not change"
+        return None
 
     async def think(self, step: int) -> dict[str, Any] | None:
         messages = [{"role": "user", "content": self.thought_prompt(step)}]
+        self.thoughts += 1
         reply = await self.run.llm("action", {"messages": messages, "actions": ACTIONS,
                                               "max_tokens": THOUGHT_MAX_TOKENS}, persona=self.persona)
         action = reply.get("action") if reply.get("valid") else None
@@ -152,35 +216,21 @@ class ReactLoop:
             raw = str(reply.get("raw", ""))[:300]
             self.fallback = (f"step {step}: the model's output could not be used as an action "
                              f"(valid={reply.get('valid')}, attempts={reply.get('attempts')}): {raw!r}")
+            await self.apply_fallback(step)
             return None
         text = str(action.get("thought", "")).strip()
         await self.run.emit("thought", step=step, text=text, action=action.get("action"),
                             query=action.get("query", ""), summary_ids=action.get("summary_ids", []))
+        key = _norm(text)
+        if key and key in self.thoughts_seen:
+            self.model_on = False
+            await self._note(step, f"repeated thought dropped ({text[:80]!r}); the program goes on alone")
+            return None
+        self.thoughts_seen.add(key)
         return action
 
-    def plan(self, step: int, thought: dict[str, Any]) -> Plan | None:
-        """Turn a thought into an Action under the stated policy; None means: stop, enough evidence."""
-        name = thought["action"]
-        query = _clean_query(thought.get("query"), self.question)
-        if step == 1 or (not self.summaries() and name == "zoom"):
-            note = "" if name == "search_summaries" else f"thought chose {name}; step 1 reads summaries first"
-            return Plan("search_summaries", query, "summaries", note=note)
-        if name == "answer":
-            if self.chunks():
-                return None
-            return self._zoom_plan(self._top_summaries(), self.question, "answer chosen before any chunk was read")
-        if name == "zoom":
-            chosen = self._resolve_summary_ids(thought.get("summary_ids"))
-            note = "" if chosen else f"no usable summary_ids in {thought.get('summary_ids')!r}: zooming into the best"
-            return self._zoom_plan(chosen or self._top_summaries(), query, note)
-        if name == "search_summaries":
-            return Plan("search_summaries", query, "summaries")
-        return Plan("search_chunks", query, "chunks")
-
-    def _zoom_plan(self, within: list[str], query: str, note: str) -> Plan:
-        if not within:
-            return Plan("search_chunks", query, "chunks", note=(note + "; no summaries to zoom into").strip("; "))
-        return Plan("zoom", query, "chunks", within=within, note=note)
+    def _unread_summaries(self, n: int) -> list[str]:
+        return [e.oid for e in self.summaries() if e.oid not in self.zoomed][:n]
 
     def _top_summaries(self) -> list[str]:
         return [e.oid for e in self.summaries()[:ZOOM_DEFAULT]]
@@ -198,7 +248,24 @@ class ReactLoop:
                 out.append(oid)
         return out
 
-    async def act(self, step: int, plan: Plan, thought_text: str) -> list[Evidence]:
+    async def _note(self, step: int, text: str) -> None:
+        entry = f"[{step}] {text}"
+        await self.session.run(_append_log, self.morph_oid, [entry])
+        self.log.append(entry)
+        await self.run.emit("log", text=text)
+
+    async def search(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        reply = await self.run.memory("search", body)
+        return [h for h in reply.get("hits", []) if isinstance(h, dict) and h.get("oid")]
+
+    async def act(self, step: int, plan: Plan, thought_text: str, *,
+                  raw: list[dict[str, Any]] | None = None) -> list[Evidence] | None:
+        """Run one search (None if this exact search already ran), fuse its ranking in, record the step."""
+        key = (_norm(plan.query), plan.level, tuple(sorted(plan.within)))
+        if raw is None and key in self.searched:
+            return None
+        self.searched.add(key)
+        self.zoomed.update(plan.within)
         body: dict[str, Any] = {"text": plan.query, "k": SUMMARY_K if plan.level == "summaries" else CHUNK_K,
                                 "level": plan.level}
         if plan.within:
@@ -206,14 +273,10 @@ class ReactLoop:
         desc = f"{plan.kind}: {plan.query!r}" + (f" within {len(plan.within)} summaries" if plan.within else "")
         await self.run.emit("action", step=step, text=desc, kind=plan.kind, level=plan.level, within=plan.within,
                             note=plan.note)
-        reply = await self.run.memory("search", body)
-        raw = [h for h in reply.get("hits", []) if isinstance(h, dict) and h.get("oid")]
-        if plan.query != self.question:
-            # Anchored retrieval: a small model's query can drift far from the question, so every
-            # search also runs with the question itself and the two rankings are merged by score.
-            anchored = await self.run.memory("search", {**body, "text": self.question})
-            raw = _merge_hits(raw, anchored.get("hits", []), body["k"])
-        hits = [self._evidence(h, step) for h in raw]
+        if raw is None:
+            raw = await self.search(body)
+        tag = f"{step}:{plan.kind}:{len(self.searched)}"
+        hits = [self._evidence(h, step, rank, plan.weight, tag) for rank, h in enumerate(raw, 1)]
         await self.run.audit("RETRIEVAL_ACTION", status="SUCCESS", persona=self.persona, step=step,
                              action=plan.kind, query=plan.query, level=plan.level, within=plan.within,
                              retrieved_chunk_ids=[h.oid for h in hits], note=plan.note)
@@ -232,39 +295,38 @@ class ReactLoop:
         return hits
 
     async def apply_fallback(self, step: int) -> None:
+        """The stated FALLBACK: the model is not asked again; the program goes on alone with the question."""
         reason = self.fallback or "unusable model output"
-        await self.run.emit("log", text=f"FALLBACK: {reason}; searching chunks with the original question")
+        self.model_on = False
+        await self.run.emit("log", text=f"FALLBACK: {reason}; the program goes on alone with the question")
         await self.run.audit("REACT_FALLBACK", status="FAILURE", persona=self.persona, step=step, reason=reason)
         await self.session.run(_append_log, self.morph_oid, [f"[{step}] FALLBACK: {reason}"])
         self.log.append(f"[{step}] FALLBACK: {reason}")
-        if not self.summaries():
-            await self.act(step, Plan("search_summaries", self.question, "summaries", note="fallback"), "")
-        await self.act(step, Plan("search_chunks", self.question, "chunks", note="fallback"), "")
 
-    async def final_zoom(self, step: int) -> None:
-        plan = self._zoom_plan(self._top_summaries(), self.question, "no chunk read yet: final zoom for evidence")
-        await self.act(step, plan, "")
-
-    def _evidence(self, hit: dict[str, Any], step: int) -> Evidence:
+    def _evidence(self, hit: dict[str, Any], step: int, rank: int = 1, weight: float = QUESTION_WEIGHT,
+                  tag: str = "") -> Evidence:
         oid = str(hit["oid"])
         level = str(hit.get("level", "chunk"))
         score = float(hit.get("score") or 0.0)
         known = self.evidence.get(oid)
-        if known is not None:
-            known.score = max(known.score, score)
-            return known
-        kind = level if level in self._labels else "chunk"
-        self._labels[kind] += 1
-        label = {"summary": "S", "chunk": "C", "fractal": "F"}[kind] + str(self._labels[kind])
-        ev = Evidence(label=label, oid=oid, level=kind, score=score, text=str(hit.get("text", "")),
-                      metadata=dict(hit.get("metadata") or {}), token_count=int(hit.get("token_count") or 0),
-                      summary_oid=hit.get("summary_oid"), child_oids=list(hit.get("child_oids") or []), step=step)
-        self.evidence[oid] = ev
-        return ev
+        if known is None:
+            kind = level if level in self._labels else "chunk"
+            self._labels[kind] += 1
+            label = {"summary": "S", "chunk": "C", "fractal": "F"}[kind] + str(self._labels[kind])
+            known = Evidence(label=label, oid=oid, level=kind, score=score, text=str(hit.get("text", "")),
+                             metadata=dict(hit.get("metadata") or {}), token_count=int(hit.get("token_count") or 0),
+                             summary_oid=hit.get("summary_oid"), child_oids=list(hit.get("child_oids") or []),
+                             step=step)
+            self.evidence[oid] = known
+        known.score = max(known.score, score)
+        known.fused += weight / (RRF_K + rank)
+        if tag and tag not in known.found_by:
+            known.found_by.append(tag)
+        return known
 
     def thought_prompt(self, step: int) -> str:
         lines = [f"Question: {self.question}",
-                 f"This is step {step} of at most {self.max_steps} in a search of BAT OS's own memory."]
+                 f"This is step {step} of at most {self.max_steps} in a search of the code in memory."]
         summaries = self.summaries()
         if summaries:
             lines.append("Summaries found (id: file - summary):")
@@ -273,10 +335,10 @@ class ReactLoop:
         if chunks:
             lines.append("Code chunks found:")
             lines += [f"{e.label}: {e.where} {e.metadata.get('node_name', '')}".rstrip() for e in chunks]
-        if self.log:
-            lines.append("Notes so far:")
-            lines += self.log[-9:]
-        lines.append("Choose the next action.")  # the llm service adds the action list and the JSON form
+        searched = sorted({q for q, _, _ in self.searched if q})
+        if searched:
+            lines.append("Already searched (do not repeat): " + "; ".join(searched)[:600])
+        lines.append("Choose the next action: a new query for what is still missing, or answer.")
         return "\n".join(lines)
 
 
@@ -294,6 +356,11 @@ def _merge_hits(first: list[Any], second: list[Any], k: int) -> list[dict[str, A
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def _norm(text: str) -> str:
+    """A query or thought as compared for repeats: case, punctuation and spacing ignored."""
+    return " ".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
 
 
 def _clean_query(value: Any, question: str) -> str:
@@ -356,7 +423,7 @@ async def _in_session(run: CycleRun, work: Any) -> ReactResult:
     try:
         result = await work(session)
         await session.run(_close_morph, run.cycle_id, result.morph_oid,
-                          {"steps": result.steps, "fallback": result.fallback,
+                          {"steps": result.steps, "fallback": result.fallback, "stop": result.stop,
                            "summaries": [e.oid for e in result.summaries], "chunks": [e.oid for e in result.chunks]})
         await session.commit()
         return result
@@ -385,7 +452,11 @@ async def retrieve(run: CycleRun, prompt: str, query: str, *, k: int = CHUNK_K, 
         loop = ReactLoop(run, session, prompt, max_steps=1, persona=persona)
         loop.morph_oid = await session.run(_open_morph, run.cycle_id, prompt)
         plan = Plan("search_chunks", _clean_query(query, prompt), "chunks")
-        await loop.act(1, plan, f"gather context for: {_one_line(prompt)[:160]}")
+        body = {"text": plan.query, "k": CHUNK_K, "level": "chunks"}
+        raw = await loop.search(body)
+        if plan.query != prompt:  # anchored: the prompt itself too, the two rankings merged by score
+            raw = _merge_hits(raw, await loop.search({**body, "text": prompt}), CHUNK_K)
+        await loop.act(1, plan, f"gather context for: {_one_line(prompt)[:160]}", raw=raw)
         chunks = loop.chunks()[:k]
         return ReactResult(loop.morph_oid, [], chunks, 1, None, loop.log)
 

@@ -10,7 +10,8 @@ import pytest
 
 from batos.errors import ServiceError
 from proto import ErrorCode
-from services.kernel import commands, degenerate, genesis, governor
+from services.console import formats
+from services.kernel import answer, commands, degenerate, genesis, governor, grounding
 from services.kernel.autotelic import Autotelic
 from services.kernel.kernel import Kernel
 from services.kernel.react import Evidence
@@ -71,7 +72,7 @@ def test_summaries_come_first_then_the_best_chunks():
     s, c = corpus(2, 5, 30)
     out = governor.assemble("Answer.", "q?", s, c, 400)
     assert out.prompt.index("[S1]") < out.prompt.index("[S2]") < out.prompt.index("[C1]")
-    assert [e.label for e in out.chunks] == [e.label for e in c][: len(out.chunks)]  # by score, best first
+    assert [e.label for e in out.chunks] == [e.label for e in c][: len(out.chunks)]  # by rank, best first
     assert out.sections["summaries"] > 0 and out.sections["chunks"] > 0
     assert out.sections["summaries"] <= 0.4 * 400  # summaries leave room for code
 
@@ -119,23 +120,38 @@ async def system(env, client):
     return corp
 
 
-ANSWER = "UvmObject.lookup searches the slots first and then the parents [C1]."
+ANSWER = "Answer: A slot is found by `lookup_slot0`, which reads the object's slots [E1].\nSources: [E1]"
+INVENTED = "Answer: It calls `deep_magic_lookup` on the object [E1].\nSources: [E1]"
 
 
-async def test_ask_streams_the_answer_and_cites_every_chunk_it_used(kernel, client, system, audit, env):
-    client.handlers[("llm", "generate")] = gen = robin(ANSWER)
+async def ask(kernel: Kernel, question: str = "how does lookup work?") -> tuple[dict[str, Any], Events]:
     events = Events()
-    out = await commands.dispatch(kernel, events, commands.from_console("ask", {"question": "how does lookup work?"}))
-    assert out["status"] == "SUCCESS" and out["answer"].startswith(ANSWER)
+    out = await commands.dispatch(kernel, events, commands.from_console("ask", {"question": question}))
+    return out, events
+
+
+async def test_a_grounded_answer_succeeds_and_cites_only_the_evidence_it_used(kernel, client, system, audit, env):
+    client.handlers[("llm", "generate")] = gen = robin(ANSWER)
+    out, events = await ask(kernel)
+    assert out["status"] == "SUCCESS" and out["rewritten"] is False
+    assert out["answer"].startswith("A slot is found by `lookup_slot0`")  # the model's prose, its prefix cleaned
     assert events.states() == ["IDLE", "DECOMPOSING", "REASONING", "SYNTHESIZING", "VALIDATING", "COMPLETE"]
     assert "".join(d["text"] for d in events.of("token")).strip() == ANSWER
-    assert [c["where"] for c in out["citations"]] == ["batos/uvm.py:1-9", "batos/uvm.py:11-19"]
-    for c in out["citations"]:
-        assert f"[{c['label']}] {c['where']}" in out["answer"]  # the answer itself names file:lines
-        assert c["where"] in gen.seen[0]["messages"][0]["content"]  # ... of chunks that were in the prompt
+    # citations: only what the answer cited; the rest of what REASONING found is "also retrieved"
+    assert [c["where"] for c in out["citations"]] == ["batos/uvm.py:1-9"] and out["citations"][0]["label"] == "E1"
+    assert [c["label"] for c in out["also_retrieved"]] == ["E2", "E3", "E4"]
+    assert out["answer"].endswith("Sources:\n[E1] batos/uvm.py:1-9 (f0)")
+    prompt = gen.seen[0]["messages"][0]["content"]
+    # labelled, line-numbered evidence, then the question, then the fixed answer form
+    assert "[E1] batos/uvm.py:1-9 (f0)\n```python\n1| def lookup_slot0(obj):" in prompt
+    assert prompt.index("Evidence:") < prompt.index("Question: how does lookup work?") < prompt.index("Sources: [E1]")
+    assert prompt.rstrip().endswith("Answer:") and "Overview" not in prompt  # an answer's room goes to code
+    assert gen.seen[0]["max_tokens"] <= answer.ANSWER_TOKENS_CAP and gen.seen[0]["stop"]
+    assert client.count("llm", "action") == 0  # the program's searches agreed: no thought was needed
+    assert all(c["ok"] for c in out["validation"]) and out["stop"]
     budget = audit.of("PROMPT_BUDGET")[0]
     assert budget["event_data"]["used_tokens"] <= env.settings.answer_budget_tokens
-    assert {"system", "question", "summaries", "chunks", "total"} <= set(budget["event_data"]["sections"])
+    assert {"system", "question", "chunks", "total"} <= set(budget["event_data"]["sections"])
     assert gen.seen[0]["persona"] == "ROBIN"
     slots = await cycle_slots(env.image, out["cycle_id"], "status", "result", "query_morph")
     assert slots["status"] == "SUCCESS" and slots["result"]["answer"] == out["answer"] and slots["query_morph"]
@@ -143,22 +159,116 @@ async def test_ask_streams_the_answer_and_cites_every_chunk_it_used(kernel, clie
     assert 0 <= out["timing"]["other_share"] <= 1
 
 
-async def test_a_looping_answer_degrades_to_the_evidence_with_a_note(kernel, client, system):
+async def test_a_rejected_answer_is_retried_once_with_narrower_evidence_and_a_firmer_instruction(
+        kernel, client, system, audit):
+    client.handlers[("llm", "generate")] = gen = robin(INVENTED, ANSWER)
+    out, events = await ask(kernel)
+    assert out["status"] == "SUCCESS" and out["rewritten"] is True and len(gen.seen) == 2
+    first, second = (b["messages"][0]["content"] for b in gen.seen)
+    assert "[E3]" in first and "[E3]" not in second and "[E2]" in second  # narrower: the first two pieces
+    assert "previous answer was rejected" in second and "deep_magic_lookup" in second
+    # the retry's prompt repeats the first one's prefix through the evidence it keeps (KV cache reuse)
+    keep = first[: first.index("[E3]")]
+    assert second.startswith(keep.rstrip())
+    assert [(c["attempt"], c["check"], c["ok"]) for c in out["validation"] if not c["ok"]] == [
+        (1, "identifiers", False)]
+    assert audit.of("ANSWER_REJECTED")[0]["event_data"]["attempt"] == 1
+    assert any("answer rejected" in d["text"] for d in events.of("log"))
+    assert [c["label"] for c in out["citations"]] == ["E1"]
+
+
+async def test_two_rejected_answers_give_an_extractive_answer_with_the_reason(kernel, client, system):
+    bad = "Answer: Lookup reads the slots of the object first. Then it calls `deep_magic_lookup` [E1]."
+    client.handlers[("llm", "generate")] = gen = robin(bad, INVENTED)
+    out, _ = await ask(kernel)
+    assert out["status"] == "SUCCESS_DEGRADED" and len(gen.seen) == 2 and out["rewritten"] is True
+    assert "attempt 1:" in out["reason"] and "attempt 2:" in out["reason"] and "deep_magic_lookup" in out["reason"]
+    text = out["answer"]
+    assert "[E1] batos/uvm.py:1-9  def lookup_slot0(obj)" in text  # file:lines and signature
+    assert "deep_magic_lookup" not in text  # an invented name never reaches the Architect
+    assert text.count("Model's summary:") == 1 and "Lookup reads the slots of the object first." in text
+    assert [c["label"] for c in out["citations"]] == ["E1", "E2", "E3"]
+    assert [c["label"] for c in out["also_retrieved"]] == ["E4"]
+    assert any("not grounded" in n for n in out["notes"])
+
+
+async def test_a_looping_answer_twice_degrades_to_the_evidence_with_the_reason(kernel, client, system):
     client.handlers[("llm", "generate")] = robin("server-server-server-server-server-server-server")
-    out = await commands.dispatch(kernel, Events(), commands.from_console("ask", {"question": "how?"}))
-    assert out["status"] == "SUCCESS_DEGRADED"
-    assert "repetition loop" in out["answer"] and "batos/uvm.py:1-9" in out["answer"]
-    assert any("replying with the retrieved evidence" in n for n in out["notes"])
-    assert out["citations"]  # the evidence is still cited
+    out, _ = await ask(kernel, "how?")
+    assert out["status"] == "SUCCESS_DEGRADED" and "repetition loop" in out["reason"]
+    assert "batos/uvm.py:1-9" in out["answer"] and "Model's summary" not in out["answer"]
+    assert out["citations"]  # the evidence shown is cited
 
 
-async def test_an_answer_without_any_retrieved_chunk_is_degraded(kernel, client, env):
+async def test_no_retrieved_chunk_means_no_answer_to_ground(kernel, client, env):
     client.handlers[("memory", "search")] = lambda body, ev: {"hits": []}
     client.handlers[("llm", "action")] = scripted_actions(act("answer"))
-    client.handlers[("llm", "generate")] = robin(ANSWER)
-    out = await commands.dispatch(kernel, Events(), commands.from_console("ask", {"question": "how?"}))
-    assert out["status"] == "SUCCESS_DEGRADED" and out["citations"] == []
-    assert any("not grounded" in n for n in out["notes"])
+    client.handlers[("llm", "generate")] = gen = robin(ANSWER)
+    out, _ = await ask(kernel, "how?")
+    assert out["status"] == "SUCCESS_DEGRADED" and out["citations"] == [] and gen.seen == []
+    assert out["reason"] == "no code chunks retrieved" and any("ingested" in n for n in out["notes"])
+
+
+def ev_code(label: str, text: str, **meta: Any) -> Evidence:
+    return Evidence(label=label, oid=label.lower(), level="chunk", score=1.0, text=text,
+                    metadata={"file_path": "pkg/mod.py", "start_line": 1, "end_line": 3, **meta}, token_count=0,
+                    summary_oid="s1", child_oids=[], step=1)
+
+
+LABELS = answer.label_texts([
+    ev_code("E1", "def purge_workers(self):\n    self.waiting.remove(w)", node_name="purge_workers",
+            parent_nodes=["Broker"]),
+    ev_code("E2", "class Registry:\n    def lookup(self): ...", node_name="Registry"),
+])
+
+
+@pytest.mark.parametrize(("text", "failed", "why"), [
+    ("`purge_workers` drops the worker from the waiting list [E1].", None, ""),
+    ("Broker.purge_workers() drops it [E1].", None, ""),  # the class comes from the chunk's parents
+    ("Registry.purge_workers drops it [E1].", None, ""),  # a leading part may come from any evidence shown
+    ("The dead worker is handled by check_liveness_timer as the question says [E1].", None, ""),  # in the question
+    ("It drops the worker [E9].", "labels", "not shown: E9"),
+    ("`purge_workers` drops the worker from the waiting list.", "labels", "cites no evidence label"),
+    ("It calls `reap_dead_worker` [E1].", "identifiers", "reap_dead_worker"),
+    ("It calls lookup() and purge_workers() [E1].", "identifiers", "lookup"),  # lookup is only in E2
+    ("It uses heartbeatExpiry [E1, E2].", "identifiers", "heartbeatExpiry"),
+    ("worker worker worker worker worker worker worker worker [E1]", "not a loop", "repetition loop"),
+])
+def test_each_grounding_check_fails_and_passes(text, failed, why):
+    verdict = grounding.check(text, LABELS, "how is a dead worker found by check_liveness_timer?")
+    assert verdict.ok is (failed is None)
+    assert [c.name for c in verdict.checks if not c.ok] == ([failed] if failed else [])
+    assert why in verdict.reason
+
+
+def test_identifiers_are_the_code_names_an_answer_uses():
+    text = ("The Broker.purge method calls `purge_workers()` and _send_heartbeat(), see broker/broker.py, "
+            "shouldRollover and HTTPResponse. It returns None (e.g. a dict) [E1].")
+    assert set(grounding.identifiers(text)) == {"Broker.purge", "purge_workers", "_send_heartbeat",
+                                                "shouldRollover", "HTTPResponse"}
+    assert grounding.cited_labels("Answer: x [E2, E1]\nSources: E3") == ["E2", "E1", "E3"]
+
+
+def test_the_extractive_answer_shows_signature_and_outline_line():
+    chunk = ev_code("E1", "    self.x = 1\n    return self", node_name="purge_workers",
+                    context_header="class Broker:\n    def purge_workers(self, now: float) -> None:")
+    outline = Evidence(label="S1", oid="s1", level="summary", score=1.0, text="class Broker\n"
+                       "  def purge_workers(self, now) - drop workers whose heartbeat expired\n  def other(self)",
+                       metadata={"file_path": "pkg/mod.py"}, token_count=0, summary_oid=None, child_oids=[], step=1)
+    assert answer.signature(chunk) == "def purge_workers(self, now: float) -> None"
+    line = answer.outline_line(chunk, [outline])
+    assert line == "def purge_workers(self, now) - drop workers whose heartbeat expired"
+
+
+def test_the_console_prints_a_rewritten_answer_and_what_was_also_retrieved():
+    body = {"status": "SUCCESS_DEGRADED", "answer": "extractive text", "rewritten": True,
+            "citations": [{"label": "E1", "file_path": "a.py", "start_line": 1, "end_line": 9, "node_name": "f"}],
+            "also_retrieved": [{"label": "E2", "file_path": "b.py", "start_line": 3, "end_line": 4}]}
+    lines = ["".join(t for _, t in frag) for frag in formats.format_answer(body, streamed=True)]
+    assert "extractive text" in lines and "citations:" in lines and "also retrieved:" in lines
+    assert any(ln.startswith("  [E1] a.py:1-9 f") for ln in lines) and any("[E2] b.py:3-4" in ln for ln in lines)
+    streamed_ok = ["".join(t for _, t in frag) for frag in formats.format_answer({**body, "rewritten": False}, True)]
+    assert "extractive text" not in streamed_ok
 
 
 async def test_a_failure_after_reasoning_fails_the_cycle_but_keeps_the_committed_reasoning(kernel, client, env,
@@ -191,9 +301,8 @@ async def test_display_yourself_runs_two_linked_cycles(kernel, client, system, e
     assert (await cycle_slots(env.image, show_id, "parent_cycle"))["parent_cycle"] == plan_id
     assert (await cycle_slots(env.image, plan_id, "child_cycles"))["child_cycles"] == [show_id]
     assert [b["persona"] for b in gen.seen] == ["BRICK", "ROBIN"]
-    actions = client.handlers[("llm", "action")].seen
-    assert any(META in b["messages"][0]["content"] for b in actions)  # cycle 2 reasons over the meta-prompt
-    assert out["answer"].startswith(ANSWER) and out["citations"]
+    assert any(b["text"] == META for s, c, b in client.calls if c == "search")  # cycle 2 retrieves for it
+    assert out["answer"].startswith(answer.clean(ANSWER)) and out["citations"]
 
 
 async def test_an_unusable_meta_prompt_falls_back_to_the_stated_template(kernel, client, system):

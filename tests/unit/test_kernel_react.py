@@ -26,28 +26,11 @@ from tests.unit.test_kernel_cycle import Events, cycle_slots, new_run
 
 
 async def make_corpus(image: Any) -> dict[str, Any]:
-    def build(root: Any, conn: Any) -> dict[str, Any]:
-        protos = root["prototypes"]
-        corpus: dict[str, Any] = {"summaries": [], "chunks": {}}
-        root.setdefault("test_corpus", PersistentList())
-        for f, path in enumerate(("batos/uvm.py", "batos/image.py")):
-            s = protos["contextual_summary"].clone("s", summary_text=f"summary of {path}", kind="file",
-                                                    metadata={"file_path": path})
-            conn.add(s)
-            root["test_corpus"].append(s)
-            kids = []
-            for c in range(2):
-                ch = protos["memory_chunk"].clone("c", source_text=f"def f{f}{c}(): pass",
-                                                  metadata={"file_path": path, "start_line": 10 * c + 1,
-                                                            "end_line": 10 * c + 9, "node_name": f"f{f}{c}"})
-                conn.add(ch)
-                root["test_corpus"].append(ch)
-                kids.append(oid_hex(ch))
-            corpus["summaries"].append({"oid": oid_hex(s), "path": path})
-            corpus["chunks"][oid_hex(s)] = [{"oid": k, "path": path, "i": i} for i, k in enumerate(kids)]
-        return corpus
-
-    return await image.transact(build)
+    tree = await make_tree(image, paths=("batos/uvm.py", "batos/image.py"))
+    paths = dict(zip(tree["summaries"], ("batos/uvm.py", "batos/image.py"), strict=True))
+    return {"summaries": [{"oid": s, "path": p} for s, p in paths.items()],
+            "chunks": {s: [{"oid": k, "path": paths[s], "i": i} for i, k in enumerate(kids)]
+                       for s, kids in tree["chunks"].items()}}
 
 
 def memory_search(corpus: dict[str, Any]):
@@ -62,7 +45,8 @@ def memory_search(corpus: dict[str, Any]):
         for s_oid in within:
             for c in corpus["chunks"].get(s_oid, []):
                 hits.append({"oid": c["oid"], "level": "chunk", "score": 0.8 - c["i"] / 10,
-                             "text": f"def f(): # {c['path']}", "summary_oid": s_oid, "token_count": 7,
+                             "text": f"def lookup_slot{c['i']}(obj):  # {c['path']}", "summary_oid": s_oid,
+                             "token_count": 7,
                              "metadata": {"file_path": c["path"], "start_line": 10 * c["i"] + 1,
                                           "end_line": 10 * c["i"] + 9, "node_name": f"f{c['i']}"}})
         return {"hits": hits[: body.get("k", 8)]}
@@ -94,7 +78,8 @@ async def reasoning_body(r: CycleRun, question: str = "how does lookup work?") -
     await r.to(State.REASONING)
     result = await reason(r, question, max_steps=r.env.settings.react_max_steps)
     return {"morph": result.morph_oid, "chunks": [c.oid for c in result.chunks],
-            "summaries": [s.oid for s in result.summaries], "fallback": result.fallback, "steps": result.steps}
+            "summaries": [s.oid for s in result.summaries], "fallback": result.fallback, "steps": result.steps,
+            "stop": result.stop}
 
 
 async def morph_state(image: Any, cycle_id: str) -> dict[str, Any]:
@@ -112,86 +97,185 @@ async def morph_state(image: Any, cycle_id: str) -> dict[str, Any]:
 # -- the loop ----------------------------------------------------------------------------------
 
 
-async def test_summaries_then_zoom_into_the_chosen_summary_then_answer(env, client, audit):
-    corpus = await make_corpus(env.image)
-    s2 = corpus["summaries"][1]["oid"]
-    client.handlers[("memory", "search")] = memory_search(corpus)
-    client.handlers[("llm", "action")] = scripted_actions(
-        act("search_summaries", "lookup"), act("zoom", "lookup chain", ["S2"]), act("answer"))
+async def make_tree(image: Any, n_summaries: int = 4, n_chunks: int = 2,
+                    paths: tuple[str, ...] = ()) -> dict[str, Any]:
+    """File summaries (s1.py.. or ``paths``), each with chunks, as real objects in the image;
+    returns {"summaries": [oid], "chunks": {s_oid: [oid]}}."""
+    paths = paths or tuple(f"s{f + 1}.py" for f in range(n_summaries))
+
+    def build(root: Any, conn: Any) -> dict[str, Any]:
+        protos = root["prototypes"]
+        root.setdefault("test_corpus", PersistentList())
+        out: dict[str, Any] = {"summaries": [], "chunks": {}}
+        for f, path in enumerate(paths):
+            s = protos["contextual_summary"].clone("s", summary_text=f"summary of {path}", kind="file",
+                                                    metadata={"file_path": path})
+            conn.add(s)
+            root["test_corpus"].append(s)
+            kids = []
+            for c in range(n_chunks):
+                ch = protos["memory_chunk"].clone("c", source_text=f"def f{f}{c}(): pass",
+                                                  metadata={"file_path": path, "start_line": 10 * c + 1,
+                                                            "end_line": 10 * c + 9, "node_name": f"f{f}{c}"})
+                conn.add(ch)
+                root["test_corpus"].append(ch)
+                kids.append(oid_hex(ch))
+            out["summaries"].append(oid_hex(s))
+            out["chunks"][oid_hex(s)] = kids
+        return out
+
+    return await image.transact(build)
+
+
+def tree_search(tree: dict[str, Any], global_chunks: list[str], by_query: dict[str, list[str]] | None = None):
+    """Summaries in order S1..Sn; a chunk search without ``within`` returns ``global_chunks`` for the question
+    (``by_query[text]`` for other texts, else nothing); with ``within``, the children of those summaries."""
+    parent = {c: s for s, cs in tree["chunks"].items() for c in cs}
+
+    def chunk(oid: str, rank: int) -> dict[str, Any]:
+        i = list(parent).index(oid)
+        return {"oid": oid, "level": "chunk", "score": 0.9 - rank / 100, "text": f"def g{i}(): pass",
+                "summary_oid": parent[oid], "token_count": 7,
+                "metadata": {"file_path": f"f{i}.py", "start_line": 1, "end_line": 9, "node_name": f"g{i}"}}
+
+    def search(body: dict[str, Any], on_event: Any) -> dict[str, Any]:
+        if body["level"] == "summaries":
+            return {"hits": [{"oid": s, "level": "summary", "score": 0.9 - i / 10, "text": f"outline {i + 1}",
+                              "metadata": {"file_path": f"s{i + 1}.py"}, "child_oids": tree["chunks"][s],
+                              "token_count": 5} for i, s in enumerate(tree["summaries"])][: body.get("k", 8)]}
+        if body.get("within"):
+            oids = [c for s in body["within"] for c in tree["chunks"].get(s, [])]
+        else:
+            oids = (by_query or {}).get(body["text"], global_chunks if body["text"] == QUESTION else [])
+        return {"hits": [chunk(o, r) for r, o in enumerate(oids[: body.get("k", 8)])]}
+
+    return search
+
+
+QUESTION = "how does lookup work?"
+
+
+def searches_of(client: Any) -> list[tuple[str, str, list[str] | None]]:
+    return [(b["level"], b["text"], b.get("within")) for s, c, b in client.calls if c == "search"]
+
+
+async def test_the_program_retrieves_alone_and_stops_when_its_searches_agree(env, client, audit):
+    tree = await make_tree(env.image, n_summaries=2)
+    s1, s2 = tree["summaries"]
+    client.handlers[("memory", "search")] = tree_search(tree, [*tree["chunks"][s1], *tree["chunks"][s2]])
+    client.handlers[("llm", "action")] = scripted_actions(act("search_chunks", "never asked"))
     events = Events()
     out = await execute(new_run(env, events), reasoning_body)
-    searches = [b for s, c, b in client.calls if c == "search"]
-    # each of the model's queries is paired with an anchored search for the question itself
-    assert [b["level"] for b in searches] == ["summaries", "summaries", "chunks", "chunks"]
-    assert searches[0]["text"] == "lookup" and searches[2]["text"] == "lookup chain"
-    assert searches[1]["text"] == searches[3]["text"] != "lookup"
-    assert searches[2]["within"] == searches[3]["within"] == [s2]  # the chosen summary's children only
-    assert sorted(out["chunks"]) == sorted(c["oid"] for c in corpus["chunks"][s2])
-    assert out["steps"] == 3 and out["fallback"] is None
-    assert [d["step"] for d in events.of("thought")] == [1, 2, 3]
-    assert [d["step"] for d in events.of("observation")] == [1, 2]
-    assert all(d["cycle_id"] == out["cycle_id"] for _, d in events.items)
+    # the question itself, over summaries, over chunks, then a zoom into the two best summaries
+    assert searches_of(client) == [("summaries", QUESTION, None), ("chunks", QUESTION, None),
+                                   ("chunks", QUESTION, [s1, s2])]
+    assert client.count("llm", "action") == 0  # sufficient evidence: no model call at all
+    assert out["steps"] == 1 and out["fallback"] is None and "more than one search" in out["stop"]
+    assert set(out["chunks"]) == {c for cs in tree["chunks"].values() for c in cs}
     m = await morph_state(env.image, out["cycle_id"])
-    assert m["proto"] and m["initial"] == "how does lookup work?"
-    assert m["refined_type"] is PersistentMapping and m["refined"]["within"] == [s2]
+    assert m["proto"] and m["initial"] == QUESTION
+    assert m["refined_type"] is PersistentMapping and m["refined"]["within"] == [s1, s2]
     assert m["context_type"] is PersistentList
-    assert set(m["context"]) == {s["oid"] for s in corpus["summaries"]} | set(out["chunks"])
-    assert any("Thought: hmm" in line for line in m["log"]) and any("Observation" in line for line in m["log"])
-    assert audit.types().count("LLM_CALL") == 3 and audit.types().count("RETRIEVAL_ACTION") == 2
-    assert audit.of("RETRIEVAL_ACTION")[1]["event_data"]["retrieved_chunk_ids"] == out["chunks"]
-    # the thought prompt at step 2 showed the summaries by label
-    assert "S2: batos/image.py" in client.handlers[("llm", "action")].seen[1]["messages"][0]["content"]
+    assert set(m["context"]) == {s1, s2} | set(out["chunks"])
+    assert any("Observation" in line for line in m["log"]) and any("Evidence:" in line for line in m["log"])
+    assert audit.types().count("RETRIEVAL_ACTION") == 3 and "LLM_CALL" not in audit.types()
+    assert [d["step"] for d in events.of("observation")] == [1, 1, 1]
+    assert any("REASONING ended after 1 step" in d["text"] for d in events.of("log"))
 
 
-async def test_step_one_always_reads_summaries_and_bad_ids_zoom_into_the_best(env, client):
-    corpus = await make_corpus(env.image)
-    client.handlers[("memory", "search")] = memory_search(corpus)
-    client.handlers[("llm", "action")] = scripted_actions(
-        act("search_chunks", "x"), act("zoom", "y", ["S9", "nonsense"]), act("answer"))
-    events = Events()
-    await execute(new_run(env, events), reasoning_body)
-    searches = [b for s, c, b in client.calls if c == "search"]
-    assert searches[0]["level"] == "summaries"
-    assert searches[1]["within"] == [s["oid"] for s in corpus["summaries"]]  # top 2 by score
-    assert "step 1 reads summaries first" in events.of("action")[0]["note"]
-    assert "no usable summary_ids" in events.of("action")[1]["note"]
-
-
-async def test_answer_before_any_chunk_zooms_instead_of_stopping(env, client):
-    corpus = await make_corpus(env.image)
-    client.handlers[("memory", "search")] = memory_search(corpus)
-    client.handlers[("llm", "action")] = scripted_actions(act("search_summaries", "q"), act("answer"), act("answer"))
-    out = await execute(new_run(env, Events()), reasoning_body)
-    assert out["chunks"] and out["steps"] == 3
-
-
-async def test_the_step_cap_holds_and_a_final_zoom_finds_evidence(env, client, settings):
-    corpus = await make_corpus(env.image)
-    client.handlers[("memory", "search")] = memory_search(corpus)
-    client.handlers[("llm", "action")] = scripted_actions(act("search_summaries", "again and again"))
+async def test_when_searches_disagree_the_models_query_adds_candidates_and_never_replaces_the_question(env, client):
+    tree = await make_tree(env.image, n_summaries=3)
+    s1, s2, s3 = tree["summaries"]
+    extra = tree["chunks"][s1][0]
+    client.handlers[("memory", "search")] = tree_search(tree, tree["chunks"][s3], {"lookup chain": [extra]})
+    client.handlers[("llm", "action")] = scripted_actions(act("search_chunks", "lookup chain", ["S3"]))
     events = Events()
     out = await execute(new_run(env, events), reasoning_body)
-    assert client.count("llm", "action") == settings.react_max_steps
-    assert out["chunks"]  # final zoom
-    assert events.of("action")[-1]["kind"] == "zoom" and "final zoom" in events.of("action")[-1]["note"]
+    assert searches_of(client) == [("summaries", QUESTION, None), ("chunks", QUESTION, None),
+                                   ("chunks", QUESTION, [s1, s2]),  # step 1: S3's chunks not among them
+                                   ("chunks", "lookup chain", None),  # the model's query: one more search
+                                   ("chunks", QUESTION, [s3])]  # its chosen summary, zoomed with the question
+    assert client.count("llm", "action") == 1 and out["steps"] == 2
+    # the question's own ranking leads: S3's chunks (found twice now) first, the model's find after them
+    assert out["chunks"][:2] == tree["chunks"][s3] and extra in out["chunks"]
+    assert "more than one search" in out["stop"]
+    assert [d["step"] for d in events.of("thought")] == [2]
+    prompt = client.handlers[("llm", "action")].seen[0]["messages"][0]["content"]
+    assert "S3: s3.py" in prompt and "Already searched" in prompt
+
+
+async def test_a_repeated_thought_is_dropped_and_the_program_goes_on_alone(env, client, settings):
+    settings.react_max_steps = 4
+    tree = await make_tree(env.image, n_summaries=4, n_chunks=1)
+    _, _, s3, s4 = tree["summaries"]
+    # the question finds S4's and S3's chunks; step 1 zooms into S1, S2 (no agreement)
+    client.handlers[("memory", "search")] = tree_search(tree, [*tree["chunks"][s4], *tree["chunks"][s3]])
+    client.handlers[("llm", "action")] = scripted_actions(act("search_chunks", "x", ["S3"], thought="same"),
+                                                          act("search_chunks", "y", [], thought="Same!"))
+    events = Events()
+    out = await execute(new_run(env, events), reasoning_body)
+    assert client.count("llm", "action") == 2  # the repeat was the model's last call
+    assert any("repeated thought dropped" in line for line in (await morph_state(env.image, out["cycle_id"]))["log"])
+    assert ("chunks", "y", None) not in searches_of(client)  # the repeated thought's query is not run
+    assert searches_of(client)[-1] == ("chunks", QUESTION, [s4])  # the program zoomed on alone
+    assert out["steps"] == 3 and "more than one search" in out["stop"]
+
+
+async def test_no_search_runs_twice(env, client, settings):
+    settings.react_max_steps = 5
+    tree = await make_tree(env.image, n_summaries=2)
+    client.handlers[("memory", "search")] = tree_search(tree, [])  # the question finds no chunk directly
+    client.handlers[("llm", "action")] = scripted_actions(
+        act("search_chunks", QUESTION.upper(), ["S1"], thought="a"), act("zoom", "z", ["S1", "S2"], thought="b"))
+    out = await execute(new_run(env, events := Events()), reasoning_body)
+    seen = searches_of(client)
+    assert len(seen) == len({(lv, t.lower(), tuple(w or ())) for lv, t, w in seen})
+    assert out["stop"] == "nothing new left to read" and out["chunks"]
+    assert events.of("thought")
+
+
+async def test_the_models_answer_ends_reasoning_once_chunks_exist(env, client):
+    tree = await make_tree(env.image, n_summaries=3)
+    client.handlers[("memory", "search")] = tree_search(tree, tree["chunks"][tree["summaries"][2]])
+    client.handlers[("llm", "action")] = scripted_actions(act("answer"))
+    out = await execute(new_run(env, Events()), reasoning_body)
+    assert client.count("llm", "action") == 1 and out["steps"] == 2 and out["stop"] == "nothing new left to read"
+
+
+async def test_one_step_means_no_model_call_and_the_step_cap_holds(env, client, settings):
+    tree = await make_tree(env.image, n_summaries=3)
+    client.handlers[("memory", "search")] = tree_search(tree, tree["chunks"][tree["summaries"][2]])
+    client.handlers[("llm", "action")] = scripted_actions(act("search_chunks", "q"))
+    settings.react_max_steps = 1
+    out = await execute(new_run(env, Events()), reasoning_body)
+    assert client.count("llm", "action") == 0 and out["steps"] == 1 and "step budget" in out["stop"]
 
 
 async def test_unparseable_output_applies_the_stated_fallback(env, client, audit):
-    corpus = await make_corpus(env.image)
-    client.handlers[("memory", "search")] = memory_search(corpus)
+    tree = await make_tree(env.image, n_summaries=4)
+    _, _, s3, s4 = tree["summaries"]
+    client.handlers[("memory", "search")] = tree_search(tree, tree["chunks"][s4])
     client.handlers[("llm", "action")] = scripted_actions(None)
     events = Events()
     out = await execute(new_run(env, events), reasoning_body)
     assert out["fallback"] and "could not be used" in out["fallback"]
-    searches = [b for s, c, b in client.calls if c == "search"]
-    assert [(b["level"], b["text"]) for b in searches] == [("summaries", "how does lookup work?"),
-                                                          ("chunks", "how does lookup work?")]
-    assert "within" not in searches[1]
+    assert client.count("llm", "action") == 1  # no more asking a model that cannot answer
+    assert searches_of(client)[3] == ("chunks", QUESTION, [s3, s4])  # the program goes on alone
     assert any("FALLBACK" in d["text"] for d in events.of("log"))
     assert audit.of("REACT_FALLBACK")[0]["status"] == "FAILURE"
-    assert client.count("llm", "action") == 1  # no more asking a model that cannot answer
     m = await morph_state(env.image, out["cycle_id"])
     assert any("FALLBACK" in line for line in m["log"])
+
+
+async def test_no_chunk_anywhere_ends_without_repeating_a_search(env, client):
+    tree = await make_tree(env.image, n_summaries=2)
+    search = tree_search(tree, [])
+    client.handlers[("memory", "search")] = lambda body, ev: search(body, ev) if body["level"] == "summaries" \
+        else {"hits": []}
+    client.handlers[("llm", "action")] = scripted_actions(act("answer"))
+    out = await execute(new_run(env, Events()), reasoning_body)
+    assert out["chunks"] == [] and out["stop"] == "nothing new left to read"
+    assert len(searches_of(client)) == 3  # summaries, chunks, zoom: nothing else was new
 
 
 async def test_hits_newer_than_the_snapshot_are_kept_by_id_only(env, client):
@@ -267,15 +351,17 @@ def failing_on(n: int, handler: Any):
     return wrapped
 
 
-FAULTS = [("llm", 1), ("llm", 2), ("llm", 3), ("memory", 1), ("memory", 2),
-          ("session", 1), ("session", 2), ("session", 3), ("session", 4), ("session", "commit")]
+FAULTS = [("llm", 1), ("memory", 1), ("memory", 2), ("memory", 3), ("memory", 4), ("memory", 5),
+          ("session", 1), ("session", 2), ("session", 4), ("session", 6), ("session", 7), ("session", 8),
+          ("session", "commit")]
 
 
 @pytest.mark.parametrize(("where", "n"), FAULTS)
 async def test_a_failure_at_any_step_aborts_reasoning_and_fails_the_cycle(env, client, where, n):
-    corpus = await make_corpus(env.image)
-    search = memory_search(corpus)
-    actions = scripted_actions(act("search_summaries", "q"), act("zoom", "q", ["S1"]), act("answer"))
+    tree = await make_tree(env.image, n_summaries=3)  # searches disagree: the model is asked once
+    s1, _, s3 = tree["summaries"]
+    search = tree_search(tree, tree["chunks"][s3], {"lookup chain": tree["chunks"][s1]})
+    actions = scripted_actions(act("search_chunks", "lookup chain", ["S3"]))
     record: dict[str, Any] = {}
     client.handlers[("memory", "search")] = failing_on(n, search) if where == "memory" else search
     client.handlers[("llm", "action")] = failing_on(n, actions) if where == "llm" else actions

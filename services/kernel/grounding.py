@@ -1,0 +1,119 @@
+"""Is an answer grounded in the evidence its prompt showed? VALIDATING's checks, each with a reason in words.
+
+  labels       the answer cites at least one evidence label ([E1]) and every label it cites was in the prompt;
+  identifiers  every code identifier the answer names -- dotted names (``a.b``), `code spans`, call-like
+               tokens ``foo(``, snake_case and camelCase words -- occurs in the evidence it cites or in the
+               question (the leading parts of a dotted name may come from any evidence shown, or a file path);
+  not a loop   the answer is not empty or a repetition loop (degenerate.py).
+A small model invents plausible names ("handle_dead_worker") and cites labels that do not exist; these checks
+are what lets SUCCESS mean grounded.
+"""
+
+from __future__ import annotations
+
+import builtins
+import keyword
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.kernel import degenerate
+
+_LABEL = re.compile(r"\[\s*((?:E\d+\s*,?\s*)+)\]")
+_SOURCES_LINE = re.compile(r"^\s*Sources?\s*:(.*)$", re.I | re.M)
+_BARE_LABEL = re.compile(r"\bE\d+\b")
+_SPAN = re.compile(r"`([^`\n]{1,120})`")
+_END = r"(?!\w|\.\w)"  # a sentence's full stop may follow a name
+_DOTTED = re.compile(r"(?<![\w.])[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+(?![\w(]|\.\w)")
+_CALL = re.compile(r"(?<![\w.])([A-Za-z_][\w.]*)\(")
+_SNAKE = re.compile(r"(?<![\w.])_*[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+_*" + _END + r"|(?<![\w.])_[A-Za-z]\w*" + _END)
+_CAMEL = re.compile(r"(?<![\w.])(?:[a-z]+[A-Z]\w*|[A-Z][a-z0-9]+[A-Z]\w*|[A-Z]{2,}[a-z]\w*)" + _END)
+_NAME = re.compile(r"[A-Za-z_]\w*")
+_FILE_SUFFIXES = {"py", "pyi", "txt", "md", "json", "toml", "cfg", "ini", "yaml", "yml", "conf", "rst", "html"}
+_COMMON = set(keyword.kwlist) | set(dir(builtins)) | {"self", "cls", "e.g", "i.e", "etc"}
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class Verdict:
+    checks: list[Check]
+    cited: list[str] = field(default_factory=list)  # labels cited that exist, in order of first mention
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(c.detail for c in self.checks if not c.ok)
+
+    def record(self) -> list[dict[str, Any]]:
+        return [{"check": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks]
+
+
+def cited_labels(text: str) -> list[str]:
+    """Labels the text cites, in order: [E1], [E1, E2], and bare E1 on a Sources line."""
+    found: list[str] = []
+    for m in _LABEL.finditer(text):
+        found += _BARE_LABEL.findall(m.group(1))
+    for m in _SOURCES_LINE.finditer(text):
+        found += _BARE_LABEL.findall(m.group(1))
+    return list(dict.fromkeys(found))
+
+
+def identifiers(text: str) -> list[str]:
+    """Code identifiers the text names (see the module docstring), file names and builtins left out."""
+    text = _LABEL.sub(" ", text)
+    names: list[str] = []
+    for span in _SPAN.findall(text):
+        names += [n for n in re.findall(r"[A-Za-z_][\w.]*", span) if "_" in n or "." in n or len(n) > 2]
+    prose = _SPAN.sub(" ", text)
+    names += _DOTTED.findall(prose) + _CALL.findall(prose) + _SNAKE.findall(prose) + _CAMEL.findall(prose)
+    out = []
+    for name in (n.strip(".") for n in names):
+        parts = name.split(".")
+        if not name or name in _COMMON or parts[-1].lower() in _FILE_SUFFIXES or any(not p for p in parts):
+            continue
+        out.append(name)
+    return list(dict.fromkeys(out))
+
+
+def _words(texts: Iterable[str]) -> set[str]:
+    return {w for t in texts for w in _NAME.findall(t)}
+
+
+def occurs(name: str, cited: set[str], shown: set[str]) -> bool:
+    parts = [p for p in name.split(".") if p not in ("self", "cls")]
+    if not parts:
+        return True
+    return parts[-1] in cited and all(p in shown or p in cited for p in parts[:-1])
+
+
+def check(text: str, labels: dict[str, list[str]], question: str) -> Verdict:
+    """``labels``: each evidence label shown in the prompt -> the texts it stands for (code, path, names)."""
+    checks: list[Check] = []
+    loop = degenerate.check(text)
+    checks.append(Check("not a loop", not loop.degenerate, loop.reason))
+    cited_all = cited_labels(text)
+    cited = [c for c in cited_all if c in labels]
+    unknown = [c for c in cited_all if c not in labels]
+    if unknown:
+        checks.append(Check("labels", False, f"cites evidence that was not shown: {', '.join(unknown)}"))
+    elif not cited:
+        checks.append(Check("labels", False, "cites no evidence label"))
+    else:
+        checks.append(Check("labels", True))
+    shown_words = _words([question, *(t for ts in labels.values() for t in ts)])
+    # without a usable label the labels check has failed already; names are then read against all evidence shown
+    cited_words = _words([question, *(t for c in cited for t in labels[c])]) if cited else shown_words
+    missing = [n for n in identifiers(text) if not occurs(n, cited_words, shown_words)]
+    checks.append(Check("identifiers", not missing,
+                        f"names {', '.join(missing[:5])} not found in the evidence it cites" if missing else ""))
+    return Verdict(checks, cited)
