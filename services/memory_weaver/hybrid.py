@@ -73,18 +73,19 @@ def search(index: VectorIndex, query: np.ndarray | None, text: str, k: int, leve
             return []
         dense = np.where(mask, index.matrix[:n] @ q, -np.inf) if q is not None else np.zeros(n, dtype=np.float32)
         rankings: dict[str, np.ndarray] = {}
+        depth = max(CHANNEL_TOP, k)
         if mode != "lexical":
-            rankings["dense"] = top_rows(dense, CHANNEL_TOP if mode == "hybrid" else k)
+            rankings["dense"] = top_rows(dense, depth if mode == "hybrid" else k)
         if mode != "dense":
             lex = index.lexical.scores(text, n)
             lex[~mask] = 0.0
-            rankings["lexical"] = top_rows(lex, CHANNEL_TOP, positive=True)
+            rankings["lexical"] = top_rows(lex, depth, positive=True)
         if mode == "hybrid":
             names, paths = named_identifiers(text)
             exact = [r for r in index.lexical.exact_rows(names, paths, n) if mask[r]] if names or paths else []
             if exact:
                 ex = np.asarray(exact, dtype=np.int64)
-                rankings["exact"] = ex[np.argsort(-dense[ex], kind="stable")][:CHANNEL_TOP]
+                rankings["exact"] = ex[np.argsort(-dense[ex], kind="stable")][:depth]
         if mode == "dense":
             picked = rankings["dense"]
             return [Ranked(int(r), int(index.oids[r]), int(index.levels[r]), float(dense[r]), float(dense[r]))
@@ -105,7 +106,7 @@ def rerank(index: VectorIndex, text: str, rows: list[int], fused: dict[int, floa
     """Reorder the fused top rows by a structural cue: a row whose own name (the definition it holds)
     shares words with the question moves up by ``NAME_BONUS`` x the share of the question's words."""
     words = set(tokenize(text))
-    if not words or NAME_BONUS == 0:
+    if not words or not rows or NAME_BONUS == 0:
         return rows
     docs = index.lexical.names
     top = max(fused[r] for r in rows)
