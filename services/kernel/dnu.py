@@ -6,15 +6,20 @@ send OID SELECTOR args kwargs -- the selector is looked up on the target (own sl
   * a read-only builtin (get_slot, has_slot, slot_names, own_slots, method_names): the same, answered in-process;
   * nothing (DoesNotUnderstand): an ``unhandled_message`` cycle, BRICK's:
       DECOMPOSING  snapshot of the receiver (slots, other methods) and the call;
-      REASONING    one retrieval of related code onto a QueryMorph (one transaction);
-      SYNTHESIZING BRICK writes ``def SELECTOR(self, ...)`` (llm generate, tokens streamed); the method is cut out
-                   of the reply and checked against the code policy; an unusable reply is re-asked once, told why;
-      VALIDATING   the method runs in the sandbox on a copy of the slots with the real arguments;
-      COMPLETE     only if it returned normally: in ONE transaction the method is stored on the target
+      REASONING    one retrieval from memory (`search`: the selector's words, the prototype, slot and method names)
+                   onto a QueryMorph (one transaction);
+      SYNTHESIZING BRICK writes ``def SELECTOR(self, ...)`` (llm generate, tokens streamed), shown the receiver's
+                   slots, its other methods' signatures and docstrings, and the related code; the method is cut
+                   out of the reply and checked against the code policy;
+      VALIDATING   the method runs in the sandbox on a copy of the slots with the real arguments. It is accepted
+                   only if it returns normally AND does something (a value, a slot change or output: a method
+                   that returns None and changes nothing is not an answer). A refused attempt (no code, policy,
+                   exception, timeout, did nothing) gets ONE retry, told the reason and shown its code;
+      COMPLETE     only if accepted: in ONE transaction the method is stored on the target
                    (define_method: source, version, cycle id, generated_by BRICK), slot updates are written back,
                    and the cycle completes. Later sends find the stored method: no LLM, still sandboxed.
-    Any failure (no code in the reply, policy violation, exception, timeout, memory) ends the cycle FAILED with
-    its reason, logged as a DNU_OUTCOME FAILURE event; nothing is stored.
+    When the retry fails too, the cycle ends FAILED with the last reason (``rejected`` or ``sandbox``), logged as
+    a DNU_OUTCOME FAILURE event; nothing is stored.
 
 Slot updates made by a method (``self.x = v``) are written back only for slots whose value was plain data
 (None, bool, int, float, str, and lists/dicts of those) or new: the sandbox sees other values (persistent
@@ -33,11 +38,21 @@ from __future__ import annotations
 import ast
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from batos.errors import ServiceError
-from batos.uvm import BUILTIN_SELECTORS, BoundMethod, DoesNotUnderstand, UvmObject, oid_hex, prototype_of
+from batos.uvm import (
+    BUILTIN_SELECTORS,
+    RESERVED_NAMES,
+    BoundMethod,
+    DoesNotUnderstand,
+    UvmObject,
+    method_info,
+    oid_hex,
+    prototype_of,
+)
 from proto import ErrorCode
 from services.kernel import code_policy, sandbox
 from services.kernel import cycle as records
@@ -48,7 +63,7 @@ from services.kernel.run import CycleRun, execute
 
 READ_ONLY_BUILTINS = frozenset({"get_slot", "has_slot", "slot_names", "own_slots", "method_names"})
 BRICK_MAX_TOKENS = 256  # a method, not a program
-BRICK_ATTEMPTS = 2  # one re-ask when the reply holds no acceptable method
+BRICK_ATTEMPTS = 2  # one retry, told why, when the reply holds no method or the method fails on the call
 CONTEXT_CHUNKS = 2
 CONTEXT_CHARS = 700  # per chunk in BRICK's prompt: a 135M model drowns in long context
 SLOT_PROMPT_CHARS = 120
@@ -161,6 +176,9 @@ async def define(env: KernelEnv, emit: Emit, mission: dict[str, Any], target_oid
         code_policy.check_selector(selector)
     except code_policy.PolicyViolation as e:
         raise ServiceError(ErrorCode.BAD_ARGS, e.reason) from None
+    if selector in RESERVED_NAMES:
+        raise ServiceError(ErrorCode.BAD_ARGS, f"#{selector} is a built-in of every object; a method of that name "
+                                               "would shadow it: choose another selector")
     run = CycleRun(env, emit, mission_type="define_method", mission=mission, target_oid=target_oid, persona="BRICK")
     return await execute(run, lambda r: _define(r, selector, source))
 
@@ -170,6 +188,9 @@ def _check_call(selector: Any, args: Any, kwargs: Any) -> None:
         raise ServiceError(ErrorCode.BAD_ARGS, f"selector {selector!r} is not a Python identifier")
     if selector.startswith("_"):
         raise ServiceError(ErrorCode.BAD_ARGS, f"selector {selector!r} is private ('_' names are never sent)")
+    if selector in RESERVED_NAMES and selector not in BUILTIN_SELECTORS:
+        raise ServiceError(ErrorCode.BAD_ARGS, f"#{selector} is part of the object model, not a message; "
+                                               f"builtins that can be sent: {', '.join(sorted(READ_ONLY_BUILTINS))}")
     if not isinstance(args, list) or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise ServiceError(ErrorCode.BAD_ARGS, "args must be a list and kwargs a map with string keys")
 
@@ -200,20 +221,43 @@ async def _does_not_understand(run: CycleRun, selector: str, args: list[Any], kw
     call = render_call(selector, args, kwargs)
     await run.to(State.REASONING)
     context = await retrieve(run, f"Write the method {call} for object {rec.oid} ({rec.prototype or rec.name})",
-                             f"{selector} {rec.prototype} {' '.join(sorted(rec.slots))}")
+                             retrieval_query(rec, selector))
     await run.to(State.SYNTHESIZING, "BRICK writes the method")
-    source, prompt = await _brick_writes(run, rec, selector, call, args, kwargs, context.chunks)
-    await run.to(State.VALIDATING, "sandbox trial with the real arguments")
-    try:
-        result = await _sandboxed(run, rec, source, selector, args, kwargs)
-    except ServiceError as e:
-        await _dnu_outcome(run, rec, selector, "FAILURE", source=source, prompt=prompt, error=e.message)
-        raise
-    written = await _finish(run, selector, rec, result, source=source)
-    await _dnu_outcome(run, rec, selector, "SUCCESS", source=source, prompt=prompt, result=result.value)
-    return {"status": "SUCCESS", "result": result.value, "kind": "method", "generated": True,
-            "method_source": source, "method_version": written["version"], "stdout": result.stdout,
-            "slot_updates": written["slots"], "context": [c.where for c in context.chunks]}
+
+    async def generate(prompt: str) -> str:
+        reply = await run.llm("generate", {"messages": [{"role": "user", "content": prompt}],
+                                           "max_tokens": int(run.env.setting("brick_max_tokens", BRICK_MAX_TOKENS)),
+                                           "temperature": 0.0},
+                              persona="BRICK", stream=True)
+        return str(reply.get("text") or "")
+
+    async def trial(source: str) -> sandbox.SandboxResult:
+        if run.state != State.VALIDATING.value:
+            await run.to(State.VALIDATING, "sandbox trial with the real arguments")
+        return await _sandboxed(run, rec, source, selector, args, kwargs, raise_on_failure=False)
+
+    async def refused(t: Trial) -> None:
+        await run.note(f"BRICK attempt {t.attempt}/{attempts} refused: {t.problem}")
+
+    attempts = int(run.env.setting("brick_attempts", BRICK_ATTEMPTS))
+    trials = await write_method(generate, trial, rec, selector, args, kwargs, context.chunks, attempts=attempts,
+                                on_refused=refused)
+    last = trials[-1]
+    if last.problem:
+        reason = f"BRICK's reply held no acceptable method after {len(trials)} attempts: {last.problem}"
+        await _dnu_outcome(run, rec, selector, "FAILURE", source=last.source, prompt=last.prompt, error=reason,
+                           raw=last.raw)
+        details = {}
+        if last.result is not None and not last.result.ok:
+            details = {"traceback": last.result.traceback or "", "stderr": last.result.stderr[-2000:]}
+        raise ServiceError(ErrorCode.SANDBOX if last.result is not None and not last.result.ok
+                           else ErrorCode.REJECTED, reason, details)
+    assert last.source is not None and last.result is not None
+    written = await _finish(run, selector, rec, last.result, source=last.source)
+    await _dnu_outcome(run, rec, selector, "SUCCESS", source=last.source, prompt=last.prompt, result=last.result.value)
+    return {"status": "SUCCESS", "result": last.result.value, "kind": "method", "generated": True,
+            "method_source": last.source, "method_version": written["version"], "stdout": last.result.stdout,
+            "slot_updates": written["slots"], "context": [c.where for c in context.chunks], "attempts": len(trials)}
 
 
 async def _define(run: CycleRun, selector: str, source: str) -> dict[str, Any]:
@@ -250,21 +294,39 @@ def signature_hint(selector: str, args: list[Any], kwargs: dict[str, Any]) -> st
     return f"def {selector}({', '.join(params)}):"
 
 
+def retrieval_query(rec: Receiver, selector: str) -> str:
+    """What memory is searched for: the selector's words, the prototype, the slots and the other methods."""
+    words = " ".join(part for part in selector.split("_") if part)
+    return f"{words} {selector} {rec.prototype} {' '.join(sorted(rec.slots))} {' '.join(sorted(rec.methods))}"
+
+
+def _method_line(name: str, source: str) -> str:
+    try:
+        info = method_info(name, source)
+    except ValueError:
+        return f"#   {name}(...)"
+    doc = f"  -- {info.doc.splitlines()[0][:80]}" if info.doc else ""
+    return f"#   self.{info.signature.replace('(self, ', '(').replace('(self)', '()')}{doc}"
+
+
 def brick_prompt(rec: Receiver, selector: str, call: str, args: list[Any], kwargs: dict[str, Any],
-                 chunks: list[Any], problem: str = "") -> str:
+                 chunks: list[Any], problem: str = "", previous: str | None = None) -> str:
     """Short, code-shaped, ending in the signature to complete: a 135M model copies prose it is shown."""
     slots = [f"#   self.{k} = {_short(v)}" for k, v in sorted(rec.slots.items()) if k != "vector_embedding"][:20]
     lines = [f"# A method for BAT OS object {rec.oid} ({rec.prototype or rec.name}).",
              "# Its slots:", *(slots or ["#   (none)"])]
     if rec.methods:
-        lines.append(f"# Its other methods: {', '.join(sorted(rec.methods))}")
+        lines += ["# Its other methods (call them as self.name(...)):",
+                  *(_method_line(n, src) for n, src in sorted(rec.methods.items())[:12])]
     lines += [f"# It must support the call: obj.{call}",
               "# Read slots as self.<name>. Return the result. No files, no network. Imports only inside the "
               f"method, only from: {', '.join(sorted(code_policy.ALLOWED_MODULES))}."]
     for c in chunks[:CONTEXT_CHUNKS]:
         lines += [f"# Related code from {c.where}:", *(f"#   {ln}" for ln in c.text[:CONTEXT_CHARS].splitlines())]
     if problem:
-        lines.append(f"# A previous answer was refused: {problem}")
+        if previous:
+            lines += ["# A previous answer was:", *(f"#   {ln}" for ln in previous[:CONTEXT_CHARS].splitlines())]
+        lines.append(f"# A previous answer was refused: {problem[:400]}")
     lines += ["Complete this method. Reply with the Python code only.", "```python",
               signature_hint(selector, args, kwargs)]
     return "\n".join(lines)
@@ -298,32 +360,65 @@ def _short(value: Any) -> str:
     return text if len(text) <= SLOT_PROMPT_CHARS else text[:SLOT_PROMPT_CHARS] + "..."
 
 
-async def _brick_writes(run: CycleRun, rec: Receiver, selector: str, call: str, args: list[Any],
-                        kwargs: dict[str, Any], chunks: list[Any]) -> tuple[str, str]:
-    """BRICK's method source (extracted and policy-checked) and the prompt that produced it."""
-    problem = ""
-    raw = ""
-    prompt = ""
-    for attempt in range(1, BRICK_ATTEMPTS + 1):
-        prompt = brick_prompt(rec, selector, call, args, kwargs, chunks, problem)
-        reply = await run.llm("generate", {"messages": [{"role": "user", "content": prompt}],
-                                           "max_tokens": int(run.env.setting("brick_max_tokens", BRICK_MAX_TOKENS)),
-                                           "temperature": 0.0},
-                              persona="BRICK", stream=True)
-        raw = str(reply.get("text") or "")
+@dataclass
+class Trial:
+    """One BRICK attempt: the prompt, the reply, the method cut out of it, and its sandbox run."""
+
+    attempt: int
+    prompt: str
+    raw: str
+    source: str | None = None
+    result: sandbox.SandboxResult | None = None
+    problem: str = ""  # why it was not accepted; "" when it was
+
+
+def acceptance_problem(result: sandbox.SandboxResult, call: str) -> str:
+    """Why a trial run does not earn SUCCESS ("" when it does): it must run on the call's own arguments
+    without error, and do something -- return a value, change a slot or print."""
+    if not result.ok:
+        last = (result.traceback or "").strip().splitlines()[-1:] or [""]
+        where = f" ({last[0]})" if last[0] and last[0] not in (result.error or "") else ""
+        return f"running obj.{call} failed ({result.error_kind}): {result.error}{where}"
+    if result.value is None and not result.slot_updates and not result.deleted_slots and not result.stdout.strip():
+        return f"obj.{call} returned None and changed nothing: compute and return the result"
+    return ""
+
+
+Generate = Callable[[str], Awaitable[str]]
+RunTrial = Callable[[str], Awaitable[sandbox.SandboxResult]]
+
+
+async def write_method(generate: Generate, trial: RunTrial, rec: Receiver, selector: str, args: list[Any],
+                       kwargs: dict[str, Any], chunks: list[Any], *, attempts: int = BRICK_ATTEMPTS,
+                       on_refused: Callable[[Trial], Awaitable[None]] | None = None) -> list[Trial]:
+    """BRICK writes, the policy checks, the sandbox runs it on the call's arguments; a refused attempt is
+    re-asked with the reason (and the refused code) until ``attempts`` are spent. The last Trial decides:
+    accepted when its ``problem`` is empty. Shared by the kernel's cycle and bench/dnu.py."""
+    call = render_call(selector, args, kwargs)
+    trials: list[Trial] = []
+    for attempt in range(1, attempts + 1):
+        previous = trials[-1] if trials else None
+        prompt = brick_prompt(rec, selector, call, args, kwargs, chunks,
+                              previous.problem if previous else "", previous.source if previous else None)
+        t = Trial(attempt, prompt, await generate(prompt))
+        trials.append(t)
         try:
-            source = extract(raw, selector, signature_hint(selector, args, kwargs))
-            return code_policy.validate_method_source(source, selector).source, prompt
+            t.source = code_policy.validate_method_source(
+                extract(t.raw, selector, signature_hint(selector, args, kwargs)), selector).source
         except code_policy.PolicyViolation as e:
-            problem = e.reason if e.lineno is None else f"line {e.lineno}: {e.reason}"
-            await run.note(f"BRICK attempt {attempt}/{BRICK_ATTEMPTS} refused: {problem}")
-    reason = f"BRICK's reply held no acceptable method after {BRICK_ATTEMPTS} attempts: {problem}"
-    await _dnu_outcome(run, rec, selector, "FAILURE", source=None, prompt=prompt, error=reason, raw=raw)
-    raise ServiceError(ErrorCode.REJECTED, reason)
+            t.problem = e.reason if e.lineno is None else f"line {e.lineno}: {e.reason}"
+        else:
+            t.result = await trial(t.source)
+            t.problem = acceptance_problem(t.result, call)
+        if not t.problem:
+            break
+        if on_refused is not None:
+            await on_refused(t)
+    return trials
 
 
 async def _sandboxed(run: CycleRun, rec: Receiver, source: str, selector: str, args: list[Any],
-                     kwargs: dict[str, Any]) -> sandbox.SandboxResult:
+                     kwargs: dict[str, Any], *, raise_on_failure: bool = True) -> sandbox.SandboxResult:
     settings = run.env.settings
     cancel = threading.Event()
     try:
@@ -340,7 +435,7 @@ async def _sandboxed(run: CycleRun, rec: Receiver, source: str, selector: str, a
     await run.emit("log", text=f"sandbox: {'returned' if result.ok else 'failed'} in {result.elapsed_s:.2f} s")
     if result.stdout:
         await run.emit("log", text=f"method printed: {result.stdout[:2000]}")
-    if not result.ok:
+    if not result.ok and raise_on_failure:
         code = ErrorCode.REJECTED if result.error_kind == "policy" else ErrorCode.SANDBOX
         raise ServiceError(code, f"#{selector} failed in the sandbox ({result.error_kind}): {result.error}",
                            {"traceback": result.traceback or "", "stderr": result.stderr[-2000:]})

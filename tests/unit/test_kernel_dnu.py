@@ -185,3 +185,55 @@ async def test_bad_input_is_a_clear_error_before_any_cycle(env, services, oid, s
         await dnu.send(env, events, MISSION, oid, selector, [], {})
     assert info.value.code == code
     assert events.states() == []
+
+
+NOTHING = "def greet(self, who):\n    pass\n"
+BOOM = "def greet(self, who):\n    return who + 1\n"
+
+
+@pytest.mark.parametrize(("first", "told"), [(NOTHING, "returned None and changed nothing"),
+                                             (BOOM, "TypeError")])
+async def test_a_method_that_fails_on_the_call_gets_one_retry_told_why(env, services, audit, first, told):
+    oid = await make_thing(env.image)
+    services.handlers[("llm", "generate")] = gen = brick(first, GREET)
+    events = Events()
+    out = await dnu.send(env, events, MISSION, oid, "greet", ["ann"], {})
+    assert out["result"] == "hello ann from bob" and out["attempts"] == 2
+    retry = gen.seen[1]["messages"][0]["content"]
+    assert told in retry and "A previous answer was:" in retry and first.splitlines()[1].strip() in retry
+    assert events.states() == ["IDLE", "DECOMPOSING", "REASONING", "SYNTHESIZING", "VALIDATING", "COMPLETE"]
+    assert (await thing(env.image, oid))["methods"] == ["greet"]
+
+
+async def test_a_nonsense_method_that_runs_is_not_persisted_as_success(env, services, audit):
+    oid = await make_thing(env.image)
+    services.handlers[("llm", "generate")] = brick(NOTHING)
+    events = Events()
+    with pytest.raises(ServiceError) as info:
+        await dnu.send(env, events, MISSION, oid, "greet", ["ann"], {})
+    assert info.value.code == "rejected" and "after 2 attempts" in info.value.message
+    assert "returned None and changed nothing" in info.value.message
+    assert events.states()[-1] == "FAILED" and (await thing(env.image, oid))["methods"] == []
+    assert audit.of("DNU_OUTCOME")[-1]["status"] == "FAILURE"
+
+
+async def test_brick_sees_the_other_methods_signatures_and_docstrings(env, services):
+    oid = await make_thing(env.image)
+    helper = 'def shout(self, text, times=2):\n    """Upper-case text, repeated."""\n    return text.upper() * times\n'
+    await env.image.transact(lambda root, conn: resolve_oid(conn, oid).define_method("shout", helper))
+    services.handlers[("llm", "generate")] = gen = brick("def greet(self, who):\n    return self.shout(who)\n")
+    out = await dnu.send(env, Events(), MISSION, oid, "greet", ["ann"], {})
+    assert out["result"] == "ANNANN"
+    prompt = gen.seen[0]["messages"][0]["content"]
+    assert "self.shout(text, times=2)  -- Upper-case text, repeated." in prompt
+
+
+@pytest.mark.parametrize("selector", ["lookup", "define_method", "send"])
+async def test_selectors_that_shadow_builtins_are_bad_args(env, services, selector):
+    oid = await make_thing(env.image)
+    with pytest.raises(ServiceError) as info:
+        await dnu.define(env, Events(), MISSION, oid, selector, f"def {selector}(self):\n    return 1\n")
+    assert info.value.code == "bad_args"
+    with pytest.raises(ServiceError) as info:
+        await dnu.send(env, Events(), MISSION, oid, selector, [], {})
+    assert info.value.code == "bad_args"
