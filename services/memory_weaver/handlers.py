@@ -8,6 +8,7 @@ from typing import Any
 from batos.errors import ServiceError
 from proto import ErrorCode
 
+from . import verify
 from .weaver import MemoryWeaver
 
 Handler = Callable[[Any], Awaitable[dict[str, Any]]]
@@ -54,4 +55,5 @@ HANDLERS: dict[str, Handler] = {
     "blob_get": _plain("blob_get"),
     "audit_offset": _plain("audit_offset"),
     "query_fractals": _plain("query_fractals"),
+    "verify": lambda req: verify.run(_weaver(req), req.args),  # invariants; {"repair": true} fixes them
 }

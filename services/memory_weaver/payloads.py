@@ -135,6 +135,10 @@ class BlobPut(msgspec.Struct, forbid_unknown_fields=True):
     meta: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class Verify(msgspec.Struct, forbid_unknown_fields=True):
+    repair: bool = False  # fix what the check finds (verify.py)
+
+
 def parse(kind: type[T], body: Any) -> T:
     """Validate ``body`` as ``kind``; ServiceError(bad_args) with the field path otherwise."""
     if not isinstance(body, dict):

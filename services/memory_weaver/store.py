@@ -201,8 +201,12 @@ def _link(summaries: dict[str, UvmObject], chunk: UvmObject, key: str | None) ->
 
 
 def _remove_file_objects(mem: MemoryIndexes, entry: FileEntry) -> int:
-    gone = [_unindex(mem, c, "memory_chunk") for c in entry.chunks]
-    gone += [_unindex(mem, s, "contextual_summary") for s in entry.summaries]
+    # An object of another file (two objects that got one oid; verify.py) is that file's to remove.
+    def mine(o: UvmObject) -> bool:
+        return (o.get_slot("metadata") or {}).get("file_path") == entry.file_path
+
+    gone = [_unindex(mem, c, "memory_chunk") for c in entry.chunks if mine(c)]
+    gone += [_unindex(mem, s, "contextual_summary") for s in entry.summaries if mine(s)]
     oids = [oid for oid in gone if oid is not None]
     mem.vectors.remove(oids)  # tombstones, one shard update per shard touched
     entry.chunks, entry.summaries = (), ()
@@ -286,7 +290,11 @@ def file_state(root: Any, file_path: str) -> dict[str, Any] | None:
     entry = memory(root).files.get(file_path)
     if entry is None:
         return None
-    return {"file_hash": entry.file_hash, "oids": _oids(entry.summaries) + _oids(entry.chunks),
+    from .verify import file_is_broken
+
+    # a broken file is never "unchanged": its re-ingest rewrites it
+    file_hash = "" if file_is_broken(root, entry) else entry.file_hash
+    return {"file_hash": file_hash, "oids": _oids(entry.summaries) + _oids(entry.chunks),
             "chunks": len(entry.chunks), "summaries": len(entry.summaries)}
 
 
@@ -357,9 +365,12 @@ def create_chunks(
 
 
 def file_hashes(root: Any, prefix: str | None) -> dict[str, str]:
+    """Each file's hash; "" for a file whose objects are broken (verify.py), so ingest re-sends it."""
+    from .verify import file_hashes_marking_suspects
+
     files = memory(root).files
     if not prefix:
-        return {path: e.file_hash for path, e in files.items()}
+        return file_hashes_marking_suspects(root, {path: e.file_hash for path, e in files.items()})
     base = prefix.rstrip("/")
     out = {}
     for path in files.keys(min=base):
@@ -367,7 +378,7 @@ def file_hashes(root: Any, prefix: str | None) -> dict[str, str]:
             break
         if path == base or path.startswith(base + "/") or base == "":
             out[path] = files[path].file_hash
-    return out
+    return file_hashes_marking_suspects(root, out)
 
 
 def delete_file(root: Any, file_path: str) -> int:
