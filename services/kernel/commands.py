@@ -10,7 +10,7 @@ and dispatched exactly like a raw ``command {Table 1}``, so both paths behave th
                                                     method runs, a missing one is generated)
     initiate_cognitive_cycle   define_method        define (dnu.py)                 SELECTOR / [source] / {}
     initiate_cognitive_cycle   display_yourself     two-cycle genesis (genesis.py)  display_yourself / [] / {}
-    ingest | search | inspect | stats | status | trace | audit | forge   relays.py   (args / kwargs as below)
+    ingest | search | inspect | stats | status | trace | audit | forge | verify   relays.py   (args / kwargs as below)
 
 ``target_oid`` is the object the command is about ("0" = the root); ``schema_version`` is checked by proto.
 """
@@ -81,6 +81,8 @@ def from_console(command: str, args: dict[str, Any]) -> Table1Command:
             return table1("forge", args=[_need(args, "persona", str)])
         case "stats" | "status" | "audit":
             return table1(command)
+        case "verify":
+            return table1("verify", kwargs={"repair": bool(args.get("repair"))})
     raise ServiceError(ErrorCode.UNKNOWN_COMMAND, f"kernel has no console command {command!r}")
 
 
@@ -143,6 +145,7 @@ COMMANDS: dict[str, Handler] = {
     "search": relays.search,
     "inspect": relays.inspect,
     "stats": relays.stats,
+    "verify": relays.verify,
     "status": relays.status,
     "trace": relays.trace,
     "audit": relays.audit,

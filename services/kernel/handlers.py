@@ -18,7 +18,7 @@ from services.kernel import commands
 from services.kernel.audit_event import record_event
 
 CONSOLE_COMMANDS = ("ask", "send", "define", "display_yourself", "ingest", "search", "inspect", "stats", "trace",
-                    "audit", "forge")
+                    "audit", "forge", "verify")
 
 
 def _kernel(req: Request) -> Any:

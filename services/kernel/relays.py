@@ -32,6 +32,7 @@ FORGE_INCARNATION_GRACE = 300.0  # the restarted worker loads the model, then ju
 FORGE_PICKUP_TIMEOUT = 300.0  # the steward polls every 0.5 s: minutes without a pickup means it is not running
 FORGE_OPTIONS = ("mission_type", "epochs", "max_steps", "generate_script", "format_prompts", "logging_steps")
 MEMORY_TIMEOUT = 60.0
+VERIFY_TIMEOUT = 600.0  # verify reads every object of the image: ~1 min per 100k objects from a cold cache
 TRACE_TEXT_CHARS = 2000  # prompts in a trace are cut here (the audit log keeps them whole)
 RECENT_EVENTS = 10
 TAIL_BYTES = 256 * 1024
@@ -96,6 +97,12 @@ async def stats(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     reply = await kernel.env.client.call("memory", "stats", {}, timeout=MEMORY_TIMEOUT)
     reply["cycles"] = await kernel.env.image.read(_cycle_counts)
     return reply
+
+
+async def verify(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+    """memory's invariants (services/memory_weaver/verify.py); kwargs {repair: bool}."""
+    body = {"repair": bool(cmd.mission_brief.kwargs.get("repair"))}
+    return await kernel.env.client.call("memory", "verify", body, timeout=VERIFY_TIMEOUT)
 
 
 def _cycle_counts(root: Any, conn: Any) -> dict[str, Any]:

@@ -143,3 +143,19 @@ async def test_the_in_memory_matrix_is_compared_with_the_image(weaver):  # noqa:
         weaver.index.alive[0] = False  # the worker's matrix lost a row the image still has
     out = await verify_reply(weaver)
     assert out["problem_counts"] == {"index": 1}
+
+
+def test_the_console_and_the_kernel_route_verify_to_memory():
+    import pytest
+
+    from services.console.commands import CommandError, Request, parse_line
+    from services.kernel import commands as kernel_commands
+    from services.kernel.handlers import HANDLERS
+
+    assert parse_line("verify") == Request("verify", {"repair": False}, label="verify")
+    assert parse_line("verify repair") == Request("verify", {"repair": True}, label="verify")
+    with pytest.raises(CommandError):
+        parse_line("verify everything")
+    cmd = kernel_commands.from_console("verify", {"repair": True})
+    assert (cmd.command, cmd.mission_brief.kwargs) == ("verify", {"repair": True})
+    assert "verify" in kernel_commands.COMMANDS and "verify" in HANDLERS
