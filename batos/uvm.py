@@ -76,6 +76,27 @@ class DoesNotUnderstand(AttributeError):
         self.receiver_oid = receiver_oid
 
 
+LARGE_VALUE_CHARS = 64 * 1024  # a str/bytes slot value at least this long lives in a record of its own
+
+
+class LargeValue(persistent.Persistent):
+    """A big immutable slot value (str or bytes) in its own record, so that changing any other slot of its
+    object rewrites a small record, not the value (5 one-integer sends next to a 1 MB slot grew the image by
+    ~5 MB before). Only immutable values: an in-place mutation of a list here would escape the owner's
+    ``_p_changed`` discipline. Transparent: slot readers get the value, never the holder."""
+
+    def __init__(self, value: str | bytes):
+        self.value = value
+
+
+def _is_large(value: Any) -> bool:
+    return isinstance(value, str | bytes) and len(value) >= LARGE_VALUE_CHARS
+
+
+def _unwrap(value: Any) -> Any:
+    return value.value if isinstance(value, LargeValue) else value
+
+
 class MethodSource:
     """A method slot: source text defining ``def <selector>(self, ...)``, a version, metadata.
 
@@ -236,11 +257,16 @@ class UvmObject(persistent.Persistent):
     # -- slots -------------------------------------------------------------------------------
     def get_slot(self, name: str, default: Any = None) -> Any:
         """An own slot's value (no delegation); ``default`` when absent."""
-        return self._slots.get(name, default)
+        return _unwrap(self._slots.get(name, default))
 
     def set_slot(self, name: str, value: Any) -> None:
         _check_name(name, "slot")
-        self._slots[name] = value
+        old = self._slots.get(name)
+        if isinstance(old, LargeValue) and _is_large(value):
+            if type(old.value) is not type(value) or old.value != value:
+                old.value = value  # rewrites the holder's record only
+            return
+        self._slots[name] = LargeValue(value) if _is_large(value) else value
         self._p_changed = True
 
     def del_slot(self, name: str) -> None:
@@ -257,7 +283,7 @@ class UvmObject(persistent.Persistent):
         return list(self._slots)
 
     def own_slots(self) -> dict[str, Any]:
-        return dict(self._slots)
+        return {name: _unwrap(value) for name, value in self._slots.items()}
 
     def mark_changed(self) -> None:
         """The ``_p_changed`` discipline: call after mutating a plain list/dict slot in place."""
@@ -312,7 +338,7 @@ class UvmObject(persistent.Persistent):
             raise AttributeError(selector)
         for obj in self._chain():
             if selector in obj._slots:
-                return obj._slots[selector]
+                return _unwrap(obj._slots[selector])
             if selector in obj._methods:
                 return BoundMethod(self, obj, obj._methods[selector])
         if selector in BUILTIN_SELECTORS:

@@ -199,3 +199,31 @@ def test_method_source_pickles():
     m = o.define_method("f", "def f(self):\n    return 1\n")
     m2 = pickle.loads(pickle.dumps(m))
     assert (m2.selector, m2.source, m2.version) == ("f", m.source, 1)
+
+
+def test_a_large_slot_value_is_not_rewritten_when_its_object_changes(tmp_path):
+    from ZODB.FileStorage import FileStorage
+
+    storage = FileStorage(str(tmp_path / "image.fs"))
+    db = ZODB.DB(storage)
+    conn = db.open()
+    big = "x" * (1 << 20)
+    conn.root()["o"] = UvmObject("o", blob=big, count=0)
+    transaction.commit()
+    size = (tmp_path / "image.fs").stat().st_size
+    for _ in range(5):
+        o = conn.root()["o"]
+        o.count = o.count + 1  # one small change to the object that holds the 1 MB slot
+        transaction.commit()
+    grown = (tmp_path / "image.fs").stat().st_size - size
+    assert grown < 50_000, f"5 one-integer changes grew the image by {grown} bytes"
+    o = conn.root()["o"]
+    assert o.blob == big and o.get_slot("blob") == big and o.own_slots()["blob"] == big and o.count == 5
+    o.blob = big  # the same value again: nothing rewritten
+    o.blob = "y" * (1 << 17)  # a new large value: only its own record
+    transaction.commit()
+    conn.close()
+    conn2 = db.open()
+    assert conn2.root()["o"].blob == "y" * (1 << 17)
+    conn2.close()
+    db.close()
