@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -327,11 +328,30 @@ def _runner_failure(run: _Run) -> str:
     return f"sandbox runner failed (exit status {run.returncode}): {' | '.join(tail) or 'no output'}"
 
 
+_HOST_PREFIXES = sorted(
+    {(str(RUNNER.parent.parent.parent), "<repo>"), (sys.prefix, "<python>"), (sys.base_prefix, "<python>"),
+     (sys.exec_prefix, "<python>")},
+    key=lambda pair: -len(pair[0]),
+)
+_FILE_LINE = re.compile(r'File "(/[^"]*)"')
+
+
+def scrub_host_paths(text: str | None) -> str | None:
+    """Tracebacks and stderr go to clients: no host paths (install layout, repo, home) in them."""
+    if not text:
+        return text
+    text = _FILE_LINE.sub(lambda m: f'File "<lib>/{Path(m.group(1)).name}"', text)
+    for prefix, label in _HOST_PREFIXES:
+        if len(prefix) > 1:
+            text = text.replace(prefix, label)
+    return text
+
+
 def _interpret(run: _Run, request: dict) -> SandboxResult:
     report = run.report or {}
     common = {
         "stdout": run.stdout,
-        "stderr": run.stderr,
+        "stderr": scrub_host_paths(run.stderr) or "",
         "elapsed_s": run.elapsed_s,
         "cpu_s": report.get("cpu_s"),
         "max_rss_mb": round(report["max_rss_kb"] / 1024, 2) if report.get("max_rss_kb") else None,
@@ -371,11 +391,11 @@ def _interpret(run: _Run, request: dict) -> SandboxResult:
     kind = str(result.error_kind or "exception")
     return SandboxResult(
         ok=False,
-        error=result.error or "unknown failure",
+        error=scrub_host_paths(result.error) or "unknown failure",
         error_kind=kind,
         killed_by="memory" if kind == "memory" else None,
         exc_type=result.exc_type,
-        traceback=result.traceback,
+        traceback=scrub_host_paths(result.traceback),
         **common,
     )
 

@@ -119,3 +119,20 @@ def test_decode_result_unit_limits():
         decode_result(('{"ok": true, "value": ' + deep(60) + "}").encode(), set())
     with pytest.raises(MalformedResult, match="not one of"):
         decode_result(b'{"ok": true, "deleted_slots": ["y"]}', {"x"})
+
+
+@pytest.mark.parametrize("source", [
+    "def m(self):\n    import json\n    return json.loads('{bad')\n",
+    "def m(self):\n    import re\n    return re.compile('(')\n",
+    "def m(self):\n    import statistics\n    return statistics.mean([])\n",
+])
+def test_tracebacks_and_stderr_show_no_host_paths(source):
+    import sys
+    from pathlib import Path
+
+    result = sandbox.run_method(source, "m", SLOTS, timeout_s=5, memory_mb=256)
+    assert not result.ok and result.error_kind == "exception" and '<method m>' in result.traceback
+    shown = f"{result.traceback}\n{result.stderr}\n{result.error}"
+    for host in {sys.prefix, sys.base_prefix, str(Path(sandbox.__file__).resolve().parents[2])}:
+        assert host not in shown, shown
+    assert 'File "/' not in shown
