@@ -17,7 +17,13 @@
     through the broker and reports files, chunks, chunks/s and the progress stages seen
     (``--live PATH``; needs broker, zeo, memory and ingest up, e.g. under supervisord).
 
+(c) Embedding throughput (``--embed N``): chunks/s of the bare encoder (one ``encode`` call, silent
+    truncation) beside BAT OS's embedder as it was (slices of 128 in file order) and as it is
+    (length-sorted batches, windows for long texts), memory's ``replace_files`` end to end against an
+    in-process ZEO server, and a re-ingest of touched but unchanged files (vectors reused by hash).
+
     .venv/bin/python bench/ingest.py                 # (a), every stdlib file, 3 rounds
+    .venv/bin/python bench/ingest.py --embed 600     # (c)
     .venv/bin/python bench/ingest.py --sample 5      # (a), every 5th file
     .venv/bin/python bench/ingest.py --live /path    # (b)
 """
@@ -211,6 +217,92 @@ def part_a(args: argparse.Namespace) -> None:
         print(stats.row(name, args.budget))
 
 
+# -- (c) embedding throughput -------------------------------------------------------------------
+
+
+def _timed_call(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def part_c(n_chunks: int, budget: int) -> None:
+    """Chunks/s: the bare encoder, the embedder as before (slices of 128 in file order), the embedder now
+    (length-sorted batches), and memory's replace_files end to end (in-process ZEO), then a re-ingest."""
+    import tempfile
+
+    import ZEO
+
+    from batos.config import load
+    from batos.image import Image
+    from services.memory_weaver.embedder import Embedder
+    from services.memory_weaver.weaver import MemoryWeaver
+
+    base = Path(sysconfig.get_paths()["stdlib"])
+    results = []
+    for pkg in ("email", "http", "logging", "json"):
+        for p in sorted((base / pkg).glob("*.py")):
+            results.append(chunk_python(decode_python(p.read_bytes()), str(p), budget))
+            if sum(len(r.chunks) for r in results) >= n_chunks:
+                break
+        else:
+            continue
+        break
+    texts = [c.embed_text for r in results for c in r.chunks]
+    emb = Embedder().load()
+    model = emb._model
+    emb.embed(texts[:8])  # warm up
+    rows: list[tuple[str, int, float]] = []
+    bare = _timed_call(lambda: model.encode(texts, batch_size=32, show_progress_bar=False))
+    rows.append(("bare encoder (one encode call, truncates at 256 pieces)", len(texts), bare))
+    rows.append(("embedder before (slices of 128 in file order)", len(texts),
+                 _timed_call(lambda: [emb.embed(texts[i:i + 128]) for i in range(0, len(texts), 128)])))
+    rows.append(("embedder now (length-sorted batches)", len(texts), _timed_call(lambda: emb.embed(texts))))
+
+    async def through_memory() -> tuple[float, float, int]:
+        with tempfile.TemporaryDirectory() as tmp:
+            addr, stop = ZEO.server(path=f"{tmp}/x.fs", blob_dir=f"{tmp}/blobs")
+            settings = load(var_dir=Path(tmp) / "var", cache_dir=Path(tmp) / "cache")
+            image = await Image(settings, addr=addr).open()
+            weaver = MemoryWeaver(image, emb, settings.vector_shard_rows)
+            await weaver.start()
+            try:
+                items = sum(len(r.chunks) + len(r.summaries) for r in results)
+                t0 = time.perf_counter()
+                batch: list[dict] = []
+                for r in results:  # ingestion's batches (pipeline.BATCH_CHUNKS)
+                    batch.append(r.payload(with_context_header=True))
+                    if sum(len(b["chunks"]) for b in batch) >= 64:
+                        await weaver.replace_files({"files": batch})
+                        batch = []
+                if batch:
+                    await weaver.replace_files({"files": batch})
+                first = time.perf_counter() - t0
+                weaver._recent.clear()  # the re-ingest must find its vectors in the image, not in this cache
+                t0 = time.perf_counter()
+                for r in results:  # every file "touched": new file hash, same chunks
+                    payload = r.payload(with_context_header=True)
+                    payload["file_hash"] += "-touched"
+                    await weaver.replace_files({"files": [payload]})
+                return first, time.perf_counter() - t0, items
+            finally:
+                await weaver.close()
+                await image.close()
+                stop()
+
+    first, again, items = asyncio.run(through_memory())
+    rows.append((f"memory replace_files end to end ({items} chunks+summaries)", items, first))
+    rows.append(("re-ingest of touched, unchanged files", items, again))
+    rows.append(("bare encoder again (drift check)", len(texts),
+                 _timed_call(lambda: model.encode(texts, batch_size=32, show_progress_bar=False))))
+    windows = sum(len(emb.windows(t)) for t in texts)
+    print(f"\n{len(texts)} chunks from {len(results)} stdlib files, {windows} windows of <=256 pieces")
+    print("| path | items | seconds | items/s | / bare |\n|---|---|---|---|---|")
+    bare_rate = len(texts) / bare
+    for name, n, secs in rows:
+        print(f"| {name} | {n} | {secs:.1f} | {n / secs:.1f} | {n / secs / bare_rate:.2f} |")
+
+
 # -- (b) end to end ----------------------------------------------------------------------------
 
 
@@ -243,8 +335,11 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=256, help="max chunk tokens (cl100k)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--live", metavar="PATH", help="(b): ingest PATH through the running system")
+    ap.add_argument("--embed", type=int, metavar="N", help="(c): embedding throughput on ~N stdlib chunks")
     args = ap.parse_args()
-    if args.live:
+    if args.embed:
+        part_c(args.embed, args.budget)
+    elif args.live:
         print(asyncio.run(end_to_end(args.live, max_chunk_tokens=args.budget)))
     else:
         part_a(args)

@@ -17,6 +17,10 @@ from services.ingestor.model import SYNTAX_FALLBACK, FileChunks
 from services.ingestor.source import decode_python, decode_text, file_hash
 
 PYTHON_SUFFIXES = frozenset({".py", ".pyi"})
+# Bump when chunk boundaries, chunk texts or embedded headers change: the hash memory keeps per file then
+# differs, so the next ingest rewrites every file instead of calling it unchanged. 2: one definition per
+# chunk, embedded header with the file's last two path components (2026-12-06).
+CHUNKING_VERSION = 2
 BINARY_SNIFF_BYTES = 8192  # a NUL in the first 8 KiB marks a binary file (git's heuristic)
 
 
@@ -38,6 +42,12 @@ def classify(path: str) -> str | None:
     return None
 
 
+def ingest_hash(raw: bytes, max_tokens: int, use_unparse: bool = False) -> str:
+    """The file's hash as memory records it: its bytes and the recipe that chunked them (version, budget,
+    unparse), so that a file chunked another way is re-ingested, and one chunked the same way is skipped."""
+    return file_hash(raw + f"\0batos-chunking:{CHUNKING_VERSION}:{max_tokens}:{int(use_unparse)}".encode())
+
+
 def chunk_file(path: str, max_tokens: int, max_bytes: int, *, known_hash: str | None = None,
                use_unparse: bool = False) -> Outcome:
     kind = classify(path)
@@ -53,7 +63,7 @@ def chunk_file(path: str, max_tokens: int, max_bytes: int, *, known_hash: str | 
         return Outcome(path, "skipped", "unreadable", error=f"{type(e).__name__}: {e}")
     if len(raw) > max_bytes:  # it grew since stat
         return Outcome(path, "skipped", "too_large")
-    digest = file_hash(raw)
+    digest = ingest_hash(raw, max_tokens, use_unparse)
     if known_hash is not None and known_hash == digest:
         return Outcome(path, "unchanged")
     if b"\0" in raw[:BINARY_SNIFF_BYTES]:

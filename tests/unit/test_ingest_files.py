@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.ingestor import quality
-from services.ingestor.files import chunk_file, classify
+from services.ingestor.files import chunk_file, classify, ingest_hash
 from services.ingestor.source import file_hash
 from services.ingestor.textfiles import chunk_text
 
@@ -36,10 +36,20 @@ def test_skips_and_hashes(tmp_path: Path) -> None:
     assert chunk_file(str(tmp_path / "missing.py"), 256, BIG).reason == "unreadable"
     ok = tmp_path / "ok.py"
     ok.write_text("def f():\n    return 1\n")
-    digest = file_hash(ok.read_bytes())
+    digest = ingest_hash(ok.read_bytes(), 256)
     assert chunk_file(str(ok), 256, BIG, known_hash=digest).status == "unchanged"
     out = chunk_file(str(ok), 256, BIG, known_hash="stale")
     assert out.status == "chunked" and out.result is not None and out.result.file_hash == digest
+
+
+def test_a_file_chunked_by_another_recipe_is_chunked_again(tmp_path: Path) -> None:
+    ok = tmp_path / "ok.py"
+    ok.write_text("def f():\n    return 1\n")
+    raw = ok.read_bytes()
+    # memory holds the bare sha256 an ingest before CHUNKING_VERSION 2 wrote, or another budget's hash
+    for stale in (file_hash(raw), ingest_hash(raw, 128), ingest_hash(raw, 256, use_unparse=True)):
+        assert chunk_file(str(ok), 256, BIG, known_hash=stale).status == "chunked"
+    assert chunk_file(str(ok), 256, BIG, known_hash=ingest_hash(raw, 256)).status == "unchanged"
 
 
 def test_python_with_a_coding_cookie(tmp_path: Path) -> None:
