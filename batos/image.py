@@ -43,6 +43,7 @@ Work = Callable[..., Any]  # fn(root, conn, *args)
 
 POOL_THREADS = 2  # each thread holds a connection (and its object cache); 2 cores
 OPEN_TIMEOUT = 30.0  # seconds to wait for the ZEO server at open()
+DB_OPEN_ATTEMPTS = 3
 _STOP = object()
 
 
@@ -277,8 +278,20 @@ class Image:
         return self
 
     def _open_db(self) -> ZODB.DB:
-        storage = self._storage_factory() if self._storage_factory else make_client_storage(self.settings, self._addr)
-        return ZODB.DB(storage, cache_size=self.settings.zodb_cache_size)
+        for attempt in range(DB_OPEN_ATTEMPTS):
+            factory = self._storage_factory or (lambda: make_client_storage(self.settings, self._addr))
+            storage = factory()
+            try:
+                return ZODB.DB(storage, cache_size=self.settings.zodb_cache_size)
+            except ConflictError:
+                # ZODB.DB() creates the root of a brand-new image; two processes starting together
+                # (kernel and memory at `make up`) both try, and the loser gets a conflict on oid 0.
+                # The root exists now: open again.
+                storage.close()
+                if attempt == DB_OPEN_ATTEMPTS - 1:
+                    raise
+                log.info("another process created the image's root at the same time; opening again")
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         for lane in list(self._lanes):

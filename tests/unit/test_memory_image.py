@@ -154,3 +154,18 @@ async def test_session_spans_awaits(image, image2):
     await session.abort()
     assert await image2.read(lambda root, conn: root["s"].v) == 1
     await session.close()
+
+
+async def test_processes_opening_a_brand_new_image_together_all_succeed(settings, tmp_path):
+    """Each ZODB.DB() creates the root of an empty image; the losers of that race open again."""
+    for attempt in range(3):  # fresh servers: the race is timing-dependent
+        addr, stop = ZEO.server(path=str(tmp_path / f"new{attempt}.fs"), blob_dir=str(tmp_path / f"b{attempt}"))
+        images = [Image(settings, addr=addr, do_awaken=False, pool_threads=1) for _ in range(4)]
+        try:
+            await asyncio.gather(*(img.open() for img in images))
+            roots = {await img.read(lambda root, conn: root._p_oid) for img in images}
+            assert roots == {b"\0" * 8}
+        finally:
+            for img in images:
+                await img.close()
+            stop()
