@@ -15,6 +15,7 @@ Baselines measured in the same run:
             that commit in a temp dir, run the same way on its own live system (--no-base to skip it)
 
     .venv/bin/python bench/qa.py [--limit N] [--codebase json --codebase csv] [--no-base] [--json out.json]
+    .venv/bin/python bench/qa.py --readme      # ingest this repository, ask the README's first question
 
 Any BATOS_* variable in the environment (e.g. BATOS_LLM_BACKEND, BATOS_LLM_MODEL, BATOS_ANSWER_MAX_TOKENS) is
 passed to every service of both systems, except the ones that place the system (var dir, broker, ZEO).
@@ -244,8 +245,8 @@ async def run_questions(system: TreeSystem, questions: list[tuple[Question, list
             rows.append(row)
             if verbose:
                 print(f"[{label} {i}/{len(questions)}] {row['status']:<16} cited={row['cited']!s:<5} "
-                      f"first={row['first']!s:<5} named={row['named']!s:<5} {row['seconds']:>6.1f}s  {qn.text}",
-                      flush=True)
+                      f"first={row['first']!s:<5} named={row['named']!s:<5} {row['seconds']:>6.1f}s  {qn.text}"
+                      + (f"  ERROR {row['error'][:200]}" if row["error"] else ""), flush=True)
     return rows
 
 
@@ -323,6 +324,31 @@ async def bench(label: str, tree: Path, work: Path, src: Path, names: list[str],
         system.stop_all()
 
 
+README_QUESTION = "how does the broker handle a dead worker?"
+
+
+async def readme_check(work: Path, question: str) -> int:
+    """Ingest this repository and ask the README's first question; print the reply as the console would."""
+    system = TreeSystem(work / "readme", tree=REPO, passthrough=passthrough_env())
+    try:
+        await start(system)
+        async with Client(system.settings, identity="qa-readme") as client:
+            started = time.monotonic()
+            report = await client.call("kernel", "ingest", {"path": str(REPO)}, timeout=INGEST_TIMEOUT)
+            print(f"ingest .: {report.get('files')} files, {report.get('chunks')} chunks in "
+                  f"{time.monotonic() - started:.0f} s", flush=True)
+            reply, seconds, error = await ask(client, question, 900.0)
+        print(f"ask {question}\n({seconds:.1f} s, {reply.get('status') or error})\n{reply.get('answer', '')}")
+        for name in ("citations", "also_retrieved"):
+            print(f"{name}: " + ", ".join(f"[{c.get('label')}] {c.get('where')} {c.get('node_name', '')}"
+                                          for c in reply.get(name) or []))
+        print(json.dumps({k: reply.get(k) for k in ("reason", "notes", "stop", "steps", "thoughts", "timing")},
+                         default=str))
+        return 0 if reply else 1
+    finally:
+        system.stop_all()
+
+
 async def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--codebase", action="append", choices=sorted(CODEBASES), help="repeatable; default: all")
@@ -332,7 +358,15 @@ async def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900.0, help="per ask, seconds")
     p.add_argument("--json", type=Path, help="write every row and the summaries here")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--readme", nargs="?", const=README_QUESTION, metavar="QUESTION",
+                   help="instead: ingest this repository and ask the README's question (or QUESTION)")
     a = p.parse_args(argv)
+    if a.readme:
+        work = Path(tempfile.mkdtemp(prefix="batos-qa-"))
+        try:
+            return await readme_check(work, a.readme)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     names = a.codebase or list(CODEBASES)
     chosen = [qn for qn in QUESTIONS if qn.codebase in names]
     if a.limit:  # round-robin over the codebases so a subset still covers each

@@ -1,6 +1,8 @@
 """Is an answer grounded in the evidence its prompt showed? VALIDATING's checks, each with a reason in words.
 
-  labels       the answer cites at least one evidence label ([E1]) and every label it cites was in the prompt;
+  labels       the answer cites at least one evidence label ([E1]) and every label it cites was in the prompt
+               (an answer citing none but naming code that all occurs in the evidence is cited by those names:
+               the pieces defining them);
   identifiers  every code identifier the answer names -- dotted names (``a.b``), `code spans`, call-like
                tokens ``foo(``, snake_case and camelCase words -- occurs in the evidence it cites or in the
                question (the leading parts of a dotted name may come from any evidence shown, or a file path);
@@ -96,6 +98,23 @@ def occurs(name: str, cited: set[str], shown: set[str]) -> bool:
     return parts[-1] in cited and all(p in shown or p in cited for p in parts[:-1])
 
 
+def inferred_labels(text: str, labels: dict[str, list[str]], question: str) -> list[str]:
+    """An answer that cites no label but names code: the pieces defining (else containing) each name it uses, if
+    every one of them is in the evidence; [] otherwise. A small model often names the right function and forgets
+    the label: the names it uses are then its citation."""
+    asked = _words([question])
+    names = [n for n in identifiers(text) if n.split(".")[-1] not in asked]
+    out: list[str] = []
+    for name in names:
+        last = name.split(".")[-1]
+        defining = [c for c, texts in labels.items() if len(texts) > 1 and texts[1] == last]
+        containing = [c for c, texts in labels.items() if last in _words(texts)]
+        if not containing and not defining:
+            return []
+        out.append((defining or containing)[0])
+    return list(dict.fromkeys(out))
+
+
 def check(text: str, labels: dict[str, list[str]], question: str) -> Verdict:
     """``labels``: each evidence label shown in the prompt -> the texts it stands for (code, path, names)."""
     checks: list[Check] = []
@@ -107,7 +126,9 @@ def check(text: str, labels: dict[str, list[str]], question: str) -> Verdict:
     if unknown:
         checks.append(Check("labels", False, f"cites evidence that was not shown: {', '.join(unknown)}"))
     elif not cited:
-        checks.append(Check("labels", False, "cites no evidence label"))
+        cited = inferred_labels(text, labels, question)
+        checks.append(Check("labels", bool(cited), f"no label cited; the evidence that defines the names it uses: "
+                                                   f"{', '.join(cited)}" if cited else "cites no evidence label"))
     else:
         checks.append(Check("labels", True))
     shown_words = _words([question, *(t for ts in labels.values() for t in ts)])

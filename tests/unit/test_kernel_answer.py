@@ -228,7 +228,9 @@ LABELS = answer.label_texts([
     ("Registry.purge_workers drops it [E1].", None, ""),  # a leading part may come from any evidence shown
     ("The dead worker is handled by check_liveness_timer as the question says [E1].", None, ""),  # in the question
     ("It drops the worker [E9].", "labels", "not shown: E9"),
-    ("`purge_workers` drops the worker from the waiting list.", "labels", "cites no evidence label"),
+    ("The worker is dropped from the waiting list.", "labels", "cites no evidence label"),
+    ("`purge_workers` drops the worker from the waiting list.", None, ""),  # cited by the name it uses: E1
+    ("`reap_workers` drops the worker from the waiting list.", "labels", "cites no evidence label"),
     ("It calls `reap_dead_worker` [E1].", "identifiers", "reap_dead_worker"),
     ("It calls lookup() and purge_workers() [E1].", "identifiers", "lookup"),  # lookup is only in E2
     ("It uses heartbeatExpiry [E1, E2].", "identifiers", "heartbeatExpiry"),
@@ -237,8 +239,14 @@ LABELS = answer.label_texts([
 def test_each_grounding_check_fails_and_passes(text, failed, why):
     verdict = grounding.check(text, LABELS, "how is a dead worker found by check_liveness_timer?")
     assert verdict.ok is (failed is None)
-    assert [c.name for c in verdict.checks if not c.ok] == ([failed] if failed else [])
+    failing = [c.name for c in verdict.checks if not c.ok]
+    assert failing == [] if failed is None else failed in failing
     assert why in verdict.reason
+
+
+def test_an_answer_without_labels_is_cited_by_the_definitions_it_names():
+    verdict = grounding.check("`Registry` and then `purge_workers` do it.", LABELS, "how?")
+    assert verdict.ok and verdict.cited == ["E2", "E1"]
 
 
 def test_identifiers_are_the_code_names_an_answer_uses():
