@@ -1,7 +1,8 @@
 """The ZEO server's configuration file (``runzeo -C FILE``).
 
 ``runzeo`` has no blob option on its command line, so supervisord starts it with a
-config file holding a ``<zeo>`` address section and a ``<filestorage>`` section with the
+config file holding a ``<zeo>`` address section and an ``<oidsafefilestorage>`` section (a
+FileStorage that never hands out an oid twice across restarts: ``batos.zeo_storage``) with the
 Living Image's path and blob directory. Usage: ``python -m services.memory_weaver.zeo_conf OUT``.
 """
 
@@ -24,15 +25,17 @@ def render_zeo_conf(settings: Any) -> str:
     address = addr if isinstance(addr, str) else f"{addr[0]}:{addr[1]}"
     return (
         "# Written by services.memory_weaver.zeo_conf; regenerate rather than edit.\n"
+        # a FileStorage that never hands out an oid twice across restarts (batos/zeo_storage)
+        "%import batos.zeo_storage\n"
         "<zeo>\n"
         f"  address {address}\n"
         f"  transaction-timeout {TRANSACTION_TIMEOUT}\n"
         f"  invalidation-queue-size {INVALIDATION_QUEUE_SIZE}\n"
         "</zeo>\n"
-        "<filestorage>\n"
+        "<oidsafefilestorage>\n"
         f"  path {var / 'live_image.fs'}\n"
         f"  blob-dir {var / 'blobs'}\n"
-        "</filestorage>\n"
+        "</oidsafefilestorage>\n"
     )
 
 

@@ -10,8 +10,10 @@ The restarted server only knows the largest oid that was committed, so it hands 
 the clients still hold. With the stock ``ClientStorage`` this makes two objects share an oid
 (a transaction that stores two new objects under one id silently keeps the last one) or fails
 with "A different object already has the same oid": the first two tests prove the scenario
-reproduces the corruption. ``RestartSafeClientStorage`` must come through the same scenario,
-and a transaction that spans the restart, with every object stored once under its own oid.
+reproduces the corruption. Each of the two fixes must come through the same scenarios (between
+ingests, and a transaction that spans the restart) with every object stored once under its own
+oid: ``RestartSafeClientStorage`` with ZODB's FileStorage on the server, and the stock client with
+``batos.zeo_storage.OidSafeFileStorage`` (which never hands out an id twice) on the server.
 """
 
 from __future__ import annotations
@@ -68,6 +70,13 @@ class Client:
 @pytest.fixture
 def zeo(tmp_path) -> Iterator[ZeoProcess]:
     server = ZeoProcess(tmp_path).start()
+    yield server
+    server.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def safe_zeo(tmp_path) -> Iterator[ZeoProcess]:
+    server = ZeoProcess(tmp_path, oid_safe=True).start()
     yield server
     server.stop(signal.SIGKILL)
 
@@ -182,3 +191,25 @@ def test_restart_safe_client_gives_a_spanning_transaction_fresh_oids(zeo, restar
     wrong, keys = span_restart(zeo, RestartSafeClientStorage, RESTARTS[restart])
     assert wrong == []
     assert keys == sorted(f"span-{i}" for i in range(150))
+
+
+@pytest.mark.parametrize("restart", RESTARTS)
+def test_an_oid_safe_server_keeps_stock_clients_correct(safe_zeo, restart):
+    errors, wrong, _ = run_scenario(safe_zeo, ClientStorage, RESTARTS[restart])
+    assert errors == []
+    assert wrong == []
+    wrong, keys = span_restart(safe_zeo, ClientStorage, RESTARTS[restart])
+    assert wrong == []
+    assert keys == sorted(f"span-{i}" for i in range(150))
+
+
+def test_the_oid_safe_server_starts_past_every_oid_it_handed_out(safe_zeo):
+    storage = ClientStorage(safe_zeo.address, wait=True, wait_timeout=30)
+    before = max(storage.new_oid() for _ in range(250))  # handed out, never committed
+    storage.close()
+    safe_zeo.restart(signal.SIGKILL)
+    storage = ClientStorage(safe_zeo.address, wait=True, wait_timeout=30)
+    try:
+        assert storage.new_oid() > before
+    finally:
+        storage.close()

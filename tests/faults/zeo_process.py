@@ -10,14 +10,17 @@ import time
 from pathlib import Path
 
 RUNZEO = Path(sys.executable).with_name("runzeo")
+REPO = str(Path(__file__).resolve().parent.parent.parent)
 START_TIMEOUT = 30.0
 
 
 class ZeoProcess:
-    """``runzeo`` on a unix socket in ``root``, serving ``root/data.fs``; restartable on the same file."""
+    """``runzeo`` on a unix socket in ``root``, serving ``root/data.fs``; restartable on the same file.
+    ``oid_safe``: the storage is batos.zeo_storage's (as BAT OS's zeo.conf has it), else ZODB's own."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, oid_safe: bool = False):
         self.root = root
+        self.oid_safe = oid_safe
         self.address = str(root / "zeo.sock")
         self.path = root / "data.fs"
         self.popen: subprocess.Popen | None = None
@@ -26,8 +29,15 @@ class ZeoProcess:
         if os.path.exists(self.address):
             os.unlink(self.address)  # a kill -9 leaves the socket file behind
         log = (self.root / "zeo.log").open("ab")
-        self.popen = subprocess.Popen([str(RUNZEO), "-a", self.address, "-f", str(self.path)],
-                                      stdout=log, stderr=subprocess.STDOUT)
+        if self.oid_safe:
+            conf = self.root / "zeo.conf"
+            conf.write_text(f"%import batos.zeo_storage\n<zeo>\n  address {self.address}\n</zeo>\n"
+                            f"<oidsafefilestorage>\n  path {self.path}\n</oidsafefilestorage>\n")
+            argv = [str(RUNZEO), "-C", str(conf)]
+        else:
+            argv = [str(RUNZEO), "-a", self.address, "-f", str(self.path)]
+        env = {**os.environ, "PYTHONPATH": REPO}  # runzeo imports batos.zeo_storage
+        self.popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         deadline = time.monotonic() + START_TIMEOUT
         while not os.path.exists(self.address):  # runzeo binds the socket once the storage is open

@@ -22,6 +22,11 @@ def test_runzeo_parses_the_config(tmp_path):
     assert section.path == str((tmp_path / "var" / "live_image.fs").resolve())
     assert section.blob_dir == str((tmp_path / "var" / "blobs").resolve())
     assert (tmp_path / "var" / "blobs").is_dir()
+    opened = storage.open()  # the FileStorage that never hands out an oid twice (issue 14)
+    try:
+        assert type(opened).__name__ == "OidSafeFileStorage"
+    finally:
+        opened.close()
 
 
 def test_default_address_is_a_unix_socket_in_var(tmp_path):
@@ -39,7 +44,7 @@ def test_cli_writes_file(tmp_path):
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     text = out.read_text()
-    assert "address 127.0.0.1:8124" in text and "<filestorage>" in text and "blob-dir" in text
+    assert "address 127.0.0.1:8124" in text and "<oidsafefilestorage>" in text and "blob-dir" in text
     r = subprocess.run([sys.executable, "-m", "services.memory_weaver.zeo_conf"], cwd=REPO_ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "usage" in r.stderr
