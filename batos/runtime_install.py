@@ -4,9 +4,12 @@ PyPI has only an sdist of llama-cpp-python 0.3.36: pip compiles llama.cpp (~10 C
 machine's gcc and cmake). We build a wheel ONCE, keep it outside the checkout (``~/.cache/batos/wheels``;
 pip does not reuse its own cached build for a fresh download), and later venvs install it in seconds.
 
-The build is native (``-DGGML_NATIVE=ON``: AVX-512/VNNI where the CPU has them, measurably faster than a
-portable build), so the wheel fits this CPU only: its cache directory is keyed by the version, the Python
-tag AND a hash of the CPU's feature flags; another CPU builds its own.
+The build enables exactly the instruction sets this CPU reports (AVX2, AVX-512, VNNI, BF16, ...) as
+explicit ggml options instead of ``-march=native``, and never AMX: this machine lists AMX in
+/proc/cpuinfo, but the first AMX instruction (``tilezero``) dies with SIGILL here (the VM does not grant
+the tile state), and ``-march=native`` turns AMX on. The wheel's cache directory is keyed by the
+version, the Python tag and a hash of those cmake options, so a CPU with other instruction sets builds
+its own wheel and one with the same set reuses it.
 
 A failed build does not fail ``make setup``: BAT OS then runs the embedded model on transformers (slower),
 ``make up`` says so, and the failure is remembered so that later setups do not spend 10 minutes on it
@@ -34,24 +37,43 @@ from batos.config import load
 VERSION = "0.3.36"
 PACKAGE = "llama-cpp-python"
 SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
-CMAKE_ARGS = "-DGGML_NATIVE=ON"
+# (cpuinfo flags that must all be present, ggml option): what the wheel may use
+ISA_OPTIONS = (
+    (("sse4_2",), "GGML_SSE42"), (("f16c",), "GGML_F16C"), (("fma",), "GGML_FMA"), (("bmi2",), "GGML_BMI2"),
+    (("avx",), "GGML_AVX"), (("avx2",), "GGML_AVX2"), (("avx_vnni",), "GGML_AVX_VNNI"),
+    (("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"), "GGML_AVX512"),
+    (("avx512vbmi",), "GGML_AVX512_VBMI"), (("avx512_vnni",), "GGML_AVX512_VNNI"),
+    (("avx512_bf16",), "GGML_AVX512_BF16"),
+)  # fmt: skip
+NEVER = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")  # SIGILL in this VM (see above)
 TOOLS = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "conversion/", "gguf-py/")  # under vendor/llama.cpp
-_PROGRESS = re.compile(r"^\s*\[\s*(\d+)%\]\s*(Building|Linking)\s+\w+\s+\w+\s+(?:object\s+)?(\S+)")
+# ninja's "[12/140] /usr/bin/g++ ... -o x.o -c src.cpp" or make's "[ 42%] Building CXX object x.o"
+_PROGRESS = re.compile(r"^\s*\[\s*(\d+)(?:%|/(\d+))\]\s.*?(\S+\.(?:c|cpp|cxx|o|so))\s*$")
 
 
-def cpu_key() -> str:
-    """A short hash of the CPU's feature flags: a native build runs only where these are the same."""
+def cpu_flags() -> set[str]:
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        flags = next((line.split(":", 1)[1] for line in lines if line.startswith("flags")), "")
     except OSError:
-        flags = ""
-    return hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:10]
+        return set()
+    return set(next((line.split(":", 1)[1] for line in lines if line.startswith("flags")), "").split())
+
+
+def cmake_args(flags: set[str] | None = None) -> str:
+    """The build's CMAKE_ARGS: each instruction set on exactly when the CPU has it; AMX and multimodal off."""
+    flags = cpu_flags() if flags is None else flags
+    isa = [f"-D{option}={'ON' if all(f in flags for f in needs) else 'OFF'}" for needs, option in ISA_OPTIONS]
+    return " ".join(["-DGGML_NATIVE=OFF", *isa, *(f"-D{o}=OFF" for o in NEVER), "-DLLAVA_BUILD=OFF"])
+
+
+def build_key(args: str | None = None) -> str:
+    """A short hash of the cmake options: a wheel runs wherever the CPU has these instruction sets."""
+    return hashlib.sha256((args or cmake_args()).encode()).hexdigest()[:10]
 
 
 def cache_dir() -> Path:
     tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
-    return Path(load().cache_dir) / "wheels" / f"llama_cpp_python-{VERSION}-{tag}-native-{cpu_key()}"
+    return Path(load().cache_dir) / "wheels" / f"llama_cpp_python-{VERSION}-{tag}-{build_key()}"
 
 
 def tools_dir() -> Path:
@@ -65,6 +87,20 @@ def installed_version() -> str | None:
     try:
         return metadata.version(PACKAGE)
     except metadata.PackageNotFoundError:
+        return None
+
+
+def _key_file() -> Path:
+    """Beside the installed package: which build it is (a wheel from another build key is replaced)."""
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["purelib"]) / "llama_cpp" / ".batos_build_key"
+
+
+def installed_key() -> str | None:
+    try:
+        return _key_file().read_text().strip()
+    except OSError:
         return None
 
 
@@ -86,12 +122,22 @@ def _download_sdist(where: Path) -> Path:
     return sdist
 
 
+def progress(line: str) -> int | None:
+    """Percent done from a build log line, or None."""
+    match = _PROGRESS.match(line)
+    if match is None:
+        return None
+    done, total = int(match.group(1)), match.group(2)
+    return done * 100 // int(total) if total else done
+
+
 def _build(where: Path, log_path: Path) -> Path:
     """pip wheel from the sdist, showing cmake's progress lines; the wheel's path."""
     sdist = _download_sdist(where)
-    env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-    print(f"  building {PACKAGE} {VERSION} ({CMAKE_ARGS}): about 5-10 minutes on 2 cores, once; log {log_path}",
-          flush=True)  # fmt: skip
+    args = cmake_args()
+    env = {**os.environ, "CMAKE_ARGS": args, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    print(f"  building {PACKAGE} {VERSION} once (about 5-10 minutes on 2 cores); log {log_path}", flush=True)
+    print(f"  CMAKE_ARGS={args}", flush=True)
     started = time.monotonic()
     last_shown = -10
     # built beside the cache so the finished wheel appears there by an atomic rename
@@ -103,11 +149,10 @@ def _build(where: Path, log_path: Path) -> Path:
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            match = _PROGRESS.match(line)
-            if match and int(match.group(1)) >= last_shown + 10:  # one line per 10%
-                last_shown = int(match.group(1))
-                print(f"  [{match.group(1):>3}%] {time.monotonic() - started:5.0f} s  {Path(match.group(3)).name}",
-                      flush=True)  # fmt: skip
+            percent = progress(line)
+            if percent is not None and percent >= last_shown + 10:  # one line per 10%
+                last_shown = percent
+                print(f"  [{percent:>3}%] {time.monotonic() - started:5.0f} s", flush=True)
         if proc.wait() != 0:
             raise RuntimeError(f"pip wheel exited with {proc.returncode}")
         built = _cached_wheel(Path(out))
@@ -138,7 +183,7 @@ def install(rebuild: bool = False) -> tuple[bool, str]:
     where = cache_dir()
     where.mkdir(parents=True, exist_ok=True)
     failed_marker = where / "BUILD_FAILED"
-    if installed_version() == VERSION:
+    if installed_version() == VERSION and installed_key() == build_key():
         _ensure_tools(where)
         return True, f"llama-cpp-python {VERSION}: installed"
     wheel = _cached_wheel(where)
@@ -157,6 +202,7 @@ def install(rebuild: bool = False) -> tuple[bool, str]:
     result = _pip("install", "-q", "--no-deps", str(wheel))
     if result.returncode != 0:
         return False, f"llama-cpp-python: installing {wheel} failed (exit {result.returncode})"
+    _key_file().write_text(build_key())
     _ensure_tools(where)
     return True, f"llama-cpp-python {VERSION}: installed from the cached wheel in {time.monotonic() - started:.1f} s"
 
