@@ -40,6 +40,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from services.forge import confine
+
 log = logging.getLogger("batos.steward")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +50,28 @@ EVALUATION_MODULE = "services.forge.evaluation"
 OUTPUT_TAIL_LINES = 20  # the last lines of a failed step go into the reason
 STEWARD_EVENTS = frozenset({"started", "stopped", "stage", "stage_done", "restarted", "restart_failed", "finished",
                             "incarnated"})
+
+
+# What a training run may leave in its adapter directory is data, never code: the forge and the evaluation
+# load it. Pickle-based weights (torch.load), code and links are refused.
+UNSAFE_ADAPTER_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".py", ".pyc", ".so",
+                                     ".npy", ".npz", ".joblib"})
+
+
+class ConfinementUnavailable(RuntimeError):
+    """The training script must run confined and cannot be here."""
+
+
+def adapter_problem(adapter: Path) -> str:
+    """Why the adapter directory must not be loaded ("" when it may): links, pickles, code."""
+    for path in adapter.rglob("*"):
+        if path.is_symlink():
+            return f"{path.relative_to(adapter)} is a symbolic link"
+        if path.is_file() and path.suffix.lower() in UNSAFE_ADAPTER_SUFFIXES:
+            return f"{path.relative_to(adapter)} is not a data file the forge loads safely ({path.suffix})"
+        if not (path.is_file() or path.is_dir()):
+            return f"{path.relative_to(adapter)} is not a regular file"
+    return ""
 
 
 class InstructionError(ValueError):
@@ -247,8 +271,12 @@ class StepResult:
 
 class Steward:
     def __init__(self, channel: Path, supervisor: Supervisor, *, python: str = sys.executable,
-                 own_program: str = "steward"):
+                 own_program: str = "steward", confine_training: bool = True, hidden: list[Path] | None = None):
         self.channel = channel
+        # Training scripts run confined (confine.py): no network, read-only world, writes only to the output
+        # and a scratch dir, secrets hidden. Default hidden: the var dir's keys (the channel lives in var/).
+        self.confine_training = confine_training
+        self.hidden = list(hidden) if hidden is not None else [channel.parent / "keys"]
         self.supervisor = supervisor
         self.python = python
         self.own_program = own_program  # never stop ourselves
@@ -330,13 +358,16 @@ class Steward:
                 raise SupervisorError(f"refusing to stop {ins.program!r}: that is the steward itself")
             state = self.supervisor.stop(ins.program)
             status.write("stopped", program=ins.program, state=state)
-            train = self._step("train", [self.python, "-u", ins.script_path, ins.config_path], ins, running, status)
+            argv, env = self._training_command(ins, status)
+            train = self._step("train", argv, ins, running, status, env=env)
             result["returncode"] = train.returncode
             adapter = Path(ins.output_dir)
             if train.returncode != 0:
                 result["reason"] = train.reason or f"training script exited with {train.returncode}"
             elif not (adapter / "adapter_config.json").is_file():
                 result["reason"] = f"training script exited 0 but wrote no adapter to {adapter}"
+            elif problem := adapter_problem(adapter):
+                result["reason"] = f"refused the adapter the training script wrote: {problem}"
             else:
                 result["adapter_dir"] = str(adapter)
                 result["ok"] = True
@@ -349,6 +380,8 @@ class Steward:
                         result["reason"] = ev.reason or "evaluation wrote no metrics.json"
         except SupervisorError as e:
             result["reason"] = f"could not stop {ins.program}: {e}; training not run"
+        except ConfinementUnavailable as e:
+            result["reason"] = str(e)
         except Exception as e:  # the program must be restarted whatever went wrong here
             log.exception("steward: run %s failed", ins.id)
             result["reason"] = f"{type(e).__name__}: {e}"
@@ -371,12 +404,38 @@ class Steward:
             status.write("restart_failed", program=program, reason=str(e))
             return {"restarted": False, "restart_error": str(e)}
 
-    def _step(self, stage: str, argv: list[str], ins: Instruction, running: Path, status: StatusLog) -> StepResult:
+    def _training_command(self, ins: Instruction, status: StatusLog) -> tuple[list[str], dict[str, str] | None]:
+        """The training step's argv and environment: confined unless confinement is off; a generated script
+        is never run unconfined (the template, our own code, may be, with a warning)."""
+        argv = [self.python, "-u", ins.script_path, ins.config_path]
+        if not self.confine_training:
+            return argv, None
+        why = confine.available()
+        if why:
+            if ins.origin != "template":
+                raise ConfinementUnavailable(f"no confinement on this host ({why}): the generated training "
+                                             "script was not run")
+            log.warning("steward: %s; running the template training script unconfined", why)
+            status.write("stage", stage="train", unconfined=why)
+            return argv, None
+        output = Path(ins.output_dir)
+        scratch = Path(ins.config_path).parent / "scratch"
+        for path in (output, scratch):
+            path.mkdir(parents=True, exist_ok=True)
+        env = {**confine.confined_env(scratch, self._env()), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+        return confine.confined_argv(argv, writable=[output, scratch], hidden=self.hidden), env
+
+    @staticmethod
+    def _env() -> dict[str, str]:
+        return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+
+    def _step(self, stage: str, argv: list[str], ins: Instruction, running: Path, status: StatusLog,
+              env: dict[str, str] | None = None) -> StepResult:
         """Run one child, relaying its stdout+stderr line by line; JSON lines become status events."""
         if self.stopping:
             return StepResult(-1, [], "steward stopping")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        env = env if env is not None else self._env()
         status.write("stage", stage=stage, argv=argv)
         with self._lock:
             # A new session: the child and its own children form a group we can kill as one.

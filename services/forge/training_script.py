@@ -7,9 +7,12 @@ accepted only if it parses, imports nothing beyond :data:`ALLOWED_IMPORTS`, call
 an LLM error, a timeout) selects the canonical template (:mod:`services.forge.train_template`), and the
 reason is reported.
 
-These checks are a quality gate, not a security boundary (AST checks cannot be one; see FIELD_NOTES): a
-script that passes still runs with the steward's rights. What keeps the decision about the adapter honest
-is that the metrics come from our evaluation module, never from the script.
+These checks are a quality gate, not a security boundary (AST checks cannot be one; see FIELD_NOTES). The
+boundary is where the steward runs the script (services/forge/confine.py): fresh namespaces, no network, a
+read-only world with only the output and a scratch directory writable, keys and unix sockets hidden, a clean
+environment, no capabilities, a time limit; the adapter it leaves is refused if it holds pickles or links. The
+script is only parsed here, never imported or executed. What keeps the decision about the adapter honest is
+that the metrics come from our evaluation module, never from the script.
 """
 
 from __future__ import annotations

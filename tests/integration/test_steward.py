@@ -110,7 +110,7 @@ GOOD_SCRIPT = """
     print("plain text line")
     print(json.dumps({{"step": 2, "total": 2, "loss": 1.5}}))
     print(json.dumps({{"event": "finished", "ok": True}}))  # must not pass for the steward's own line
-    out = pathlib.Path('{root}/adapter'); out.mkdir()
+    out = pathlib.Path('{root}/adapter'); out.mkdir(exist_ok=True)  # the steward creates it (confined)
     (out / 'adapter_config.json').write_text('{{}}')
     print("config arg:", sys.argv[1])
 """
