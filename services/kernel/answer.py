@@ -31,7 +31,9 @@ from services.kernel.react import Evidence, ReactResult
 from services.kernel.run import CycleRun
 
 ANSWER_MAX_TOKENS = 320  # settings.answer_max_tokens' default
-ANSWER_TOKENS_CAP = 160  # an answer of two or three sentences and its Sources line; every token costs time
+ANSWER_TOKENS_CAP = 100  # two or three sentences and a Sources line (measured: 50-110 tokens); each costs time
+RETRY_TOKENS_CAP = 80  # the retry asks for one or two sentences
+ANSWER_PIECES = 4  # evidence pieces an answer prompt holds at most: the model uses the first few, prefill is time
 # Prose only (never code): a 135M model at temperature 0 falls into loops that a mild penalty breaks.
 ANSWER_REPETITION_PENALTY = 1.1
 STOP = ["\nQuestion:", "\nEvidence:"]  # a small model goes on to invent the next prompt
@@ -159,7 +161,8 @@ async def write(run: CycleRun, question: str, evidence: ReactResult, *, persona:
                   max_tokens=max_tokens)
     if kind == "answer" and not retrieved:
         return draft  # nothing to ground an answer in: VALIDATING says so without asking the model
-    assembled = await _assemble(run, question, summaries, retrieved, persona=persona, kind=kind, extra=extra,
+    pieces = retrieved[:ANSWER_PIECES] if kind == "answer" else retrieved
+    assembled = await _assemble(run, question, summaries, pieces, persona=persona, kind=kind, extra=extra,
                                 ask=ASK if kind == "answer" else "")
     reply = await _generate(run, assembled.prompt, persona, max_tokens, kind)
     draft.text = str(reply.get("text") or "")
@@ -221,7 +224,7 @@ async def validate(run: CycleRun, draft: Draft, result: ReactResult, *, kind: st
                         checks=verdict.record(), attempt=1)
         assembled = await _assemble(run, draft.question, [], chunks, persona=draft.persona, kind=kind,
                                     extra=draft.extra, ask=FIRM.format(reason=verdict.reason))
-        reply = await _generate(run, assembled.prompt, draft.persona, draft.max_tokens, kind)
+        reply = await _generate(run, assembled.prompt, draft.persona, min(draft.max_tokens, RETRY_TOKENS_CAP), kind)
         text = str(reply.get("text") or "")
         verdict = grounding.check(text, label_texts(assembled.chunks), draft.question)
         attempts.append((text, assembled.chunks, verdict))
@@ -296,8 +299,8 @@ def usable_sentence(attempts: list[tuple[str, list[Evidence], grounding.Verdict]
     """At most one generated sentence: the first one that is no loop and names nothing outside its evidence."""
     for text, shown, _ in reversed(attempts):
         sentence = first_sentence(text)
-        if len(sentence.split()) < 4:
-            continue
+        if len(sentence.split()) < 4 or not grounding.identifiers(sentence):
+            continue  # a sentence worth showing names the code it is about
         texts = label_texts(shown)
         verdict = grounding.check(sentence + " [" + ", ".join(texts) + "]", texts, question)
         if verdict.ok:

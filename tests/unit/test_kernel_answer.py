@@ -178,7 +178,7 @@ async def test_a_rejected_answer_is_retried_once_with_narrower_evidence_and_a_fi
 
 
 async def test_two_rejected_answers_give_an_extractive_answer_with_the_reason(kernel, client, system):
-    bad = "Answer: Lookup reads the slots of the object first. Then it calls `deep_magic_lookup` [E1]."
+    bad = "Answer: `lookup_slot0` reads the slots of the object first. Then it calls `deep_magic_lookup` [E1]."
     client.handlers[("llm", "generate")] = gen = robin(bad, INVENTED)
     out, _ = await ask(kernel)
     assert out["status"] == "SUCCESS_DEGRADED" and len(gen.seen) == 2 and out["rewritten"] is True
@@ -186,7 +186,7 @@ async def test_two_rejected_answers_give_an_extractive_answer_with_the_reason(ke
     text = out["answer"]
     assert "[E1] batos/uvm.py:1-9  def lookup_slot0(obj)" in text  # file:lines and signature
     assert "deep_magic_lookup" not in text  # an invented name never reaches the Architect
-    assert text.count("Model's summary:") == 1 and "Lookup reads the slots of the object first." in text
+    assert text.count("Model's summary:") == 1 and "`lookup_slot0` reads the slots of the object first." in text
     assert [c["label"] for c in out["citations"]] == ["E1", "E2", "E3"]
     assert [c["label"] for c in out["also_retrieved"]] == ["E4"]
     assert any("not grounded" in n for n in out["notes"])
