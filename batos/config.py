@@ -40,6 +40,9 @@ class Settings(BaseModel):
     client_pending_max: int = 10000  # requests in flight per client before `busy`
     worker_capacity: int = 8  # concurrent requests a worker accepts by default
     extra_services: str = ""  # comma-separated service names beyond proto.Service (extensions, tests)
+    max_frame_bytes: int = 64 * 1024 * 1024  # one message; larger replies become `too_large` errors
+    broker_max_clients: int = 4096  # client identities the broker holds state for; past it: `busy`
+    broker_client_idle_s: float = 60.0  # an idle client's state is dropped after this long
 
     # memory
     zodb_cache_size: int = 100_000

@@ -34,6 +34,9 @@ def main() -> None:
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer keeps its identity
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 100_000)
+    # libzmq drops a peer whose message is far past the frame limit before it is held in memory; up to
+    # this size the broker reads its header and fails the request it answers (Broker.on_oversized)
+    sock.setsockopt(zmq.MAXMSGSIZE, settings.max_frame_bytes * 2 + (1 << 20))
     auth = curve.configure_server(sock, settings) if settings.curve_enabled else None
     sock.bind(settings.broker_endpoint)
     bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -45,9 +48,12 @@ def main() -> None:
     # Startup objects live as long as the process: keep full collections from walking them (pauses).
     gc.collect()
     gc.freeze()
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     try:
-        Broker(settings, sock).run(lambda: stopping)
+        Broker(settings, sock, monitor).run(lambda: stopping)
     finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
         sock.close(linger=0)
         if auth is not None:
             auth.stop()

@@ -9,6 +9,17 @@ Design notes (why, not what):
 - Queues are bounded; a full queue answers ``busy`` at once.
 - Sends use ROUTER_MANDATORY + DONTWAIT, so an unknown peer is an error we see
   (EHOSTUNREACH) rather than a silent drop.
+- No frame can stop the loop: decoding has explicit limits (proto), a message that fails is
+  answered with an error (with its request id when one can be read) or dropped and counted,
+  and anything unexpected in handling one message is logged, counted and survived.
+- Per-client state is bounded: at most ``broker_max_clients`` identities hold state, idle
+  ones expire, and a newcomer past the cap is answered ``busy``. libzmq keeps ~28 KB per live
+  connection and glibc keeps what it frees, so after peers leave the broker hands freed heap
+  back to the OS (``malloc_trim``) instead of holding a flood's peak forever.
+- A dead worker is noticed when its connection closes, not only when heartbeats stop: a
+  socket monitor reports the closed connection's file descriptor, and each worker's READY
+  carried the descriptor it came on (``SRCFD``). So a killed worker stops being listed
+  within one heartbeat interval; the missed-heartbeat rule still covers a hung one.
 - The hot path calls pyzmq's single-frame ``send``/``recv`` rather than its multipart helpers:
   in pyzmq 27 those spend more time on ``getsockopt(RCVMORE)`` (an enum conversion per call)
   and flag arithmetic than on moving the message. ``Frame.more`` tells whether parts follow.
@@ -16,7 +27,10 @@ Design notes (why, not what):
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -24,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 import proto
 from batos.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, Settings
@@ -39,6 +54,24 @@ KNOWN_SERVICES = {s.value for s in proto.Service}
 RECV_TIMEOUT_MS = 100
 _MORE = int(zmq.SNDMORE | zmq.DONTWAIT)  # plain ints: enum flag arithmetic costs more than the send
 _LAST = int(zmq.DONTWAIT)
+CLIENT_SWEEP_INTERVAL = 5.0  # how often idle client state is expired and freed heap returned
+LOG_BURST = 20  # warnings about bad input per LOG_WINDOW; the rest are counted, not logged
+LOG_WINDOW = 10.0
+
+
+def _malloc_trim() -> Callable[[], None]:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to hand back
+        return lambda: None
+    return lambda: trim(0)
+
+
+@dataclass(slots=True)
+class ClientState:
+    last_seen: float
+    load: int = 0  # requests of this client the broker holds
 
 
 @dataclass(slots=True, eq=False)  # workers compare by identity (list membership)
@@ -52,6 +85,7 @@ class Worker:
     last_seen: float
     inflight: set[str] = field(default_factory=set)
     served: int = 0
+    fd: int = -1  # the connection its READY came on (-1: unknown)
 
 
 @dataclass(slots=True)
@@ -74,20 +108,30 @@ class Stats:
     worker_lost: int = 0
     unroutable: int = 0
     expired: int = 0
+    oversized: int = 0  # messages over the frame limit (a reply's request is failed)
+    internal_errors: int = 0  # a message whose handling raised: logged, counted, survived
+    clients_refused: int = 0  # new client identities answered `busy` at the cap
+    clients_expired: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 
 class Broker:
-    def __init__(self, settings: Settings, socket: zmq.Socket):
+    def __init__(self, settings: Settings, socket: zmq.Socket, monitor: zmq.Socket | None = None):
         self.settings = settings
         self.sock = socket
+        self.monitor = monitor  # EVENT_DISCONNECTED of ``socket``'s connections
+        self.frame: zmq.Frame | None = None  # the payload frame being handled
         self.workers: dict[bytes, Worker] = {}
         self.service_workers: dict[str, list[Worker]] = {}  # the same workers, by service, for dispatch
         self.queues: dict[str, deque[str]] = {}
         self.pending: dict[str, Pending] = {}
-        self.client_load: dict[bytes, int] = {}
+        self.clients: dict[bytes, ClientState] = {}
+        self.next_client_sweep = time.monotonic() + CLIENT_SWEEP_INTERVAL
+        self.trim = _malloc_trim()
+        self.log_budget = LOG_BURST
+        self.log_window_end = 0.0
         self.stats = Stats()
         self.started = time.time()
         self.boot_id = uuid.uuid4().hex  # lets clients notice a broker restart
@@ -105,20 +149,56 @@ class Broker:
             try:
                 identity = recv()
             except zmq.Again:  # the timeout: nothing arrived
-                pass
+                self.check_connections()
             else:
                 # a ROUTER always puts at least one frame after the identity, and delivers a
                 # multipart message whole, so these receives do not wait
-                frame = recv(0, copy=False)
-                if frame.more:
-                    self.on_malformed_frames(identity, frame)
-                else:
-                    self.handle(identity, frame.bytes)
+                frame = self.frame = recv(0, copy=False)
+                try:
+                    if frame.more:
+                        self.on_malformed_frames(identity, frame)
+                    else:
+                        self.handle(identity, frame.bytes)
+                except Exception:  # a bug reached by some input must not take the broker down
+                    self.stats.internal_errors += 1
+                    if self.may_log():
+                        log.exception("failed to handle a message from %r; carrying on", identity[:64])
             if time.monotonic() >= self.next_heartbeat:
-                self.housekeeping()
+                try:
+                    self.housekeeping()
+                except Exception:
+                    self.stats.internal_errors += 1
+                    log.exception("housekeeping failed; carrying on")
+
+    def may_log(self) -> bool:
+        """Rate limit for warnings caused by peers: a flood must not become a flood of log lines."""
+        now = time.monotonic()
+        if now >= self.log_window_end:
+            self.log_window_end, self.log_budget = now + LOG_WINDOW, LOG_BURST
+        self.log_budget -= 1
+        return self.log_budget >= 0
+
+    def check_connections(self) -> None:
+        """Drop workers whose connection closed (a killed process closes its sockets at once)."""
+        mon = self.monitor
+        if mon is None:
+            return
+        closed: set[int] = set()
+        while True:
+            try:
+                closed.add(int(parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))["value"]))
+            except zmq.Again:
+                break
+            except (zmq.ZMQError, ValueError, KeyError, TypeError):
+                return
+        if closed:
+            for w in [w for w in self.workers.values() if w.fd in closed]:
+                log.warning("worker %r (%s) closed its connection: gone", w.identity, w.service)
+                self.remove_worker(w)
 
     def housekeeping(self) -> None:
         now = time.monotonic()
+        self.check_connections()
         self.next_heartbeat = now + HEARTBEAT_INTERVAL
         hb = proto.encode(proto.control(Kind.HEARTBEAT))
         for w in list(self.workers.values()):
@@ -128,6 +208,19 @@ class Broker:
             else:
                 self.send(w.identity, hb)
         self.expire_queued(now)
+        if now >= self.next_client_sweep:
+            self.next_client_sweep = now + CLIENT_SWEEP_INTERVAL
+            self.sweep_clients(now)
+
+    def sweep_clients(self, now: float) -> None:
+        idle_s = self.settings.broker_client_idle_s
+        idle = [c for c, st in self.clients.items() if st.load == 0 and now - st.last_seen > idle_s]
+        for c in idle:
+            del self.clients[c]
+        self.stats.clients_expired += len(idle)
+        # libzmq frees a departed peer's buffers, but glibc keeps freed heap for reuse: without this a
+        # 30k-identity flood left the broker at its peak RSS for good
+        self.trim()
 
     # -- inbound ----------------------------------------------------------------------------
 
@@ -138,20 +231,19 @@ class Broker:
             parts += 1
         self.stats.received += 1
         self.stats.malformed += 1
-        log.warning("malformed message from %r: %d frames", identity, parts + 1)
+        if self.may_log():
+            log.warning("malformed message from %r: %d frames", identity[:64], parts + 1)
         self.send(identity, proto.encode(proto.error(ErrorCode.BAD_FRAME, f"expected 1 payload frame, got {parts}")))
 
     def handle(self, identity: bytes, payload: bytes) -> None:
         """One message: ``identity`` is the sender's, ``payload`` its single envelope frame."""
         self.stats.received += 1
         try:
-            env = proto.decode_header(payload)
+            env = proto.decode_header(payload, self.settings.max_frame_bytes)
         except proto.ProtocolError as e:
-            self.stats.malformed += 1
-            log.warning("rejected message from %r: %s", identity, e.message)
-            self.send(identity, proto.encode(proto.error(
-                e.code, e.message, corr=e.partial.get("id", ""), service=e.partial.get("service", ""),
-                command=e.partial.get("command", ""))))
+            if e.code == ErrorCode.TOO_LARGE and self.on_oversized(identity, payload, e.message):
+                return
+            self.reject(identity, e)
             return
         worker = self.workers.get(identity)
         if worker is not None:
@@ -162,12 +254,23 @@ class Broker:
             case Kind.REPLY | Kind.ERROR | Kind.EVENT:
                 self.on_worker_output(identity, worker, env, payload)
             case Kind.READY:
-                self.on_ready(identity, proto.decode(payload).body, env)
+                try:
+                    body = proto.decode_ready(payload)
+                except proto.ProtocolError as e:
+                    self.reject(identity, e)
+                    return
+                self.on_ready(identity, body, env)
             case Kind.HEARTBEAT:
                 if worker is None and env.service:  # a worker we do not know: make it re-register
                     self.send(identity, proto.encode(proto.control(Kind.DISCONNECT)))
-                elif worker is not None and proto.decode(payload).body.get("draining"):
-                    worker.capacity = 0  # shutting down: finish what it holds, take nothing new
+                elif worker is not None and env.service:
+                    try:
+                        draining = proto.decode_heartbeat(payload).draining
+                    except proto.ProtocolError as e:
+                        self.reject(identity, e)
+                        return
+                    if draining:
+                        worker.capacity = 0  # shutting down: finish what it holds, take nothing new
             case Kind.CANCEL:
                 self.cancel(env.corr, identity, reason="cancelled by client")
             case Kind.DISCONNECT:
@@ -176,9 +279,43 @@ class Broker:
                 else:
                     self.forget_client(identity)
 
+    def reject(self, identity: bytes, e: proto.ProtocolError) -> None:
+        """Answer a message that could not be accepted, with its request id when one was read."""
+        self.stats.malformed += 1
+        if self.may_log():
+            log.warning("rejected message from %r: %s", identity[:64], e.message)
+        self.send(identity, proto.encode(proto.error(
+            e.code, e.message, corr=e.partial.get("id", ""), service=e.partial.get("service", ""),
+            command=e.partial.get("command", ""))))
+
+    def on_oversized(self, identity: bytes, payload: bytes, message: str) -> bool:
+        """A worker's message over the frame limit: fail the request it answers and free its slot."""
+        worker = self.workers.get(identity)
+        if worker is None:
+            return False
+        try:
+            head = proto.peek_header(payload)
+        except proto.ProtocolError:
+            return False
+        pending = self.pending.get(head.corr)
+        if pending is None or pending.worker != identity:
+            return False
+        self.stats.oversized += 1
+        worker.last_seen = time.monotonic()
+        if head.kind == Kind.EVENT:  # an event too large to forward is dropped; the request goes on
+            return True
+        if head.kind not in (Kind.REPLY, Kind.ERROR):
+            return False
+        worker.served += 1
+        self.fail(head.corr, ErrorCode.TOO_LARGE,
+                  f"the {worker.service} worker's answer was too large to deliver ({message}); "
+                  "ask for less, e.g. a smaller limit or the next page")
+        self.dispatch(worker.service)
+        return True
+
     def on_request(self, client: bytes, env: EnvelopeHeader, payload: bytes) -> None:
         if env.service == proto.Service.BROKER:
-            self.answer_broker_request(client, env)
+            self.answer_broker_request(client, env, payload)
             return
         if env.service not in self.known_services:
             self.reply_error(client, env, ErrorCode.UNKNOWN_SERVICE, f"no such service {env.service!r}")
@@ -187,31 +324,58 @@ class Broker:
             self.reply_error(client, env, ErrorCode.BAD_ARGS, f"request id {env.id} is already in flight")
             return
         queue = self.queues.setdefault(env.service, deque())
-        load = self.client_load.get(client, 0)
-        if len(queue) >= self.settings.service_queue_max or load >= self.settings.client_pending_max:
+        now = time.monotonic()
+        state = self.clients.get(client)
+        if state is None:
+            state = self.admit_client(client, env, now)
+            if state is None:
+                return
+        if len(queue) >= self.settings.service_queue_max or state.load >= self.settings.client_pending_max:
             self.stats.busy += 1
             self.reply_error(client, env, ErrorCode.BUSY,
                              f"service {env.service!r} queue is full ({len(queue)} waiting); retry later")
             return
-        self.pending[env.id] = Pending(env, payload, client, time.monotonic())
-        self.client_load[client] = load + 1
+        self.pending[env.id] = Pending(env, payload, client, now)
+        state.load += 1
+        state.last_seen = now
         queue.append(env.id)
         self.dispatch(env.service)
 
-    def on_ready(self, identity: bytes, body: dict, env: EnvelopeHeader) -> None:
+    def admit_client(self, client: bytes, env: EnvelopeHeader, now: float) -> ClientState | None:
+        """State for a new client identity, or ``busy`` when the broker holds its maximum."""
+        if len(self.clients) >= self.settings.broker_max_clients:
+            self.sweep_clients(now)
+            if len(self.clients) >= self.settings.broker_max_clients:
+                self.stats.clients_refused += 1
+                self.stats.busy += 1
+                self.reply_error(client, env, ErrorCode.BUSY,
+                                 f"the broker is serving its maximum of {self.settings.broker_max_clients} "
+                                 "clients; retry in a few seconds")
+                return None
+        state = self.clients[client] = ClientState(now)
+        return state
+
+    def on_ready(self, identity: bytes, body: proto.ReadyBody, env: EnvelopeHeader) -> None:
         if env.service not in self.known_services or env.service == proto.Service.BROKER:
             self.send(identity, proto.encode(proto.error(
                 ErrorCode.UNKNOWN_SERVICE, f"cannot register unknown service {env.service!r}")))
             return
+        self.check_connections()  # a closed connection's descriptor may be reused by this one
         old = self.workers.get(identity)
         if old is not None:  # the same worker re-announcing after a reconnect: its old requests are lost
             self.remove_worker(old)
         now = time.monotonic()
+        fd = -1
+        if self.frame is not None:
+            try:
+                fd = int(self.frame.get(zmq.SRCFD))
+            except zmq.ZMQError:
+                fd = -1
         worker = Worker(
             identity=identity, service=env.service,
-            capacity=max(1, int(body.get("capacity", self.settings.worker_capacity))),
-            version=str(body.get("version", "")), pid=int(body.get("pid", 0)),
-            registered_at=time.time(), last_seen=now)
+            capacity=max(1, self.settings.worker_capacity if body.capacity is None else body.capacity),
+            version=body.version, pid=body.pid,
+            registered_at=time.time(), last_seen=now, fd=fd)
         self.workers[identity] = worker
         self.service_workers.setdefault(env.service, []).append(worker)
         log.info("worker %r registered for %s", identity, env.service)
@@ -324,11 +488,10 @@ class Broker:
     def finish(self, req_id: str) -> Pending | None:
         pending = self.pending.pop(req_id, None)
         if pending is not None:
-            left = self.client_load.get(pending.client, 1) - 1
-            if left > 0:
-                self.client_load[pending.client] = left
-            else:
-                self.client_load.pop(pending.client, None)
+            state = self.clients.get(pending.client)
+            if state is not None:
+                state.load -= 1
+                state.last_seen = time.monotonic()
         return pending
 
     def fail(self, req_id: str, code: ErrorCode, message: str) -> None:
@@ -359,25 +522,41 @@ class Broker:
             self.stats.unroutable += 1
             log.warning("peer %r is not reading (HWM reached); message dropped", identity)
             return False
-        except zmq.ZMQError as e:
-            if e.errno == zmq.EHOSTUNREACH:
-                self.stats.unroutable += 1
-                return False
-            raise
+        except zmq.ZMQError as e:  # EHOSTUNREACH (peer gone) or anything else: never fatal
+            self.stats.unroutable += 1
+            if e.errno != zmq.EHOSTUNREACH and self.may_log():
+                log.warning("send to %r failed: %s", identity[:64], e)
+            return False
 
     # -- the broker's own service -----------------------------------------------------------
 
-    def answer_broker_request(self, client: bytes, env: EnvelopeHeader) -> None:
+    def answer_broker_request(self, client: bytes, env: EnvelopeHeader, payload: bytes) -> None:
         match env.command:
             case "ping":
                 body = {"pong": True, "version": BROKER_VERSION, "boot_id": self.boot_id}
             case "workers":
                 body = self.describe()
+            case "status":
+                body = self.status()
+            case "held":  # which of these request ids of the caller's does this broker hold?
+                try:
+                    ids = proto.decode_ids(payload)
+                except proto.ProtocolError as e:
+                    self.stats.malformed += 1
+                    self.reply_error(client, env, e.code, e.message)
+                    return
+                held = [i for i in ids if (p := self.pending.get(i)) is not None and p.client == client]
+                body = {"held": held, "boot_id": self.boot_id}
             case _:
                 self.reply_error(client, env, ErrorCode.UNKNOWN_COMMAND,
-                                 f"the broker answers ping and workers, not {env.command!r}")
+                                 f"the broker answers ping, status, workers and held, not {env.command!r}")
                 return
         self.send(client, proto.encode(proto.reply(env, body)))
+
+    def status(self) -> dict:
+        return {"pid": os.getpid(), "boot_id": self.boot_id, "version": BROKER_VERSION,
+                "uptime_s": round(time.time() - self.started, 1), "clients": len(self.clients),
+                "workers": len(self.workers), "pending": len(self.pending), "stats": self.stats.as_dict()}
 
     def describe(self) -> dict:
         now = time.monotonic()

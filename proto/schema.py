@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import ormsgpack
@@ -22,8 +22,17 @@ import ormsgpack
 PROTOCOL_VERSION = 1
 TABLE1_SCHEMA_VERSION = 1
 
-# A frame larger than this is refused before it is decoded (protects every peer).
+# A frame larger than this is refused before it is decoded (protects every peer);
+# ``settings.max_frame_bytes`` passes a smaller limit where a process has one.
 MAX_FRAME_BYTES = 64 * 1024 * 1024
+# Limits on what a frame may hold, checked at decode. msgspec and ormsgpack have no depth
+# option: a 2 KB frame nested 2,000 deep raised RecursionError out of the decoder and killed
+# the broker. Bodies may nest at most MAX_BODY_DEPTH containers (ormsgpack cannot encode
+# deeper than ~255 anyway); names and ids are short strings.
+MAX_BODY_DEPTH = 64
+MAX_ID_CHARS = 128
+MAX_NAME_CHARS = 128
+MAX_WORKER_CAPACITY = 10_000
 
 
 class Kind(enum.StrEnum):
@@ -66,6 +75,7 @@ class ErrorCode(enum.StrEnum):
     LLM_UNUSABLE = "llm_unusable"
     INTERNAL = "internal"
     UNAUTHORIZED = "unauthorized"
+    TOO_LARGE = "too_large"  # a message over the frame limit (ask for less: page the query)
 
 
 class ProtocolError(Exception):
@@ -78,14 +88,18 @@ class ProtocolError(Exception):
         self.partial = partial or {}
 
 
+Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+
+
 class Envelope(msgspec.Struct, kw_only=True, omit_defaults=True):
     v: int
-    id: str
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
     kind: Kind
-    service: str = ""
-    command: str = ""
-    corr: str = ""  # the request this message belongs to
-    sender: str = ""  # identity of the original requester (set by the broker)
+    service: Name = ""
+    command: Name = ""
+    corr: Id = ""  # the request this message belongs to
+    sender: Annotated[str, msgspec.Meta(max_length=1024)] = ""  # identity of the original requester
     idempotent: bool = False  # may the broker re-dispatch it if its worker dies?
     body: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -105,57 +119,149 @@ class EnvelopeHeader(msgspec.Struct, kw_only=True):
     """The routing part of an envelope: what the broker reads (it never interprets bodies)."""
 
     v: int
-    id: str
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
     kind: Kind
-    service: str = ""
-    command: str = ""
-    corr: str = ""
+    service: Name = ""
+    command: Name = ""
+    corr: Id = ""
     idempotent: bool = False
+
+
+class ReadyBody(msgspec.Struct, kw_only=True):
+    """What a worker announces in READY; typed so a hostile READY is refused, not crashed on."""
+
+    capacity: Annotated[int, msgspec.Meta(ge=0, le=MAX_WORKER_CAPACITY)] | None = None
+    version: Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)] = ""
+    pid: Annotated[int, msgspec.Meta(ge=0, le=2**31)] = 0
+
+
+class HeartbeatBody(msgspec.Struct, kw_only=True):
+    draining: bool = False
+
+
+class _ReadyFrame(msgspec.Struct):
+    body: ReadyBody = msgspec.field(default_factory=ReadyBody)
+
+
+class _HeartbeatFrame(msgspec.Struct):
+    body: HeartbeatBody = msgspec.field(default_factory=HeartbeatBody)
+
+
+class _IdsBody(msgspec.Struct):
+    ids: Annotated[list[Id], msgspec.Meta(max_length=100_000)] = msgspec.field(default_factory=list)
+
+
+class _IdsFrame(msgspec.Struct):
+    body: _IdsBody = msgspec.field(default_factory=_IdsBody)
 
 
 # msgspec decodes msgpack and validates types in one pass; the bytes are the same msgpack
 # ormsgpack writes. The slow path below only runs to explain a frame that failed.
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
 _header_decoder = msgspec.msgpack.Decoder(EnvelopeHeader)
+_ready_decoder = msgspec.msgpack.Decoder(_ReadyFrame)
+_heartbeat_decoder = msgspec.msgpack.Decoder(_HeartbeatFrame)
+_ids_decoder = msgspec.msgpack.Decoder(_IdsFrame)
+# RecursionError: msgspec (even when it only skips a field) recurses once per nesting level and
+# stops at the interpreter's recursion limit; that is a malformed frame, not a crash.
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+# The first byte of every msgpack map or array header (fixmap, fixarray, array16/32, map16/32).
+_CONTAINER_MARKS = bytes(range(0x80, 0xA0)) + b"\xdc\xdd\xde\xdf"
+_DEPTH_SCAN_MAX = 1 << 20  # above this size the exact walk is cheaper than copying the frame
 
 
-def decode(frame: bytes) -> Envelope:
+def _check_size(frame: bytes, max_bytes: int) -> None:
+    if len(frame) > max_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")
+
+
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
     """Decode and validate one payload frame; raise ProtocolError, never anything else."""
-    if len(frame) > MAX_FRAME_BYTES:
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    _check_size(frame, max_bytes)
     try:
         env = _envelope_decoder.decode(frame)
-        if env.v == PROTOCOL_VERSION:
-            return env
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        pass
-    return _explain(frame)
+        if env.v != PROTOCOL_VERSION:
+            env = _explain(frame)
+    except _DECODE_ERRORS:
+        env = _explain(frame)
+    if not _depth_within(frame, env.body, MAX_BODY_DEPTH):
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"body nested deeper than {MAX_BODY_DEPTH} levels",
+                            {"id": env.id, "service": env.service, "command": env.command})
+    return env
 
 
-def decode_header(frame: bytes) -> EnvelopeHeader:
+def decode_header(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> EnvelopeHeader:
     """Like :func:`decode` for routing only: the body is skipped, not validated."""
-    if len(frame) > MAX_FRAME_BYTES:
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    _check_size(frame, max_bytes)
+    return peek_header(frame)
+
+
+def peek_header(frame: bytes) -> EnvelopeHeader:
+    """The header of a frame of any size (the broker reads an oversized reply's ``corr`` with it)."""
     try:
         head = _header_decoder.decode(frame)
         if head.v == PROTOCOL_VERSION:
             return head
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except _DECODE_ERRORS:
         pass
     env = _explain(frame)
     return EnvelopeHeader(v=env.v, id=env.id, kind=env.kind, service=env.service, command=env.command,
                           corr=env.corr, idempotent=env.idempotent)
 
 
+def decode_ready(frame: bytes) -> ReadyBody:
+    """The typed body of a READY frame (already known to be a valid envelope)."""
+    return _decode_body(_ready_decoder, frame, "READY").body
+
+
+def decode_heartbeat(frame: bytes) -> HeartbeatBody:
+    return _decode_body(_heartbeat_decoder, frame, "HEARTBEAT").body
+
+
+def decode_ids(frame: bytes) -> list[str]:
+    """The ``ids`` list of a request body (the broker's ``held`` command)."""
+    return _decode_body(_ids_decoder, frame, "request").body.ids
+
+
+def _decode_body(decoder: msgspec.msgpack.Decoder, frame: bytes, what: str) -> Any:
+    try:
+        return decoder.decode(frame)
+    except _DECODE_ERRORS as e:
+        raise ProtocolError(ErrorCode.BAD_ARGS, f"malformed {what} body: {_short(e)}") from None
+
+
+def _short(e: BaseException) -> str:
+    return "nested too deep" if isinstance(e, RecursionError) else str(e)[:200]
+
+
+def _depth_within(frame: bytes, body: Any, limit: int) -> bool:
+    """Whether ``body`` nests at most ``limit`` containers (itself counted as one)."""
+    # A body cannot nest deeper than the containers the frame holds, and every container header
+    # starts with one of a few byte values: counting them (in C) clears almost every frame.
+    if len(frame) <= _DEPTH_SCAN_MAX and len(frame) - len(frame.translate(None, _CONTAINER_MARKS)) <= limit:
+        return True
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        children = obj.values() if type(obj) is dict else obj
+        for child in children:
+            if type(child) is dict or type(child) is list:
+                if depth >= limit:
+                    return False
+                stack.append((child, depth + 1))
+    return True
+
+
 def _explain(frame: bytes) -> Envelope:
     """The slow path: find out what is wrong with a frame, keeping what can be read of it."""
     try:
         raw = ormsgpack.unpackb(frame)
-    except Exception as e:  # ormsgpack raises MsgpackDecodeError / ValueError / TypeError
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"not msgpack: {e}") from e
+    except Exception as e:  # ormsgpack raises MsgpackDecodeError / ValueError / TypeError (depth too)
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"not msgpack: {_short(e)}") from None
     if not isinstance(raw, dict):
         raise ProtocolError(ErrorCode.BAD_FRAME, f"envelope must be a map, got {type(raw).__name__}")
-    partial = {k: raw.get(k) for k in ("id", "kind", "service", "command") if isinstance(raw.get(k), str)}
+    partial = {k: v for k in ("id", "kind", "service", "command")
+               if isinstance(v := raw.get(k), str) and 0 < len(v) <= MAX_ID_CHARS}
     if raw.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.BAD_VERSION, f"protocol version {raw.get('v')!r} != {PROTOCOL_VERSION}", partial
@@ -164,8 +270,8 @@ def _explain(frame: bytes) -> Envelope:
         raise ProtocolError(ErrorCode.BAD_KIND, f"unknown kind {raw.get('kind')!r}", partial)
     try:
         return msgspec.convert(raw, Envelope)
-    except msgspec.ValidationError as e:
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"invalid envelope: {e}", partial) from e
+    except (msgspec.ValidationError, RecursionError) as e:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"invalid envelope: {_short(e)}", partial) from None
 
 
 # -- constructors: every message in the system is made by one of these ---------------------
