@@ -60,6 +60,7 @@ from services.kernel.env import Emit, KernelEnv
 from services.kernel.psm import State
 from services.kernel.react import retrieve
 from services.kernel.run import CycleRun, execute
+from services.kernel.sandbox_result import data_shape_problem
 
 READ_ONLY_BUILTINS = frozenset({"get_slot", "has_slot", "slot_names", "own_slots", "method_names"})
 BRICK_MAX_TOKENS = 256  # a method, not a program
@@ -67,6 +68,8 @@ BRICK_ATTEMPTS = 2  # one retry, told why, when the reply holds no method or the
 CONTEXT_CHUNKS = 2
 CONTEXT_CHARS = 700  # per chunk in BRICK's prompt: a 135M model drowns in long context
 SLOT_PROMPT_CHARS = 120
+ARGS_MAX_DEPTH = 32  # the sandbox's JSON copy stops at 40 levels: deeper would be silently cut
+ARGS_MAX_ITEMS = 100_000
 _PLAIN_SCALARS = (type(None), bool, int, float, str)
 
 
@@ -193,6 +196,10 @@ def _check_call(selector: Any, args: Any, kwargs: Any) -> None:
                                                f"builtins that can be sent: {', '.join(sorted(READ_ONLY_BUILTINS))}")
     if not isinstance(args, list) or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise ServiceError(ErrorCode.BAD_ARGS, "args must be a list and kwargs a map with string keys")
+    problem = data_shape_problem([args, kwargs], max_depth=ARGS_MAX_DEPTH, max_nodes=ARGS_MAX_ITEMS)
+    if problem:  # a method's arguments are JSON data of a sane shape, or the call is refused here
+        raise ServiceError(ErrorCode.BAD_ARGS, f"arguments of #{selector} refused: {problem.removeprefix('value: ')} "
+                                               "(JSON data: strings, numbers, booleans, null, lists, maps)")
 
 
 # -- cycles ------------------------------------------------------------------------------------------

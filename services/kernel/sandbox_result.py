@@ -91,17 +91,27 @@ def _check_slot_name(name: str, reserved: frozenset[str]) -> None:
         raise MalformedResult(f"{name[:60]!r} is not a slot name the object can hold")
 
 
-def _check_data(value: Any, where: str) -> None:
+def data_shape_problem(value: Any, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> str:
+    """Why ``value`` is not plain data within the limits ("" when it is). Iterative: no recursion to exhaust,
+    so it is safe on input nested far deeper than Python's own recursion limit."""
+    try:
+        _check_data(value, "value", max_depth, max_nodes)
+    except MalformedResult as e:
+        return str(e)
+    return ""
+
+
+def _check_data(value: Any, where: str, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> None:
     """Iterative (no recursion to exhaust): depth and node count of decoded JSON."""
     stack: list[tuple[Any, int]] = [(value, 0)]
     nodes = 0
     while stack:
         item, depth = stack.pop()
         nodes += 1
-        if nodes > MAX_NODES:
-            raise MalformedResult(f"{where}: more than {MAX_NODES} items")
-        if depth > MAX_DEPTH:
-            raise MalformedResult(f"{where}: nested deeper than {MAX_DEPTH}")
+        if nodes > max_nodes:
+            raise MalformedResult(f"{where}: more than {max_nodes} items")
+        if depth > max_depth:
+            raise MalformedResult(f"{where}: nested deeper than {max_depth}")
         if isinstance(item, dict):
             stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, list):

@@ -237,3 +237,20 @@ async def test_selectors_that_shadow_builtins_are_bad_args(env, services, select
     with pytest.raises(ServiceError) as info:
         await dnu.send(env, Events(), MISSION, oid, selector, [], {})
     assert info.value.code == "bad_args"
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("args", [[_nested(5000)], [_nested(40)], [b"bytes"], [list(range(200_000))]])
+async def test_deep_huge_or_non_json_arguments_are_bad_args_before_any_cycle(env, services, args):
+    oid = await make_thing(env.image)
+    events = Events()
+    with pytest.raises(ServiceError) as info:
+        await dnu.send(env, events, MISSION, oid, "greet", args, {})
+    assert info.value.code == "bad_args" and "arguments of #greet refused" in info.value.message
+    assert events.states() == []
