@@ -38,7 +38,7 @@ ANSWER_PIECES = 4  # evidence pieces an answer prompt holds at most: the model u
 ANSWER_REPETITION_PENALTY = 1.1
 STOP = ["\nQuestion:", "\nEvidence:"]  # a small model goes on to invent the next prompt
 RETRY_K = 2  # pieces of evidence a retry keeps (plus any the first answer cited correctly)
-EXTRACT_K = 3  # chunks an extractive answer shows
+EXTRACT_K = ANSWER_PIECES  # an extractive answer shows the evidence the model was shown
 SUCCESS = "SUCCESS"
 DEGRADED = "SUCCESS_DEGRADED"
 
