@@ -48,6 +48,9 @@ class Settings(BaseModel):
     zodb_cache_size: int = 100_000
     blob_cache_size: int = 512 * 1024 * 1024
     vector_shard_rows: int = 2048
+    # oids never handed out twice across ZEO restarts (batos.zeo_client, batos.zeo_storage); off only to
+    # reproduce issue 14's corruption
+    zeo_restart_safe: bool = True
 
     # ingestion / token governor
     max_chunk_tokens: int = 256

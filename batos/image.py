@@ -216,6 +216,8 @@ def make_client_storage(settings: Any, addr: Any = None, wait_timeout: float = O
     ``RestartSafeClientStorage``, not ZEO's own: the stock one keeps oids preallocated from a
     server that then restarts and hands them out again (objects sharing an oid; issue 14).
     """
+    from ZEO.ClientStorage import ClientStorage
+
     from batos.zeo_client import RestartSafeClientStorage
 
     address = addr if addr is not None else settings.zeo_client_address
@@ -232,7 +234,8 @@ def make_client_storage(settings: Any, addr: Any = None, wait_timeout: float = O
         staged = blob_dir / f".layout.{os.getpid()}"
         staged.write_text("zeocache")
         staged.replace(marker)
-    return RestartSafeClientStorage(
+    cls = RestartSafeClientStorage if getattr(settings, "zeo_restart_safe", True) else ClientStorage
+    return cls(
         address,
         blob_dir=str(blob_dir),
         shared_blob_dir=False,

@@ -23,19 +23,20 @@ def render_zeo_conf(settings: Any) -> str:
     var = Path(settings.var_dir).resolve()
     addr = settings.zeo_client_address  # a unix socket path or (host, port)
     address = addr if isinstance(addr, str) else f"{addr[0]}:{addr[1]}"
+    # a FileStorage that never hands out an oid twice across restarts (batos/zeo_storage)
+    storage = "oidsafefilestorage" if getattr(settings, "zeo_restart_safe", True) else "filestorage"
     return (
         "# Written by services.memory_weaver.zeo_conf; regenerate rather than edit.\n"
-        # a FileStorage that never hands out an oid twice across restarts (batos/zeo_storage)
         "%import batos.zeo_storage\n"
         "<zeo>\n"
         f"  address {address}\n"
         f"  transaction-timeout {TRANSACTION_TIMEOUT}\n"
         f"  invalidation-queue-size {INVALIDATION_QUEUE_SIZE}\n"
         "</zeo>\n"
-        "<oidsafefilestorage>\n"
+        f"<{storage}>\n"
         f"  path {var / 'live_image.fs'}\n"
         f"  blob-dir {var / 'blobs'}\n"
-        "</oidsafefilestorage>\n"
+        f"</{storage}>\n"
     )
 
 
