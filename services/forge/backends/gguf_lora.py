@@ -33,6 +33,12 @@ def _digest(adapter_dir: Path, weights: Path) -> str:
     return h.hexdigest()[:24]
 
 
+def cache_dir() -> Path:
+    from batos.config import load
+
+    return Path(load().cache_dir) / "gguf_lora"
+
+
 def gguf_lora_for(adapter_dir: Path, base_checkpoint: str | None) -> Path:
     """The GGUF LoRA of a PEFT adapter directory (converted once); BackendError when it cannot be made."""
     from batos import runtime_install
@@ -54,7 +60,7 @@ def gguf_lora_for(adapter_dir: Path, base_checkpoint: str | None) -> Path:
     script = tools / "convert_lora_to_gguf.py"
     if not script.is_file():
         raise BackendError(proto.ErrorCode.UNAVAILABLE, f"llama.cpp's LoRA converter is missing ({script}): make setup")
-    cache = Path(runtime_install.load().cache_dir) / "gguf_lora"
+    cache = cache_dir()
     target = cache / f"{_digest(adapter_dir, weights)}.gguf"
     if target.is_file():
         return target
