@@ -161,7 +161,7 @@ class Broker:
                         self.handle(identity, frame.bytes)
                 except Exception:  # a bug reached by some input must not take the broker down
                     self.stats.internal_errors += 1
-                    if self.may_log():
+                    if self.stats.internal_errors <= LOG_BURST or self.may_log():
                         log.exception("failed to handle a message from %r; carrying on", identity[:64])
             if time.monotonic() >= self.next_heartbeat:
                 try:

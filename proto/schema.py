@@ -163,8 +163,10 @@ _ready_decoder = msgspec.msgpack.Decoder(_ReadyFrame)
 _heartbeat_decoder = msgspec.msgpack.Decoder(_HeartbeatFrame)
 _ids_decoder = msgspec.msgpack.Decoder(_IdsFrame)
 # RecursionError: msgspec (even when it only skips a field) recurses once per nesting level and
-# stops at the interpreter's recursion limit; that is a malformed frame, not a crash.
-_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+# stops at the interpreter's recursion limit; that is a malformed frame, not a crash. ValueError
+# covers what msgspec lets through from Python itself (UnicodeDecodeError on a bad UTF-8 string,
+# found by the fuzz test).
+_DECODE_ERRORS = (msgspec.MsgspecError, ValueError, OverflowError, RecursionError)
 # The first byte of every msgpack map or array header (fixmap, fixarray, array16/32, map16/32).
 _CONTAINER_MARKS = bytes(range(0x80, 0xA0)) + b"\xdc\xdd\xde\xdf"
 _DEPTH_SCAN_MAX = 1 << 20  # above this size the exact walk is cheaper than copying the frame
@@ -266,11 +268,12 @@ def _explain(frame: bytes) -> Envelope:
         raise ProtocolError(
             ErrorCode.BAD_VERSION, f"protocol version {raw.get('v')!r} != {PROTOCOL_VERSION}", partial
         )
-    if raw.get("kind") not in Kind._value2member_map_:
+    kind = raw.get("kind")
+    if not isinstance(kind, str) or kind not in Kind._value2member_map_:
         raise ProtocolError(ErrorCode.BAD_KIND, f"unknown kind {raw.get('kind')!r}", partial)
     try:
         return msgspec.convert(raw, Envelope)
-    except (msgspec.ValidationError, RecursionError) as e:
+    except (*_DECODE_ERRORS, TypeError) as e:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"invalid envelope: {_short(e)}", partial) from None
 
 

@@ -71,3 +71,76 @@ def test_table1_valid_and_invalid():
 def test_bytes_travel_as_bytes():
     req = proto.request("memory", "blob_put", {"data": b"\x00\xffadapter", "meta": {"k": 1}})
     assert proto.decode(proto.encode(req)).body["data"] == b"\x00\xffadapter"
+
+
+# -- limits: depth, sizes, typed control bodies (issue 13 item 4) ------------------------------
+
+
+def _with_raw_body(body: bytes, kind: str = "request") -> bytes:
+    head = ormsgpack.packb({"v": 1, "id": "deep", "kind": kind, "service": "echo"})
+    return bytes([head[0] + 1]) + head[1:] + ormsgpack.packb("body") + body
+
+
+@pytest.mark.parametrize("depth", [2_000, 100_000])
+def test_deep_nesting_is_a_protocol_error_not_a_recursion_error(depth):
+    for frame in (b"\x91" * depth + b"\xc0", _with_raw_body(b"\x81\xa1k" * depth + b"\xc0")):
+        for decode in (proto.decode, proto.decode_header):
+            with pytest.raises(ProtocolError) as e:
+                decode(frame)
+            assert e.value.code == ErrorCode.BAD_FRAME
+
+
+def test_body_depth_limit_is_exact():
+    def nested(levels: int) -> dict:  # ``levels`` containers, the body map included
+        value: object = 1
+        for i in range(levels - 1):
+            value = [value] if i % 2 else {"k": value}
+        return {"k": value}
+
+    ok = proto.request("echo", "echo", nested(proto.MAX_BODY_DEPTH))
+    assert proto.decode(proto.encode(ok)).body == ok.body
+    deep = proto.encode(proto.request("echo", "echo", nested(proto.MAX_BODY_DEPTH + 1)))
+    with pytest.raises(ProtocolError) as e:
+        proto.decode(deep)
+    assert e.value.partial["id"] and "nested deeper" in e.value.message
+    proto.decode_header(deep)  # routing does not read bodies: the worker refuses it, with the id
+    wide = proto.request("echo", "echo", {"rows": [{"a": [1, 2]} for _ in range(5_000)]})
+    assert len(proto.decode(proto.encode(wide)).body["rows"]) == 5_000  # many containers, shallow
+
+
+def test_ids_and_names_are_bounded():
+    for field, value in (("id", "i" * 200), ("id", ""), ("service", "s" * 200), ("corr", "c" * 200)):
+        frame = ormsgpack.packb({"v": 1, "id": "a", "kind": "request", field: value})
+        with pytest.raises(ProtocolError):
+            proto.decode_header(frame)
+
+
+def test_invalid_utf8_is_a_protocol_error():
+    frame = ormsgpack.packb({"v": 1, "id": "abc", "kind": "request"}).replace(b"abc", b"\xbf\xbf\xbf")
+    for decode in (proto.decode, proto.decode_header):
+        with pytest.raises(ProtocolError):
+            decode(frame)
+
+
+@pytest.mark.parametrize("body", [{"capacity": 2.5}, {"capacity": float("inf")}, {"capacity": "8"},
+                                  {"capacity": -1}, {"capacity": 10**9}, {"capacity": True}, {"pid": "x"},
+                                  {"version": ["v"]}, [1, 2], "ready"])
+def test_ready_bodies_are_typed(body):
+    frame = ormsgpack.packb({"v": 1, "id": "r", "kind": "ready", "service": "echo", "body": body})
+    with pytest.raises(ProtocolError) as e:
+        proto.decode_ready(frame)
+    assert e.value.code == ErrorCode.BAD_ARGS
+
+
+def test_ready_body_defaults_and_values():
+    good = proto.encode(proto.control(Kind.READY, service="echo", body={"capacity": 4, "pid": 7, "version": "1"}))
+    assert proto.decode_ready(good) == proto.ReadyBody(capacity=4, pid=7, version="1")
+    assert proto.decode_ready(proto.encode(proto.control(Kind.READY, service="echo"))).capacity is None
+
+
+def test_oversized_frame_is_too_large_and_its_header_still_readable():
+    frame = proto.encode(proto.reply(proto.request("echo", "big"), {"data": b"x" * 5000}))
+    with pytest.raises(ProtocolError) as e:
+        proto.decode(frame, max_bytes=1000)
+    assert e.value.code == ErrorCode.TOO_LARGE
+    assert proto.peek_header(frame).kind == Kind.REPLY
