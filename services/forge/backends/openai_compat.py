@@ -181,8 +181,10 @@ class OpenAICompatBackend(Backend):
             return self._generate(persona, messages, params, on_token, cancel)
         except BackendError as e:
             # llama-cpp-python's server knows only {"type": "json_object", "schema": ...} and refuses OpenAI's
-            # json_schema form (422); a refusal comes before any token, so asking again in its form is safe
-            refused = e.code == proto.ErrorCode.BAD_ARGS and "response_format" in e.message
+            # json_schema form (a validation error naming response_format, sent as a 500); a refusal comes
+            # before any token, so asking again in its form is safe
+            refusals = (proto.ErrorCode.BAD_ARGS, proto.ErrorCode.UNAVAILABLE)
+            refused = e.code in refusals and "response_format" in e.message
             if not (refused and params.json_schema is not None and self._schema_style == "json_schema"):
                 raise
             self._schema_style = "json_object"
