@@ -114,7 +114,9 @@ class Request:
     async def emit(self, name: str, **data: Any) -> None:
         """Stream an event to the requester (and only to it)."""
         if not self._is_cancelled():
-            await self._worker._send(proto.encode(proto.event(self.env, name, data)))
+            frame = self._worker._event_frame(self.env, name, data)
+            if frame is not None:
+                await self._worker._send(frame)
 
     def emit_threadsafe(self, name: str, **data: Any) -> None:
         """Emit from a worker thread: the socket is touched only by the event loop."""
@@ -122,7 +124,9 @@ class Request:
 
     def _emit_now(self, name: str, data: dict[str, Any]) -> None:
         if not self._is_cancelled():
-            self._worker._post(proto.encode(proto.event(self.env, name, data)))
+            frame = self._worker._event_frame(self.env, name, data)
+            if frame is not None:
+                self._worker._post(frame)
 
     async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await self._loop.run_in_executor(self.ctx.executor, fn, *args)
@@ -159,6 +163,7 @@ class ServiceWorker:
         self.handlers = handlers
         self.ctx = ctx
         self.capacity = capacity
+        self.max_frame = ctx.settings.max_frame_bytes
         self.identity = f"{service}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}".encode()
         self.zctx = zmq.asyncio.Context.instance()
         self.loop = asyncio.get_running_loop()
@@ -321,7 +326,7 @@ class ServiceWorker:
 
     def _on_frames(self, frames: list[bytes]) -> None:
         try:
-            env = proto.decode(frames[-1])
+            env = proto.decode(frames[-1], self.max_frame)
         except proto.ProtocolError as e:
             log.warning("%s: dropped malformed frame from broker: %s", self.service, e.message)
             if len(frames) == 2:  # it came with a client frame: answer that client
@@ -371,16 +376,40 @@ class ServiceWorker:
             req.cancelled.set()
             out = self._cancelled_error(env)
         except Exception as e:  # a bug in a handler must not kill the worker; the caller learns what
-            log.error("%s.%s failed:\n%s", self.service, env.command, traceback.format_exc())
-            out = proto.error_for(env, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+            ref = uuid.uuid4().hex[:8]
+            log.error("%s.%s failed (ref %s):\n%s", self.service, env.command, ref, traceback.format_exc())
+            code, message = explain_failure(self.service, env.command, e, ref)
+            out = proto.error_for(env, code, message, {"ref": ref})
         finally:
             self.tasks.pop(env.id, None)
         self.served += 1
         try:
             frame = proto.encode(out)
         except (TypeError, ValueError) as e:  # an unencodable reply body
-            frame = proto.encode(proto.error_for(env, ErrorCode.INTERNAL, f"reply not encodable: {e}"))
+            log.error("%s.%s: reply not encodable: %s", self.service, env.command, e)
+            frame = proto.encode(proto.error_for(env, ErrorCode.INTERNAL,
+                                                 f"{self.service}.{env.command} produced an answer that cannot be "
+                                                 "sent (a value of an unsupported type or nested too deep)"))
+        if len(frame) > self.max_frame:  # the broker would refuse it and the caller would only time out
+            log.warning("%s.%s: reply of %d bytes is over the %d-byte limit", self.service, env.command,
+                        len(frame), self.max_frame)
+            frame = proto.encode(proto.error_for(
+                env, ErrorCode.TOO_LARGE, f"{self.service}.{env.command}'s answer is {len(frame)} bytes, over the "
+                f"{self.max_frame}-byte message limit; ask for less (a smaller limit, or the next page)"))
         await self._send(frame)
+
+    def _event_frame(self, env: Envelope, name: str, data: dict[str, Any]) -> bytes | None:
+        """An encoded event, or None (logged) when it cannot be sent: the request itself goes on."""
+        try:
+            frame = proto.encode(proto.event(env, name, data))
+        except (TypeError, ValueError) as e:
+            log.warning("%s.%s: event %r not encodable: %s", self.service, env.command, name, e)
+            return None
+        if len(frame) > self.max_frame:
+            log.warning("%s.%s: event %r of %d bytes dropped (limit %d)", self.service, env.command, name,
+                        len(frame), self.max_frame)
+            return None
+        return frame
 
     def _cancelled_error(self, env: Envelope) -> Envelope:
         return proto.error_for(env, ErrorCode.CANCELLED, f"{self.service}.{env.command} was cancelled")
@@ -403,6 +432,33 @@ class ServiceWorker:
         return {"service": self.service, "identity": self.identity.decode(), "pid": os.getpid(),
                 "version": __version__, "uptime_s": round(time.time() - self.ctx.started, 1),
                 "served": self.served, "inflight": len(self.tasks), "commands": sorted(self.handlers)}
+
+
+# Exceptions that mean "a connection this service needs went away", by class name so that this
+# runtime need not import ZEO or ZODB: the fix is to wait for it to come back, not a bug to report.
+_STORAGE_LOST = {"ClientDisconnected", "DisconnectedError", "ClientStorageError"}
+_CONFLICT = {"ConflictError", "ReadConflictError", "WriteConflictError"}
+
+
+def explain_failure(service: str, command: str, exc: BaseException, ref: str) -> tuple[ErrorCode, str]:
+    """Plain words for an exception a handler did not expect; the raw text stays in the log (``ref``)."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    what = f"{service}.{command}"
+    if names & _STORAGE_LOST:
+        return ErrorCode.UNAVAILABLE, (f"{what} could not finish: {service} lost its connection to the object "
+                                       "store (ZEO), which is probably restarting. It reconnects by itself; "
+                                       "try again in a few seconds.")
+    if names & _CONFLICT:
+        return ErrorCode.CONFLICT, f"{what} collided with a concurrent change to the same objects; try again."
+    if isinstance(exc, ConnectionError):
+        return ErrorCode.UNAVAILABLE, (f"{what} could not finish: a connection it needed was closed or refused. "
+                                       "If a service is restarting, try again in a few seconds.")
+    if isinstance(exc, TimeoutError):
+        return ErrorCode.TIMEOUT, f"{what} gave up waiting for something it needed; try again."
+    if isinstance(exc, MemoryError):
+        return ErrorCode.INTERNAL, f"{what} ran out of memory; try a smaller request."
+    return ErrorCode.INTERNAL, (f"{what} failed with an internal error (reference {ref} in the {service} log); "
+                                f"{service} is still running.")
 
 
 def _builtin_handlers(worker_ref: list[ServiceWorker], status_hook: Callable[[Context], Awaitable[dict]] | None):

@@ -129,6 +129,7 @@ class Broker:
         self.pending: dict[str, Pending] = {}
         self.clients: dict[bytes, ClientState] = {}
         self.next_client_sweep = time.monotonic() + CLIENT_SWEEP_INTERVAL
+        self.last_client_expiry = 0.0
         self.trim = _malloc_trim()
         self.log_budget = LOG_BURST
         self.log_window_end = 0.0
@@ -212,12 +213,16 @@ class Broker:
             self.next_client_sweep = now + CLIENT_SWEEP_INTERVAL
             self.sweep_clients(now)
 
-    def sweep_clients(self, now: float) -> None:
+    def expire_clients(self, now: float) -> None:
+        self.last_client_expiry = now
         idle_s = self.settings.broker_client_idle_s
         idle = [c for c, st in self.clients.items() if st.load == 0 and now - st.last_seen > idle_s]
         for c in idle:
             del self.clients[c]
         self.stats.clients_expired += len(idle)
+
+    def sweep_clients(self, now: float) -> None:
+        self.expire_clients(now)
         # libzmq frees a departed peer's buffers, but glibc keeps freed heap for reuse: without this a
         # 30k-identity flood left the broker at its peak RSS for good
         self.trim()
@@ -344,7 +349,8 @@ class Broker:
     def admit_client(self, client: bytes, env: EnvelopeHeader, now: float) -> ClientState | None:
         """State for a new client identity, or ``busy`` when the broker holds its maximum."""
         if len(self.clients) >= self.settings.broker_max_clients:
-            self.sweep_clients(now)
+            if now - self.last_client_expiry > 0.5:  # at most twice a second: a flood must not buy sweeps
+                self.expire_clients(now)
             if len(self.clients) >= self.settings.broker_max_clients:
                 self.stats.clients_refused += 1
                 self.stats.busy += 1

@@ -35,7 +35,23 @@ async def spin(req: Request) -> dict:
     return {"iterations": await req.run_blocking(burn), "pid": os.getpid()}
 
 
+async def big(req: Request) -> dict:
+    """A reply of ``size`` bytes: over the frame limit, the runtime must answer with an error instead."""
+    return {"data": b"x" * req.arg("size", int, 1024), "pid": os.getpid()}
+
+
+class ClientDisconnected(Exception):
+    """Named like ZEO's: the runtime recognises the class name, as it does for the real one."""
+
+
+async def fail(req: Request) -> dict:
+    """Raise what a library would: its raw text must not reach the caller."""
+    if req.arg("kind", str, "bug") == "zeo":
+        raise ClientDisconnected("[Errno 104] Connection reset by peer")
+    raise ValueError("internal detail: /srv/secret/path line 42")
+
+
 if __name__ == "__main__":
     run_service(os.environ.get("BATOS_TEST_SERVICE", "echo"),
-                {"echo": echo, "slow": slow, "spin": spin},
+                {"echo": echo, "slow": slow, "spin": spin, "big": big, "fail": fail},
                 capacity=int(os.environ.get("BATOS_TEST_CAPACITY", "4")))
