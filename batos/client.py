@@ -2,9 +2,16 @@
 
 One DEALER socket per client; a reader task routes every incoming message to the pending
 call it belongs to by ``corr``. The broker keeps no state across its own restart, so the
-client watches it: while calls are pending it pings the broker, and when the broker stops
-answering or answers with a new ``boot_id`` every pending call fails with ``unavailable``
-instead of hanging.
+client watches it: it pings the broker every heartbeat interval, busy or idle, and so always
+knows the broker's current ``boot_id``. When the broker stops answering while calls are
+pending they fail with ``unavailable`` instead of hanging; when its ``boot_id`` changes, the
+client asks the new broker which of its pending requests it holds (``broker.held``) and fails
+only the others. A client that was idle through a restart therefore never blames the restart
+for a request it sent afterwards.
+
+Timeouts measure silence, not length: ``call(timeout=...)`` is the longest gap allowed without
+a reply or an event (a request that keeps streaming tokens or progress is alive);
+``total_timeout`` caps the whole call where a caller needs that.
 """
 
 from __future__ import annotations
@@ -140,23 +147,48 @@ class Client:
 
     async def call(self, service: str, command: str, body: dict[str, Any] | None = None, *,
                    on_event: EventCallback | None = None, timeout: float | None = 60.0,
-                   idempotent: bool = False) -> dict[str, Any]:
+                   total_timeout: float | None = None, idempotent: bool = False) -> dict[str, Any]:
+        """One request and its answer. ``timeout``: the longest silence (no reply, no event) allowed;
+        every event restarts it. ``total_timeout``: an optional cap on the whole call."""
+        loop = asyncio.get_running_loop()
+        end = None if total_timeout is None else loop.time() + total_timeout
+
+        def next_deadline() -> float | None:
+            quiet = None if timeout is None else loop.time() + timeout
+            return end if quiet is None else quiet if end is None else min(quiet, end)
+
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that arrives
         # as the reply does (the caller, e.g. close() cancelling the watcher, then waits forever),
         # and it costs a Task per call.
-        deadline = asyncio.timeout(timeout)
+        deadline = asyncio.timeout_at(next_deadline())
         call: PendingCall | None = None
         try:
             async with deadline:
                 # the send is inside the timeout too: with no reachable broker a DEALER send waits
                 call = await self.start_call(service, command, body, idempotent=idempotent)
-                return await call.result(on_event)
+                async for env in call.events():
+                    if env.kind == Kind.REPLY:
+                        return env.body
+                    if env.kind == Kind.ERROR:
+                        raise ServiceError.from_body(env.body)
+                    deadline.reschedule(next_deadline())  # an event: the request is alive
+                    if on_event is not None:
+                        out = on_event(env.body)
+                        if asyncio.iscoroutine(out):
+                            await out
+                        deadline.reschedule(next_deadline())
+                raise ServiceError(ErrorCode.INTERNAL, "call ended without a reply")
         except TimeoutError:
             if not deadline.expired():
                 raise  # a TimeoutError of the caller's own (e.g. from on_event), not ours
             if call is not None:
                 await self.cancel(call.id)
-            raise ServiceError(ErrorCode.TIMEOUT, f"{service}.{command} gave no reply within {timeout} s") from None
+            if end is not None and loop.time() >= end:
+                message = f"{service}.{command} did not finish within {total_timeout} s; it was cancelled"
+            else:
+                message = (f"{service}.{command} gave no reply and no sign of progress for {timeout} s; "
+                           "it was cancelled")
+            raise ServiceError(ErrorCode.TIMEOUT, message) from None
         except asyncio.CancelledError:
             if call is not None:
                 await self.cancel(call.id)
@@ -187,7 +219,12 @@ class Client:
     async def _send(self, env: Envelope) -> None:
         if self.sock is None:
             raise ServiceError(ErrorCode.UNAVAILABLE, "client is closed")
-        await self.sock.send(proto.encode(env))
+        try:
+            await self.sock.send(proto.encode(env))
+        except zmq.ZMQError as e:
+            log.warning("client %s: send failed: %s", self.identity, e)
+            raise ServiceError(ErrorCode.UNAVAILABLE, "could not send the request to the broker: this client's "
+                               "connection is closed") from None
 
     def _send_nowait(self, env: Envelope) -> None:
         """Best effort (cancel, disconnect): never wait for a broker that is not there."""
@@ -198,10 +235,17 @@ class Client:
 
     async def _reader(self) -> None:
         assert self.sock is not None
+        limit = self.settings.max_frame_bytes
         while True:
-            frames = await self.sock.recv_multipart()
             try:
-                env = proto.decode(frames[-1])
+                frames = await self.sock.recv_multipart()
+            except zmq.ZMQError as e:  # the socket is unusable: say so to every waiting call, plainly
+                log.warning("client %s: receive failed: %s", self.identity, e)
+                self._fail_all(ErrorCode.UNAVAILABLE, "this client's connection to the broker failed; "
+                               "the request may or may not have run")
+                return
+            try:
+                env = proto.decode(frames[-1], limit)
             except proto.ProtocolError as e:
                 log.warning("client %s dropped a malformed message: %s", self.identity, e.message)
                 continue
@@ -215,23 +259,45 @@ class Client:
             call.queue.put_nowait(env)
 
     async def _watch_broker(self) -> None:
-        """While calls are pending, make sure the broker that holds them is still the same one."""
+        """Keep ``broker_boot_id`` current, busy or idle, and settle calls a broker restart lost."""
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
-            waiting = [c for c in self.pending.values() if not c.done and c.request.service != proto.Service.BROKER]
-            if not waiting and self.broker_boot_id is not None:
-                continue
             try:
-                pong = await self.call(proto.Service.BROKER, "ping", timeout=HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS)
-            except ServiceError:
-                self._fail_all(ErrorCode.UNAVAILABLE, "lost the connection to the broker; the request was not "
-                               "answered and may or may not have run", only=waiting)
-                continue
-            boot = pong.get("boot_id")
-            if self.broker_boot_id is not None and boot != self.broker_boot_id:
-                self._fail_all(ErrorCode.UNAVAILABLE, "the broker restarted while this request was in flight",
-                               only=waiting)
-            self.broker_boot_id = boot
+                await self._check_broker()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the watcher must outlive any surprise, or calls would hang
+                log.exception("client %s: broker watch failed; retrying", self.identity)
+
+    def _waiting(self) -> list[PendingCall]:
+        return [c for c in self.pending.values() if not c.done and c.request.service != proto.Service.BROKER]
+
+    async def _check_broker(self) -> None:
+        waiting = self._waiting()
+        try:
+            pong = await self.call(proto.Service.BROKER, "ping", timeout=HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS)
+        except ServiceError:
+            # whichever broker answers next holds none of what is in flight now
+            self.broker_boot_id = None
+            self._fail_all(ErrorCode.UNAVAILABLE, "lost the connection to the broker; the request was not "
+                           "answered and may or may not have run", only=waiting)
+            return
+        boot = pong.get("boot_id")
+        previous, self.broker_boot_id = self.broker_boot_id, boot
+        if previous is None or boot == previous:
+            return
+        # A new broker: it holds only what was sent to it. Ask rather than guess, so a request sent
+        # after the restart (by a client that was idle through it) is not failed for it.
+        waiting = self._waiting()
+        if not waiting:
+            return
+        try:
+            held = set((await self.call(proto.Service.BROKER, "held", {"ids": [c.id for c in waiting]},
+                                        timeout=HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS))["held"])
+        except ServiceError:
+            held = set()
+        self._fail_all(ErrorCode.UNAVAILABLE, "the broker restarted while this request was in flight; it may "
+                       "or may not have run", only=[c for c in waiting if c.id not in held])
 
     def _fail_all(self, code: ErrorCode, message: str, only: list[PendingCall] | None = None) -> None:
         for call in only if only is not None else list(self.pending.values()):
