@@ -51,6 +51,9 @@ class Settings(BaseModel):
     # oids never handed out twice across ZEO restarts (batos.zeo_client, batos.zeo_storage); off only to
     # reproduce issue 14's corruption
     zeo_restart_safe: bool = True
+    # glibc heap bounds for processes that embed (batos.malloc_tuning); 0 leaves glibc's default
+    malloc_mmap_threshold: int = 1024 * 1024
+    malloc_arena_max: int = 2
 
     # ingestion / token governor
     max_chunk_tokens: int = 256

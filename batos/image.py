@@ -231,7 +231,7 @@ def make_client_storage(settings: Any, addr: Any = None, wait_timeout: float = O
     (blob_dir / "tmp").mkdir(exist_ok=True)
     marker = blob_dir / ".layout"
     if not marker.exists():
-        staged = blob_dir / f".layout.{os.getpid()}"
+        staged = blob_dir / f".layout.{os.getpid()}.{threading.get_ident()}"  # unique per opener
         staged.write_text("zeocache")
         staged.replace(marker)
     cls = RestartSafeClientStorage if getattr(settings, "zeo_restart_safe", True) else ClientStorage

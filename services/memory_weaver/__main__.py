@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from batos.image import Image
+from batos.malloc_tuning import bound_heap
 from batos.worker import run_service
 from services.memory_weaver.embedder import Embedder
 from services.memory_weaver.handlers import HANDLERS
@@ -18,6 +19,7 @@ log = logging.getLogger("memory_weaver")
 
 async def startup(ctx: Any) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    bound_heap(ctx.settings.malloc_mmap_threshold, ctx.settings.malloc_arena_max)  # before the model loads
     image = await Image(ctx.settings).open()
     embedder = await asyncio.to_thread(Embedder().load)
     weaver = MemoryWeaver(image, embedder, ctx.settings.vector_shard_rows)

@@ -169,3 +169,13 @@ async def test_processes_opening_a_brand_new_image_together_all_succeed(settings
             for img in images:
                 await img.close()
             stop()
+
+
+def test_bound_heap_applies_on_glibc():
+    import platform
+
+    from batos.malloc_tuning import bound_heap
+
+    assert bound_heap(0, 0)  # nothing asked, nothing refused
+    if platform.libc_ver()[0] == "glibc":
+        assert bound_heap(load().malloc_mmap_threshold, load().malloc_arena_max)
