@@ -46,22 +46,6 @@ async def test_idle_client_does_not_blame_a_broker_restart(system):
         assert (await c.call("echo", "slow", {"steps": 15, "delay": 0.1}, timeout=30))["done"] == 15
 
 
-async def test_a_request_in_flight_across_a_restart_still_fails_clearly(system):
-    broker = system.start_broker(**EXTRA)
-    system.start_test_worker("echo")
-    endpoint = system.endpoint
-    async with Client(system.settings) as c:
-        await system.wait_registered(c, {"echo": 1})
-        call = await c.start_call("echo", "slow", {"steps": 100, "delay": 0.1})
-        await asyncio.wait_for(anext(call.events()), 10)
-        broker.kill()
-        system.start_broker(endpoint, **EXTRA)
-        with pytest.raises(ServiceError) as e:
-            await asyncio.wait_for(call.result(), 20)
-        assert e.value.code == proto.ErrorCode.UNAVAILABLE
-        assert "restarted" in e.value.message or "lost the connection" in e.value.message
-
-
 async def test_timeouts_measure_silence_not_length(system):
     system.start_broker(**EXTRA)
     system.start_test_worker("echo")
