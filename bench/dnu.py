@@ -8,8 +8,9 @@ broker. Memory context is empty here (no ingest): what is measured is BRICK plus
 Printed per model, beside the baseline measured on the same attempts:
   * today's rule (before this change): the first method that passes the policy (one re-ask only for a reply
     with no usable method) is persisted as SUCCESS if it runs without an exception;
-  * the new rule: accepted only if it runs on the call's arguments AND does something (a value, a slot
-    change, output); a refused attempt is retried once, told why.
+  * the new rule: refused unrun if it never reads an argument it was called with; accepted only if it runs on
+    the call's arguments AND does something (a value, a slot change, output); a refused attempt is retried
+    once, told why.
 Columns: persisted as SUCCESS, actually correct (the case's check on the returned value / slot updates),
 false SUCCESS (persisted but wrong), and correct / 20. The baseline's attempt 2 prompt is the new loop's
 (identical text when attempt 1 held no usable method, which is the only case the old rule retried).
@@ -80,6 +81,7 @@ class Outcome:
     attempts: int
     seconds: float
     problem: str
+    value: str  # what the accepted method returned (short repr), for reading false successes
 
 
 def receiver() -> dnu.Receiver:
@@ -112,11 +114,15 @@ async def run_case(backend: Any, selector: str, args: list[Any], check: Check, m
     trials = await dnu.write_method(generate, trial, receiver(), selector, args, {}, [], attempts=2)
     last = trials[-1]
     # Today's rule on the same attempts: the first trial with a policy-clean method decides, ok = persisted.
+    # (A method refused unrun for ignoring its arguments was never run: run it now, as today's rule would.)
     first_run = next((t for t in trials if t.source is not None), None)
+    if first_run is not None and first_run.result is None:
+        first_run.result = await trial(first_run.source)
     old_persisted = first_run is not None and first_run.result is not None and first_run.result.ok
     return Outcome(selector, not last.problem, not last.problem and correct(check, last.result), old_persisted,
                    old_persisted and correct(check, first_run.result if first_run else None), len(trials),
-                   time.monotonic() - started, last.problem[:100])
+                   time.monotonic() - started, last.problem[:100],
+                   repr(last.result.value)[:40] if last.result is not None and last.result.ok else "")
 
 
 def table(model: str, rows: list[Outcome]) -> str:
@@ -137,10 +143,11 @@ def table(model: str, rows: list[Outcome]) -> str:
              f"| run on the call + 1 retry | {pct(new_p)} | {pct(new_c)} | {new_p - new_c} |",
              f"correct, new / baseline: {ratio}; median seconds per case "
              f"{sorted(r.seconds for r in rows)[n // 2]:.1f}; retries used {sum(r.attempts > 1 for r in rows)}",
-             "", "| selector | new | correct | baseline persisted | baseline correct | attempts | last problem |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| selector | new | correct | baseline persisted | baseline correct | attempts | returned | "
+             "last problem |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r.selector} | {r.new_accepted} | {r.new_correct} | {r.old_persisted} | {r.old_correct} | "
-              f"{r.attempts} | {r.problem} |" for r in rows]
+              f"{r.attempts} | {r.value.replace('|', '/')} | {r.problem.replace('|', '/')} |" for r in rows]
     return "\n".join(lines)
 
 

@@ -11,10 +11,12 @@ send OID SELECTOR args kwargs -- the selector is looked up on the target (own sl
       SYNTHESIZING BRICK writes ``def SELECTOR(self, ...)`` (llm generate, tokens streamed), shown the receiver's
                    slots, its other methods' signatures and docstrings, and the related code; the method is cut
                    out of the reply and checked against the code policy;
-      VALIDATING   the method runs in the sandbox on a copy of the slots with the real arguments. It is accepted
-                   only if it returns normally AND does something (a value, a slot change or output: a method
-                   that returns None and changes nothing is not an answer). A refused attempt (no code, policy,
-                   exception, timeout, did nothing) gets ONE retry, told the reason and shown its code;
+      VALIDATING   a method that never reads an argument it was called with is refused unrun (it cannot compute
+                   from them); otherwise it runs in the sandbox on a copy of the slots with the real arguments.
+                   It is accepted only if it returns normally AND does something (a value, a slot change or
+                   output: a method that returns None and changes nothing is not an answer). A refused attempt
+                   (no code, policy, ignored arguments, exception, timeout, did nothing) gets ONE retry, told the
+                   reason and shown its code;
       COMPLETE     only if accepted: in ONE transaction the method is stored on the target
                    (define_method: source, version, cycle id, generated_by BRICK), slot updates are written back,
                    and the cycle completes. Later sends find the stored method: no LLM, still sandboxed.
@@ -391,6 +393,26 @@ def acceptance_problem(result: sandbox.SandboxResult, call: str) -> str:
     return ""
 
 
+def ignored_arguments(source: str, args: list[Any], kwargs: dict[str, Any]) -> list[str]:
+    """Parameters that receive one of the call's arguments but are never read in the body (parse only).
+
+    A method that ignores what it was called with cannot compute anything from it: a 135M BRICK's usual
+    nonsense (``def word_count(self, arg1): return self.count + 1``) runs cleanly and would be persisted."""
+    func = ast.parse(source).body[0]
+    assert isinstance(func, ast.FunctionDef)
+    positional = [a.arg for a in (*func.args.posonlyargs, *func.args.args)][1:]
+    if func.args.vararg is not None and len(args) > len(positional):
+        return []  # *rest takes the surplus: it is read or not as a whole
+    named = {*positional, *(a.arg for a in func.args.kwonlyargs)}
+    given = positional[:len(args)] + [k for k in kwargs if k in named]
+    if func.args.kwarg is not None:
+        given += [k for k in kwargs if k not in given]
+    read = {n.id for n in ast.walk(func) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    if func.args.kwarg is not None and func.args.kwarg.arg in read:
+        read |= set(kwargs)
+    return [name for name in dict.fromkeys(given) if name not in read]
+
+
 Generate = Callable[[str], Awaitable[str]]
 RunTrial = Callable[[str], Awaitable[sandbox.SandboxResult]]
 
@@ -415,6 +437,13 @@ async def write_method(generate: Generate, trial: RunTrial, rec: Receiver, selec
         except code_policy.PolicyViolation as e:
             t.problem = e.reason if e.lineno is None else f"line {e.lineno}: {e.reason}"
         else:
+            ignored = ignored_arguments(t.source, args, kwargs)
+            if ignored:
+                t.problem = (f"the method never reads its argument{'s' * (len(ignored) > 1)} {', '.join(ignored)}: "
+                             f"obj.{call} must compute its result from them")
+                if on_refused is not None:
+                    await on_refused(t)
+                continue
             t.result = await trial(t.source)
             t.problem = acceptance_problem(t.result, call)
         if not t.problem:

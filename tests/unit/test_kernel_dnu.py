@@ -112,9 +112,9 @@ async def test_garbage_from_brick_is_a_clean_failure_with_its_reason(env, servic
 
 
 @pytest.mark.parametrize(("code", "kind", "expect"), [
-    ("def greet(self, who):\n    return 1 / 0\n", "sandbox", "ZeroDivisionError"),
+    ("def greet(self, who):\n    return len(who) / 0\n", "sandbox", "ZeroDivisionError"),
     # wall clock and CPU limits are equal: whichever the supervisor sees first names the kill
-    ("def greet(self, who):\n    while True:\n        pass\n", "sandbox", "timeout|cpu"),
+    ("def greet(self, who):\n    while who:\n        pass\n", "sandbox", "timeout|cpu"),
     ("def greet(self, who):\n    import os\n    return os.getcwd()\n", "rejected", "os"),
 ])
 async def test_a_method_that_fails_or_is_refused_is_not_stored(env, services, settings, code, kind, expect):
@@ -187,7 +187,7 @@ async def test_bad_input_is_a_clear_error_before_any_cycle(env, services, oid, s
     assert events.states() == []
 
 
-NOTHING = "def greet(self, who):\n    pass\n"
+NOTHING = "def greet(self, who):\n    who.strip()\n"
 BOOM = "def greet(self, who):\n    return who + 1\n"
 
 
@@ -254,3 +254,24 @@ async def test_deep_huge_or_non_json_arguments_are_bad_args_before_any_cycle(env
         await dnu.send(env, events, MISSION, oid, "greet", args, {})
     assert info.value.code == "bad_args" and "arguments of #greet refused" in info.value.message
     assert events.states() == []
+
+
+@pytest.mark.parametrize(("source", "args", "kwargs", "ignored"), [
+    ("def f(self, arg1):\n    return self.count + 1\n", [1], {}, ["arg1"]),
+    ("def f(self, a, b):\n    return a\n", [1, 2], {}, ["b"]),
+    ("def f(self, a, b=0):\n    return a\n", [1], {}, []),  # b was not passed
+    ("def f(self, a, *, k=None):\n    return a\n", [1], {"k": 2}, ["k"]),
+    ("def f(self, *rest):\n    return 1\n", [1, 2], {}, []),
+    ("def f(self, **kw):\n    return kw\n", [], {"x": 1}, []),
+    ("def f(self, text):\n    return len([w for w in text.split()])\n", ["a b"], {}, []),
+])
+def test_ignored_arguments_are_found_by_parsing(source, args, kwargs, ignored):
+    assert dnu.ignored_arguments(source, args, kwargs) == ignored
+
+
+async def test_a_method_that_ignores_its_arguments_is_retried_and_never_run(env, services):
+    oid = await make_thing(env.image)
+    services.handlers[("llm", "generate")] = gen = brick("def greet(self, who):\n    return self.count + 1\n", GREET)
+    out = await dnu.send(env, Events(), MISSION, oid, "greet", ["ann"], {})
+    assert out["result"] == "hello ann from bob" and out["attempts"] == 2
+    assert "never reads its argument who" in gen.seen[1]["messages"][0]["content"]
