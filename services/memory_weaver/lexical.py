@@ -14,6 +14,7 @@ a file shifts idf slightly, never the set of candidates.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from array import array
@@ -58,13 +59,20 @@ def split_identifier(word: str) -> list[str]:
     return [p.lower() for part in word.split("_") for p in _PIECE.findall(part)]
 
 
+@functools.lru_cache(maxsize=1 << 17)
+def _word_tokens(word: str) -> tuple[str, ...]:
+    """One word's tokens (cached: code repeats its identifiers, and splitting is the indexing cost)."""
+    pieces = split_identifier(word)
+    out = [_fold(p) for p in pieces if len(p) > 1 and p not in STOP_WORDS]
+    if len(pieces) > 1:
+        out.append(word.lower())  # the identifier whole
+    return tuple(out)
+
+
 def tokenize(text: str) -> list[str]:
     out: list[str] = []
     for word in _WORD.findall(text):
-        pieces = split_identifier(word)
-        out.extend(_fold(p) for p in pieces if len(p) > 1 and p not in STOP_WORDS)
-        if len(pieces) > 1:
-            out.append(word.lower())  # the identifier whole
+        out.extend(_word_tokens(word))
     return out
 
 
