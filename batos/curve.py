@@ -4,6 +4,10 @@ Layout: ``broker.key``/``broker.key_secret`` (the server pair), ``<name>.key``/`
 for clients (``services`` is used by every BAT OS worker, ``console`` by consoles), and
 ``authorized/`` holding the public keys the broker accepts. A client whose key is not in
 ``authorized/`` completes no handshake and receives nothing.
+
+Keys carry a role (broker/roles.py): a key listed as ``authorized/services*.key`` is a service key
+(may register workers and call anything); every other listed key is a console key (the kernel's
+console commands and the broker's read-only commands only). The broker reads the list at start.
 """
 
 from __future__ import annotations

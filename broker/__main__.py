@@ -13,6 +13,7 @@ import zmq
 from batos import curve
 from batos.config import load
 from broker.broker import Broker
+from broker.roles import Access, key_roles
 
 
 def main() -> None:
@@ -50,7 +51,8 @@ def main() -> None:
     gc.freeze()
     monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     try:
-        Broker(settings, sock, monitor).run(lambda: stopping)
+        access = Access(key_roles(settings.keys_dir / "authorized") if auth is not None else None)
+        Broker(settings, sock, monitor, access).run(lambda: stopping)
     finally:
         sock.disable_monitor()
         monitor.close(linger=0)

@@ -20,6 +20,9 @@ Design notes (why, not what):
   socket monitor reports the closed connection's file descriptor, and each worker's READY
   carried the descriptor it came on (``SRCFD``). So a killed worker stops being listed
   within one heartbeat interval; the missed-heartbeat rule still covers a hung one.
+- Roles (broker/roles.py): with Curve on, a sender's key decides what it may do (READY and worker
+  output only from service keys, consoles limited to console commands, a worker's identity pinned
+  to its key and connection). With Curve off the checks are skipped and cost nothing.
 - The hot path calls pyzmq's single-frame ``send``/``recv`` rather than its multipart helpers:
   in pyzmq 27 those spend more time on ``getsockopt(RCVMORE)`` (an enum conversion per call)
   and flag arithmetic than on moving the message. ``Frame.more`` tells whether parts follow.
@@ -42,7 +45,9 @@ from zmq.utils.monitor import parse_monitor_message
 
 import proto
 from batos.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, Settings
+from broker.roles import Access
 from proto import EnvelopeHeader, ErrorCode, Kind
+from proto.roles import Role
 
 log = logging.getLogger("batos.broker")
 
@@ -86,6 +91,7 @@ class Worker:
     inflight: set[str] = field(default_factory=set)
     served: int = 0
     fd: int = -1  # the connection its READY came on (-1: unknown)
+    user: str = ""  # the Curve key it registered with ("" with Curve off)
 
 
 @dataclass(slots=True)
@@ -112,14 +118,17 @@ class Stats:
     internal_errors: int = 0  # a message whose handling raised: logged, counted, survived
     clients_refused: int = 0  # new client identities answered `busy` at the cap
     clients_expired: int = 0
+    unauthorized: int = 0  # refused by role (Curve on)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 
 class Broker:
-    def __init__(self, settings: Settings, socket: zmq.Socket, monitor: zmq.Socket | None = None):
+    def __init__(self, settings: Settings, socket: zmq.Socket, monitor: zmq.Socket | None = None,
+                 access: Access | None = None):
         self.settings = settings
+        self.access = access or Access(None)
         self.sock = socket
         self.monitor = monitor  # EVENT_DISCONNECTED of ``socket``'s connections
         self.frame: zmq.Frame | None = None  # the payload frame being handled
@@ -251,6 +260,8 @@ class Broker:
             self.reject(identity, e)
             return
         worker = self.workers.get(identity)
+        if self.access.enforcing and not self.authorized(identity, worker, env):
+            return
         if worker is not None:
             worker.last_seen = time.monotonic()
         match env.kind:
@@ -283,6 +294,42 @@ class Broker:
                     self.remove_worker(worker)
                 else:
                     self.forget_client(identity)
+
+    def authorized(self, identity: bytes, worker: Worker | None, env: EnvelopeHeader) -> bool:
+        """Role checks (Curve on): False when the message was refused (and answered or dropped)."""
+        access = self.access
+        user = access.user(self.frame)
+        role = access.role(user)
+        reason: str | None = None
+        if env.kind == Kind.REQUEST:
+            reason = access.may_request(role, env.service, env.command)
+        elif env.kind == Kind.READY:
+            reason = access.may_serve(role)
+        elif worker is not None and env.kind != Kind.DISCONNECT and not self.same_peer(worker, user):
+            # a registered worker's identity used from another key or connection: a takeover
+            self.stats.unauthorized += 1
+            log.warning("worker identity %r used by another peer: dropping the worker", identity[:64])
+            self.remove_worker(worker)
+            self.send(identity, proto.encode(proto.control(Kind.DISCONNECT)))
+            return False
+        elif env.kind in (Kind.REPLY, Kind.ERROR, Kind.EVENT) and role != Role.SERVICE:
+            reason = "only service keys may answer requests"
+        if reason is None:
+            return True
+        self.stats.unauthorized += 1
+        if self.may_log():
+            log.warning("refused %s %s.%s from %r: %s", env.kind, env.service, env.command, identity[:64], reason)
+        self.send(identity, proto.encode(proto.error_for(env, ErrorCode.UNAUTHORIZED, reason)))
+        return False
+
+    def same_peer(self, worker: Worker, user: str) -> bool:
+        if worker.user != user:
+            return False
+        try:
+            fd = int(self.frame.get(zmq.SRCFD)) if self.frame is not None else -1
+        except zmq.ZMQError:
+            fd = -1
+        return worker.fd < 0 or fd < 0 or fd == worker.fd
 
     def reject(self, identity: bytes, e: proto.ProtocolError) -> None:
         """Answer a message that could not be accepted, with its request id when one was read."""
@@ -381,7 +428,7 @@ class Broker:
             identity=identity, service=env.service,
             capacity=max(1, self.settings.worker_capacity if body.capacity is None else body.capacity),
             version=body.version, pid=body.pid,
-            registered_at=time.time(), last_seen=now, fd=fd)
+            registered_at=time.time(), last_seen=now, fd=fd, user=self.access.user(self.frame))
         self.workers[identity] = worker
         self.service_workers.setdefault(env.service, []).append(worker)
         log.info("worker %r registered for %s", identity, env.service)
@@ -541,7 +588,7 @@ class Broker:
             case "ping":
                 body = {"pong": True, "version": BROKER_VERSION, "boot_id": self.boot_id}
             case "workers":
-                body = self.describe()
+                body = self.describe(with_identities=self.access.role(self.access.user(self.frame)) == Role.SERVICE)
             case "status":
                 body = self.status()
             case "held":  # which of these request ids of the caller's does this broker hold?
@@ -564,12 +611,13 @@ class Broker:
                 "uptime_s": round(time.time() - self.started, 1), "clients": len(self.clients),
                 "workers": len(self.workers), "pending": len(self.pending), "stats": self.stats.as_dict()}
 
-    def describe(self) -> dict:
+    def describe(self, with_identities: bool = True) -> dict:
         now = time.monotonic()
         services: dict[str, list[dict]] = {}
         for w in self.workers.values():
             services.setdefault(w.service, []).append({
-                "identity": w.identity.decode("utf-8", "replace"),
+                # consoles see no identities (Curve on): nothing to impersonate
+                "identity": w.identity.decode("utf-8", "replace") if with_identities else "",
                 "pid": w.pid,
                 "version": w.version,
                 "uptime_s": round(time.time() - w.registered_at, 1),

@@ -202,9 +202,13 @@ async def test_curve_allows_listed_keys_only(system):
     system.start_broker(BATOS_CURVE_ENABLED="1", **EXTRA)
     system.start_test_worker("echo", BATOS_CURVE_ENABLED="1")
     settings = settings.model_copy(update={"broker_endpoint": system.endpoint})
-    async with Client(settings, identity="architect-console-listed") as c:
+    async with Client(settings, identity="service-listed", curve_key="services") as c:
         await system.wait_registered(c, {"echo": 1})
         assert (await c.call("echo", "echo", {"secret": 1}))["echo"] == {"secret": 1}
+    async with Client(settings, identity="architect-console-listed") as c:  # listed, but a console key
+        with pytest.raises(ServiceError) as e:
+            await c.call("echo", "echo", {"secret": 1}, timeout=5)
+        assert e.value.code == proto.ErrorCode.UNAUTHORIZED  # the handshake passed; the role did not
     async with Client(settings, identity="architect-console-intruder", curve_key="intruder") as c:
         with pytest.raises(ServiceError) as e:
             await c.call("echo", "echo", {"secret": 2}, timeout=3)

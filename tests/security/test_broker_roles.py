@@ -1,0 +1,117 @@
+"""Roles on the wire with CurveZMQ on, against a real broker and worker (issue 13 item 7).
+
+Before: any listed key could register as a worker for any service, answer the kernel's requests,
+call internal commands (``kernel.audit_event`` forges audit events that feed the forge's training
+data) and read worker identities to take one over. Now the console key is a console: it may call
+the kernel's console commands and the broker's read-only ones, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import zmq
+import zmq.auth
+
+import proto
+from batos import curve
+from batos.client import Client
+from batos.errors import ServiceError
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+CURVE = {"BATOS_CURVE_ENABLED": "1", "BATOS_EXTRA_SERVICES": "echo"}
+
+
+@pytest.fixture
+def curve_system(system):
+    curve.ensure_keys(system.settings.model_copy(update={"curve_enabled": True}))
+    system.start_broker(**CURVE)
+    system.start_test_worker("echo", **CURVE)
+    return system
+
+
+def _settings(system):
+    return system.settings.model_copy(update={"curve_enabled": True, "broker_endpoint": system.endpoint})
+
+
+def _raw_dealer(system, key: str, identity: bytes) -> tuple[zmq.Context, zmq.Socket]:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, identity)
+    curve.configure_client(sock, _settings(system), key)
+    sock.connect(system.endpoint)
+    return ctx, sock
+
+
+async def test_console_key_reaches_only_console_commands(curve_system):
+    system = curve_system
+    async with Client(_settings(system), identity="svc-client", curve_key="services") as svc, \
+            Client(_settings(system), identity="console-client", curve_key="console") as con:
+        await system.wait_registered(svc, {"echo": 1})
+        assert (await svc.call("echo", "echo", {"n": 1}))["echo"] == {"n": 1}  # a service may call anything
+        for service, command in (("echo", "echo"), ("kernel", "audit_event"), ("memory", "delete_file"),
+                                 ("llm", "generate"), ("forge", "run"), ("broker", "shutdown")):
+            with pytest.raises(ServiceError) as e:
+                await con.call(service, command, {"event": {"forged": True}}, timeout=5)
+            assert e.value.code == proto.ErrorCode.UNAUTHORIZED, (service, command, e.value)
+        assert (await con.call("broker", "ping"))["pong"] is True
+        table = await con.call("broker", "workers")
+        assert [w["identity"] for w in table["services"]["echo"]] == [""]  # nothing to impersonate
+        assert (await svc.call("broker", "workers"))["services"]["echo"][0]["identity"]
+        with pytest.raises(ServiceError) as e:  # allowed by role: it waits for a kernel that is not running
+            await con.call("kernel", "ask", {"question": "q"}, timeout=1.0)
+        assert e.value.code == proto.ErrorCode.TIMEOUT
+        status = await svc.call("broker", "status")
+        assert status["stats"]["unauthorized"] >= 6
+
+
+async def test_console_key_cannot_register_or_answer(curve_system):
+    system = curve_system
+    ctx, fake = _raw_dealer(system, "console", b"memory-fake-worker")
+    try:
+        await asyncio.sleep(0.2)
+        fake.send(proto.encode(proto.control(proto.Kind.READY, service="memory", body={"capacity": 4})))
+        assert fake.poll(5000), "no answer to the READY"
+        env = proto.decode(fake.recv())
+        assert env.kind == proto.Kind.ERROR and env.body["code"] == "unauthorized"
+        async with Client(_settings(system), curve_key="services") as svc:
+            table = await svc.call("broker", "workers")
+            assert "memory" not in table["services"]
+    finally:
+        fake.close(0)
+        ctx.term()
+
+
+async def test_a_worker_identity_taken_over_by_another_key_is_not_served(curve_system):
+    system = curve_system
+    async with Client(_settings(system), curve_key="services") as svc:
+        table = await system.wait_registered(svc, {"echo": 1})
+        victim = table["services"]["echo"][0]
+        ctx, thief = _raw_dealer(system, "console", victim["identity"].encode())
+        try:
+            await asyncio.sleep(0.3)  # ROUTER_HANDOVER gives the thief the identity's routing
+            thief.send(proto.encode(proto.control(proto.Kind.HEARTBEAT, service="echo")))
+            deadline = time.monotonic() + 20
+            while True:  # the broker dropped the worker; the real one re-registers and serves again
+                try:
+                    r = await svc.call("echo", "echo", {"n": 2}, timeout=3)
+                    break
+                except ServiceError:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.2)
+            assert r["pid"] == victim["pid"] and r["echo"] == {"n": 2}
+            stolen = []
+            while thief.poll(0):
+                frames = thief.recv_multipart()
+                env = proto.decode(frames[-1])
+                if env.kind == proto.Kind.REQUEST:
+                    stolen.append(env)
+            assert stolen == []
+            assert (await svc.call("broker", "status"))["stats"]["unauthorized"] >= 1
+        finally:
+            thief.close(0)
+            ctx.term()
