@@ -103,7 +103,8 @@ def inferred_labels(text: str, labels: dict[str, list[str]], question: str) -> l
     every one of them is in the evidence; [] otherwise. A small model often names the right function and forgets
     the label: the names it uses are then its citation."""
     asked = _words([question])
-    names = [n for n in identifiers(text) if n.split(".")[-1] not in asked]
+    # a dunder (``__init__``) names no particular code: it cannot stand for a citation
+    names = [n for n in identifiers(text) if n.split(".")[-1] not in asked and not n.split(".")[-1].startswith("__")]
     out: list[str] = []
     for name in names:
         last = name.split(".")[-1]

@@ -231,6 +231,7 @@ LABELS = answer.label_texts([
     ("The worker is dropped from the waiting list.", "labels", "cites no evidence label"),
     ("`purge_workers` drops the worker from the waiting list.", None, ""),  # cited by the name it uses: E1
     ("`reap_workers` drops the worker from the waiting list.", "labels", "cites no evidence label"),
+    ("Its `__init__()` sets the fields.", "labels", "cites no evidence label"),  # a dunder cites nothing
     ("It calls `reap_dead_worker` [E1].", "identifiers", "reap_dead_worker"),
     ("It calls lookup() and purge_workers() [E1].", "identifiers", "lookup"),  # lookup is only in E2
     ("It uses heartbeatExpiry [E1, E2].", "identifiers", "heartbeatExpiry"),
