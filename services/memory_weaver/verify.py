@@ -26,12 +26,11 @@ vector rows are re-added from the object's stored embedding, dead rows tombstone
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from batos.uvm import prototype_of
 
 from . import store
 from .vectors import LEVEL_CHUNK, LEVEL_FRACTAL, LEVEL_SUMMARY, VectorIndex, VectorStore, normalize
@@ -40,6 +39,7 @@ VECTOR_PROTOS = {"memory_chunk": LEVEL_CHUNK, "contextual_summary": LEVEL_SUMMAR
 FILE_PROTOS = ("memory_chunk", "contextual_summary")
 MAX_LISTED = 200  # problems listed in a reply (all are counted)
 GC_EVERY = 2000  # objects read between cache trims: a full check must not hold the whole image in RAM
+PREFETCH_FILES = 100  # file entries whose objects are fetched in one round trip
 VECTOR_TOLERANCE = 1e-3  # a stored row and the object's own embedding agree to float32 rounding
 
 
@@ -77,17 +77,28 @@ def _oid(obj: Any) -> int:
     return store.oid_int(obj)
 
 
+def _namer(prototypes: Any) -> Callable[[Any], str]:
+    """``batos.uvm.prototype_of`` with the prototype table built once, not once per object."""
+    by_id = {id(p): name for name, p in prototypes.items()}
+
+    def name(obj: Any) -> str:
+        return next((by_id[id(o)] for o in obj._chain() if id(o) in by_id), "")
+
+    return name
+
+
 # -- the cheap part: file entries only ------------------------------------------------------
 
 
-def suspect_files(root: Any) -> set[str]:
-    """Files whose entry is structurally broken: an object shared with another entry or listed
-    twice, or missing from ``objects``. Reads each FileEntry (which ``file_hashes`` does anyway)
-    and BTree buckets; the objects themselves stay ghosts."""
+def suspect_files(root: Any, paths: Any = None) -> set[str]:
+    """Files (of ``paths``, default all) whose entry is structurally broken: an object shared with
+    another of these entries or listed twice, or missing from ``objects``. Reads each FileEntry
+    (which ``file_hashes`` does anyway) and BTree buckets; the objects themselves stay ghosts."""
     mem = store.memory(root)
     owners: dict[int, str] = {}
     bad: set[str] = set()
-    for path, entry in mem.files.items():
+    entries = mem.files.items() if paths is None else ((p, mem.files[p]) for p in paths if p in mem.files)
+    for path, entry in entries:
         for obj in (*entry.summaries, *entry.chunks):
             oid = _oid(obj)
             other = owners.setdefault(oid, path)
@@ -127,20 +138,24 @@ def _listed_twice(entry: Any, obj: Any) -> bool:
 def check(root: Any, conn: Any = None, index: VectorIndex | None = None) -> Report:
     """Every invariant above, in the caller's (read) transaction."""
     mem = store.memory(root)
-    protos = root["prototypes"]
+    protos = _namer(root["prototypes"])
     rep = Report()
     owner: dict[int, str] = {}
-    seen = 0
-    for path, entry in mem.files.items():
-        _check_file(rep, mem, protos, path, entry, owner)
-        seen += len(entry.chunks) + len(entry.summaries)
-        if conn is not None and seen >= GC_EVERY:
-            conn.cacheGC()
-            seen = 0
+    batch: list[tuple[str, Any]] = []
+    for n, item in enumerate(mem.files.items(), start=1):
+        batch.append(item)
+        if len(batch) == PREFETCH_FILES or n == len(mem.files):
+            if conn is not None:  # one round trip for a batch of files' objects, not one per object
+                conn.prefetch(o for _, e in batch for o in (*e.summaries, *e.chunks))
+            for path, entry in batch:
+                _check_file(rep, mem, protos, path, entry, owner)
+            batch = []
+            if conn is not None:
+                conn.cacheGC()
     actual: Counter = Counter()
     vector_oids: dict[int, tuple[int, Any]] = {}
     for n, (oid, obj) in enumerate(mem.objects.items()):
-        proto = prototype_of(obj, protos)
+        proto = protos(obj)
         actual[proto] += 1
         if _oid(obj) != oid:
             rep.add("object_misfiled", f"objects[{oid:x}] holds the object with oid {_oid(obj):x}", oid=oid)
@@ -183,7 +198,7 @@ def _check_file(rep: Report, mem: Any, protos: Any, path: str, entry: Any, owner
                 rep.add("not_live", f"{kind} {oid:x} is not in the objects index", file_path=path, oid=oid)
             if _listed_twice(entry, obj):
                 rep.add("listed_twice", f"{kind} {oid:x} is listed twice", file_path=path, oid=oid)
-            real = prototype_of(obj, protos)
+            real = protos(obj)
             if real != proto:
                 rep.add("wrong_kind", f"the entry lists {oid:x} as a {kind}, it is a {real or 'plain object'}",
                         file_path=path, oid=oid)
@@ -307,7 +322,7 @@ def _check_index(rep: Report, vs: VectorStore, index: VectorIndex) -> None:
 def repair(root: Any, rep: Report) -> dict[str, int]:
     """Fix what ``rep`` found, in the caller's write transaction; returns what was done."""
     mem = store.memory(root)
-    protos = root["prototypes"]
+    protos = _namer(root["prototypes"])
     vs = mem.vectors
     marked = 0
     for path in sorted(rep.bad_files):
@@ -319,7 +334,7 @@ def repair(root: Any, rep: Report) -> dict[str, int]:
     for oid in rep.orphans:
         obj = mem.objects.get(oid)
         if obj is not None:
-            store._unindex(mem, obj, prototype_of(obj, protos))
+            store._unindex(mem, obj, protos(obj))
             vs.remove([oid])
             dropped += 1
     for row, oid in rep.dead_rows:  # live rows of no live object, or of an object that has another row
@@ -332,13 +347,13 @@ def repair(root: Any, rep: Report) -> dict[str, int]:
     readded = 0
     for oid in rep.missing_rows:
         obj = mem.objects.get(oid)
-        level = VECTOR_PROTOS.get(prototype_of(obj, protos)) if obj is not None else None
+        level = VECTOR_PROTOS.get(protos(obj)) if obj is not None else None
         emb = obj.get_slot("vector_embedding") if obj is not None else None
         if level is None or not emb:
             continue
         vs.append(np.frombuffer(emb, dtype=np.float32)[None, :], [oid], [level], [store.lex_doc(obj, level)])
         readded += 1
-    counted: Counter = Counter(prototype_of(o, protos) for o in mem.objects.values())
+    counted: Counter = Counter(protos(o) for o in mem.objects.values())
     fixed = 0
     for proto in set(counted) | set(mem.counts.keys()):
         counter = mem.counts.get(proto)
@@ -383,8 +398,10 @@ async def run(weaver: Any, body: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def file_hashes_marking_suspects(root: Any, hashes: dict[str, str]) -> dict[str, str]:
-    """``file_hashes`` with an empty hash for structurally broken files (ingest re-sends them)."""
-    for path in suspect_files(root) & hashes.keys():
+    """``file_hashes`` with an empty hash for structurally broken files (ingest re-sends them).
+    Only the files asked about are read; a file's own checks (``file_is_broken``) run again when
+    it is sent, which catches the other side of a link to a file outside them."""
+    for path in suspect_files(root, list(hashes)):
         hashes[path] = ""
     return hashes
 
