@@ -7,8 +7,9 @@ server's FileStorage only remembers the largest oid that was *committed*: after 
 not yet committed. A client that kept its old batch then gives the same id to two new
 objects, either in two processes (the second commit is a conflict, or its cache already
 holds the other object: "A different object already has the same oid") or inside ONE
-transaction, where FileStorage silently keeps the last record: a lost object and a
-cross-linked index. ``tests/faults/test_zeo_oids.py`` reproduces both with the stock class.
+transaction, where ZODB silently keeps only the last object added under the id: a lost
+object, and every reference to it now pointing at another (a cross-linked index).
+``tests/faults/test_zeo_oids.py`` reproduces both with the stock class.
 
 ``RestartSafeClientStorage`` closes it on the client side:
 
