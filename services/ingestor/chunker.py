@@ -37,6 +37,7 @@ from services.ingestor.source import Source, Span, content_hash, normalize_newli
 from services.ingestor.structure import DEFS, Container, Unit, module_container, open_unit
 
 CONTEXT_HEADER_TOKENS = 64  # a context header is a reminder, not a second chunk
+TINY_DEF_LINES = 3  # definitions this short group with their neighbours (bench/retrieval.py chose it)
 
 
 @dataclass
@@ -94,7 +95,7 @@ class _Splitter:
         pending = head is not None  # header lines wait for a body to open with them
         group: list[Unit] = []
         for u in c.children:
-            alone = self.one_def and _is_def(u)
+            alone = self.one_def and _is_def(u) and not self._tiny(u)
             if not alone and self.fits(gstart, u.end):
                 group.append(u)
                 continue
@@ -124,6 +125,13 @@ class _Splitter:
             pending, gstart = False, u.end + 1
         if group:
             self.emit(gstart, group[-1].end, head if pending else _primary(group), chain)
+
+    def _tiny(self, u: Unit) -> bool:
+        """A definition of at most TINY_DEF_LINES lines (``class Atom(TokenList): token_type = 'atom'``, a
+        one-line property) is grouped with its small neighbours, like a run of constants: alone it is a
+        chunk that says almost nothing and crowds the results."""
+        start, end = self.src.trim(u.start, u.end)
+        return end - start + 1 <= TINY_DEF_LINES
 
     def _open_anyway(self, u: Unit) -> bool:
         """A class with several methods is opened even when it fits: one method per chunk."""
