@@ -19,7 +19,7 @@ from services.ingestor.source import decode_python, decode_text, file_hash
 PYTHON_SUFFIXES = frozenset({".py", ".pyi"})
 # Bump when chunk boundaries, chunk texts or embedded headers change: the hash memory keeps per file then
 # differs, so the next ingest rewrites every file instead of calling it unchanged. 2: one definition per
-# chunk, embedded header with the file's last two path components (2026-12-06).
+# chunk (tiny ones grouped), embedded header with the file's last two path components (2026-12-06).
 CHUNKING_VERSION = 2
 BINARY_SNIFF_BYTES = 8192  # a NUL in the first 8 KiB marks a binary file (git's heuristic)
 

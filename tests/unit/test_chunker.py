@@ -103,6 +103,32 @@ def test_each_definition_is_its_own_chunk_even_when_the_file_fits() -> None:
     assert fc.chunks[0].metadata["dependencies"] == ["collections", "json", "os"]
 
 
+TINY = textwrap.dedent('''\
+    class Atom(Token):
+        kind = "atom"
+
+    class Word(Token):
+        kind = "word"
+
+    def parse(text):
+        words = text.split()
+        words = [w for w in words if w]
+        return [Word(w) for w in words]
+
+    def render(tokens):
+        out = [str(t) for t in tokens]
+        out = [o for o in out if o]
+        return " ".join(out)
+    ''')
+
+
+def test_tiny_definitions_group_and_real_ones_stand_alone() -> None:
+    fc = chunk_python(TINY, PATH, 10_000)
+    assert not quality.check(TINY, fc.chunks, 10_000).problems
+    got = [(c.metadata["start_line"], c.metadata["end_line"], c.metadata["node_name"]) for c in fc.chunks]
+    assert got == [(1, 5, "Atom"), (7, 10, "parse"), (12, 15, "render")]
+
+
 def test_split_class_structure_and_metadata() -> None:
     fc = chunk_python(SAMPLE, PATH, 60)
     assert not quality.check(SAMPLE, fc.chunks, 60).problems
