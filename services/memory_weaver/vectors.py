@@ -344,4 +344,5 @@ class VectorIndex:
     def stats(self) -> dict[str, Any]:
         with self.lock:
             return {"rows": self.rows, "live": int(self.alive[: self.rows].sum()), "dim": self.dim,
-                    "shards": len(self.shards), "shard_reloads": self.refreshed_shards}
+                    "shards": len(self.shards), "shard_reloads": self.refreshed_shards,
+                    "lexical_docs": self.lexical.docs, "lexical_terms": len(self.lexical._postings)}
