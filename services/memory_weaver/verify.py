@@ -99,10 +99,13 @@ def suspect_files(root: Any, paths: Any = None) -> set[str]:
     bad: set[str] = set()
     entries = mem.files.items() if paths is None else ((p, mem.files[p]) for p in paths if p in mem.files)
     for path, entry in entries:
-        for obj in (*entry.summaries, *entry.chunks):
+        objs = (*entry.summaries, *entry.chunks)
+        if len({_oid(o) for o in objs}) != len(objs):  # an object listed twice
+            bad.add(path)
+        for obj in objs:
             oid = _oid(obj)
             other = owners.setdefault(oid, path)
-            if other != path or mem.objects.get(oid) is not obj or _listed_twice(entry, obj):
+            if other != path or mem.objects.get(oid) is not obj:
                 bad.update((path, other))
     return bad
 
@@ -126,10 +129,6 @@ def file_is_broken(root: Any, entry: Any) -> bool:
         if (parent is not None and _oid(parent) not in own) or any(_oid(k) not in own for k in kids):
             return True
     return False
-
-
-def _listed_twice(entry: Any, obj: Any) -> bool:
-    return sum(1 for o in (*entry.summaries, *entry.chunks) if o is obj) > 1
 
 
 # -- the full check -------------------------------------------------------------------------
@@ -185,10 +184,15 @@ def check(root: Any, conn: Any = None, index: VectorIndex | None = None) -> Repo
 
 def _check_file(rep: Report, mem: Any, protos: Any, path: str, entry: Any, owner: dict[int, str]) -> None:
     own = {_oid(o) for o in (*entry.summaries, *entry.chunks)}
+    here: set[int] = set()
     for kind, objs, proto in (("summary", entry.summaries, "contextual_summary"),
                               ("chunk", entry.chunks, "memory_chunk")):
         for obj in objs:
             oid = _oid(obj)
+            if oid in here:
+                rep.add("listed_twice", f"{kind} {oid:x} is listed twice", file_path=path, oid=oid)
+                continue
+            here.add(oid)
             other = owner.setdefault(oid, path)
             if other != path:
                 rep.add("shared_object", f"{kind} {oid:x} is listed by {other!r} too", file_path=path, oid=oid)
@@ -196,8 +200,6 @@ def _check_file(rep: Report, mem: Any, protos: Any, path: str, entry: Any, owner
                 continue
             if mem.objects.get(oid) is not obj:
                 rep.add("not_live", f"{kind} {oid:x} is not in the objects index", file_path=path, oid=oid)
-            if _listed_twice(entry, obj):
-                rep.add("listed_twice", f"{kind} {oid:x} is listed twice", file_path=path, oid=oid)
             real = protos(obj)
             if real != proto:
                 rep.add("wrong_kind", f"the entry lists {oid:x} as a {kind}, it is a {real or 'plain object'}",

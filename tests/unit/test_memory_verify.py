@@ -159,3 +159,18 @@ def test_the_console_and_the_kernel_route_verify_to_memory():
     cmd = kernel_commands.from_console("verify", {"repair": True})
     assert (cmd.command, cmd.mission_brief.kwargs) == ("verify", {"repair": True})
     assert "verify" in kernel_commands.COMMANDS and "verify" in HANDLERS
+
+
+async def test_an_object_listed_twice_is_reported(weaver):  # noqa: F811
+    await ingest(weaver, "/a.py")
+
+    def damage(root, conn):
+        entry = store.memory(root).files["/a.py"]
+        entry.chunks = (*entry.chunks, entry.chunks[0])
+
+    await weaver.image.transact(damage)
+    out = await verify_reply(weaver)
+    assert out["problem_counts"] == {"listed_twice": 1} and out["bad_files"] == ["/a.py"]
+    assert (await weaver.file_hashes({}))["hashes"] == {"/a.py": ""}
+    assert (await weaver.replace_file(payload("/a.py")))["unchanged"] is False
+    assert (await verify_reply(weaver))["ok"]
