@@ -4,7 +4,7 @@
    own): load time; a ~1,200-token prompt on a cold cache (prompt tokens/s, TTFT); generation tokens/s;
    the TTFT of a second chat turn that extends the first (KV-cache prefix reuse; llama.cpp only). Rows:
    transformers fp32 (the models with a transformers form: SmolLM2) and the GGUF runtime (llama.cpp).
-   The ratio column is GGUF over transformers generation tokens/s on the same model.
+   The ratio column is GGUF over transformers generation tokens per CPU-second on the same model.
 2. Service over bare, GGUF backend: the same request through the llm service (broker + forge worker
    spawned in a temp dir, ``batos.client.Client``, tokens streamed as events) vs a bare
    ``llama_cpp.Llama`` loop in this process on the same model, prompt and thread count; runs alternate,
@@ -15,6 +15,7 @@
                                   [--threads 1,2] [--service-model smollm2-135m] [--actions 5]
 
 tokens/s: generation = (tokens - 1) / (last token - first token); prompt = prompt tokens / TTFT (cold).
+Per CPU-second columns (this process's CPU time) are what a loaded machine distorts least.
 """
 
 from __future__ import annotations
@@ -108,10 +109,18 @@ def measure_one(model: str, runtime: str, tokens: int, threads: int, actions: in
                      GenerationParams(max_tokens=2))  # fmt: skip
     if runtime == "gguf":
         backend._llm.reset()
+    # cold prompt: one token, so the time is the prefill (what a first turn pays)
+    cpu = time.process_time()
+    cold = backend.generate(PERSONA, messages, GenerationParams(max_tokens=1))
+    prompt_cpu = time.process_time() - cpu
+    # generation: llama.cpp finds the prompt cached; transformers prefills again (its CPU is subtracted)
+    cpu = time.process_time()
     first = backend.generate(PERSONA, messages, params)
+    gen_cpu = time.process_time() - cpu - (prompt_cpu if runtime == "transformers" else 0.0)
     out = {"model": model, "runtime": runtime, "threads": threads, "load_s": load_s,
-           "prompt_tokens": first.prompt_tokens, "tokens": first.completion_tokens, "ttft_s": first.ttft_s,
-           "prompt_tps": first.prompt_tokens / first.ttft_s, "gen_tps": first.tokens_per_s,
+           "prompt_tokens": cold.prompt_tokens, "tokens": first.completion_tokens, "ttft_s": cold.ttft_s,
+           "prompt_tps": cold.prompt_tokens / cold.ttft_s, "gen_tps": first.tokens_per_s,
+           "prompt_per_cpu_s": cold.prompt_tokens / prompt_cpu, "gen_per_cpu_s": first.completion_tokens / gen_cpu,
            "answer": first.text[:200]}  # fmt: skip
     turn2 = [*messages, {"role": "assistant", "content": first.text}, {"role": "user", "content": FOLLOW_UP}]
     second = backend.generate(PERSONA, turn2, GenerationParams(max_tokens=8))
@@ -204,6 +213,22 @@ async def service_generate(client: Any, messages: list[dict[str, str]], tokens: 
             "tokens": reply["completion_tokens"]}  # fmt: skip
 
 
+async def wait_ready(client: Any, spawned: SpawnedSystem, timeout: float = 300) -> None:
+    from batos.errors import ServiceError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if spawned.worker.poll() is not None:
+            raise RuntimeError(f"the forge worker exited with {spawned.worker.returncode}")
+        try:
+            if (await client.call("llm", "status", {}, timeout=30)).get("llm", {}).get("ready"):
+                return
+        except ServiceError:
+            pass  # not registered yet
+        await asyncio.sleep(0.5)
+    raise TimeoutError("llm not ready")
+
+
 async def service_over_bare(model: str, tokens: int, reps: int, threads: int) -> dict[str, Any]:
     from llama_cpp import Llama
 
@@ -221,11 +246,7 @@ async def service_over_bare(model: str, tokens: int, reps: int, threads: int) ->
         settings = config.load(broker_endpoint=spawned.start())
         async with Client(settings) as client:
             await client.wait_for_broker(30)
-            deadline = time.monotonic() + 300
-            while not (await client.call("llm", "status", {}, timeout=30)).get("llm", {}).get("ready"):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("llm not ready")
-                await asyncio.sleep(0.5)
+            await wait_ready(client, spawned)
             await service_generate(client, user, 4)  # warm-up: both sides then reuse the cached prompt
             bare_llama(llm, prompt, 4)
             runs: dict[str, list[dict[str, float]]] = {"bare": [], "service": []}
@@ -253,14 +274,17 @@ async def service_over_bare(model: str, tokens: int, reps: int, threads: int) ->
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'model':<20} {'runtime':<12} {'thr':>3} {'load s':>7} {'prompt':>6} {'TTFT s':>7} {'prompt t/s':>10} "
-          f"{'gen t/s':>8} {'x tf':>5} {'turn2 TTFT':>10} {'RSS MB':>7} {'actions':>8}")  # fmt: skip
-    base = {(r["model"], r["threads"]): r["gen_tps"] for r in rows if r["runtime"] == "transformers"}
+          f"{'gen t/s':>8} {'x tf':>5} {'p/cpu-s':>8} {'g/cpu-s':>8} {'turn2 TTFT':>10} {'RSS MB':>7} "
+          f"{'actions':>8}")  # fmt: skip
+    # x tf: generation tokens per CPU-second over transformers' on the same model (load-robust)
+    base = {r["model"]: r["gen_per_cpu_s"] for r in rows if r["runtime"] == "transformers"}
     for r in rows:
-        ratio = r["gen_tps"] / base[(r["model"], r["threads"])] if (r["model"], r["threads"]) in base else None
+        ratio = r["gen_per_cpu_s"] / base[r["model"]] if r["model"] in base else None
         acts = f"{r['actions_valid']}/{r['actions_of']}" if "actions_valid" in r else "-"
         print(f"{r['model']:<20} {r['runtime']:<12} {r['threads']:>3} {r['load_s']:>7.2f} {r['prompt_tokens']:>6} "
               f"{r['ttft_s']:>7.2f} {r['prompt_tps']:>10.1f} {r['gen_tps']:>8.2f} "
-              f"{(f'{ratio:.2f}' if ratio else '-'):>5} {r['turn2_ttft_s']:>10.2f} {r['peak_rss_mb']:>7.0f} {acts:>8}")
+              f"{(f'{ratio:.2f}' if ratio else '-'):>5} {r['prompt_per_cpu_s']:>8.1f} {r['gen_per_cpu_s']:>8.1f} "
+              f"{r['turn2_ttft_s']:>10.2f} {r['peak_rss_mb']:>7.0f} {acts:>8}")
     for r in rows:
         print(f"  {r['model']} {r['runtime']} {r['threads']}t answer: {r['answer'][:150]!r}")
 

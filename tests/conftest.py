@@ -34,6 +34,14 @@ def _die_with_parent() -> None:
     os.setsid()
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests that just need "an LLM" serve the small fast SmolLM2 GGUF, whatever the default model is
+    (BATOS_LLM_MODEL set outside overrides it)."""
+    from batos.models import TEST_LLM_MODEL
+
+    os.environ.setdefault("BATOS_LLM_MODEL", TEST_LLM_MODEL)
+
+
 # Real service processes, by the name the broker knows them under.
 SERVICE_MODULES = {
     "kernel": ("services.kernel", ["kernel"]),
@@ -111,6 +119,8 @@ class System:
         env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    BATOS_VAR_DIR=str(self.var), BATOS_LOG_LEVEL="INFO", TOKENIZERS_PARALLELISM="false",
                    PYTHONPATH=str(REPO))
+        if "BATOS_LLM_MODEL" in os.environ:  # the model tests serve (pytest_configure below)
+            env["BATOS_LLM_MODEL"] = os.environ["BATOS_LLM_MODEL"]
         if self.endpoint:
             env["BATOS_BROKER_ENDPOINT"] = self.endpoint
         env.update(extra)
