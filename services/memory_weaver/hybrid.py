@@ -8,9 +8,10 @@ Channels, each a ranking of the candidate rows (live, of the wanted levels, insi
 Reciprocal rank fusion (Cormack et al. 2009) adds ``weight / (RRF_K + rank)`` over the channels: it
 needs no score calibration between cosine and BM25. The fused top ``RERANK_TOP`` are then reranked
 (``rerank``): see bench/retrieval.py and bench/RESULTS.md for the figures that chose each part.
-A hit's ``score`` is the fused score divided by the best possible (rank 1 in every channel), so it
-stays in 0..1 and a caller that merges two hit lists by score (the ReAct loop does) merges like with
-like; ``dense_score`` keeps the cosine.
+A hit's ``score`` is the final score (fused, raised by the rerank) divided by the best possible (rank 1
+in every channel and the full rerank bonus), so hits come back in score order, scores stay in 0..1,
+and a caller that merges two hit lists by score (the ReAct loop does) merges like with like;
+``dense_score`` keeps the cosine.
 """
 
 from __future__ import annotations
@@ -117,7 +118,11 @@ def search(index: VectorIndex, query: np.ndarray | None, text: str, k: int, leve
             fused = fuse(rankings)
             best = sum(WEIGHTS[c] for c in rankings) / (RRF_K + 1)
         order = sorted(fused, key=lambda r: -fused[r])
-        order = rerank(index, text, order[:RERANK_TOP], fused) + order[RERANK_TOP:]
+        # the rerank raises the top rows' scores (never lowers one), so a row beyond the top stays below
+        # them, and the returned score orders the hits as returned: callers may merge hit lists by score
+        fused.update(rerank(index, text, order[:RERANK_TOP], fused))
+        best *= 1.0 + NAME_BONUS
+        order = sorted(fused, key=lambda r: -fused[r])
         out = []
         for r in order[:k]:
             ranks = {c: int(np.flatnonzero(v == r)[0]) + 1 for c, v in rankings.items() if r in v}
@@ -126,18 +131,18 @@ def search(index: VectorIndex, query: np.ndarray | None, text: str, k: int, leve
         return out
 
 
-def rerank(index: VectorIndex, text: str, rows: list[int], fused: dict[int, float]) -> list[int]:
-    """Reorder the fused top rows by a structural cue: a row whose own name (the definition it holds)
-    shares words with the question moves up by ``NAME_BONUS`` x the share of the question's words."""
+def rerank(index: VectorIndex, text: str, rows: list[int], fused: dict[int, float]) -> dict[int, float]:
+    """New scores for the fused top rows by a structural cue: a row whose own name (the definition it
+    holds) shares words with the question gains ``NAME_BONUS`` x the top score x the share of the
+    question's words it covers."""
     words = set(tokenize(text))
     if not words or not rows or NAME_BONUS == 0:
-        return rows
-    docs = index.lexical.names
+        return {}
+    names = index.lexical.names
     top = max(fused[r] for r in rows)
-
-    def key(r: int) -> float:
-        name = docs.get(r, "")
+    out = {}
+    for r in rows:
+        name = names.get(r, "")
         shared = len(words & set(tokenize(name))) if name else 0
-        return fused[r] + NAME_BONUS * top * shared / len(words)
-
-    return sorted(rows, key=lambda r: -key(r))
+        out[r] = fused[r] + NAME_BONUS * top * shared / len(words)
+    return out

@@ -59,6 +59,23 @@ async def test_hybrid_finds_a_named_identifier_dense_misses(weaver):  # noqa: F8
     assert all(h["metadata"]["file_path"] == "/repo/pkg/io.py" for h in by_path) and by_path
 
 
+async def test_hybrid_scores_follow_the_returned_order_after_the_rerank(weaver):  # noqa: F811
+    chunks = [("parse_header", "def parse_header(raw):\n    return tokens(raw)\n"),
+              ("other", "def other():\n    header = parse(header)\n    return parse(header, header)\n"),
+              ("read_lines", "def read_lines(f):\n    return f.readlines()\n")]
+    payload = {"file_path": "/p/h.py", "file_hash": "1", "summaries": [], "chunks": [
+        {"source_text": text, "metadata": meta("/p/h.py", name, start=i * 5 + 1, end=i * 5 + 3,
+                                                content_hash=name, token_count=9)}
+        for i, (name, text) in enumerate(chunks)]}
+    await weaver.replace_file(payload)
+    for q in ("parse header", "how are header lines parsed", "read the lines"):
+        hits = (await weaver.search({"text": q, "k": 3, "level": "chunks"}))["hits"]
+        scores = [h["score"] for h in hits]
+        assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores), (q, scores)
+    top = (await weaver.search({"text": "parse header", "k": 1, "level": "chunks"}))["hits"][0]
+    assert top["metadata"]["node_name"] == "parse_header"  # its name is the question: the rerank lifts it
+
+
 async def test_lexical_index_follows_another_process_and_old_segments(weaver, weaver2):  # noqa: F811
     await weaver.search({"text": "warm", "k": 1})
     await weaver2.replace_file(file_payload("/b.py", fns=("gamma_reader",)))
