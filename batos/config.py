@@ -61,8 +61,10 @@ class Settings(BaseModel):
 
     # llm
     llm_backend: Literal["embedded", "hf", "openai"] = "embedded"
-    # embedded: which packaged GGUF (batos.models.LLM_MODELS), run by llama.cpp when it is installed
-    llm_model: str = "smollm2-135m"
+    # embedded: which packaged GGUF (batos.models.LLM_MODELS), run by llama.cpp when it is installed.
+    # Qwen2.5-Coder-0.5B: names the right code where SmolLM2-135M does not, ~2x its cost (bench/RESULTS.md);
+    # the tests serve smollm2-135m (tests/conftest.py), and so does the transformers fallback.
+    llm_model: str = "qwen2.5-coder-0.5b"
     llm_runtime: Literal["auto", "llamacpp", "transformers"] = "auto"  # auto: llama.cpp, else transformers
     llm_threads: int = 1  # llama.cpp threads; 1 beat 2 on this loaded 2-core machine (bench/llm.py)
     llm_model_path: str = ""  # hf backend: a local model directory
