@@ -72,3 +72,16 @@ def test_hf_backend_loads_a_local_checkpoint_with_the_configured_dtype():
     assert result.completion_tokens == 3 and result.text
     with pytest.raises(BackendError, match="context is 512 tokens"):
         backend.generate("BRICK", [{"role": "user", "content": "word " * 600}], GenerationParams(max_tokens=3))
+
+
+@pytest.mark.slow
+def test_without_llama_cpp_the_embedded_model_falls_back_to_transformers_and_says_so(monkeypatch, caplog):
+    from services.forge.backends import llamacpp
+
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    backend = make_backend(config.load(llm_backend="embedded", llm_model="qwen2.5-coder-0.5b"))
+    assert isinstance(backend, LocalBackend) and backend.model_name == "SmolLM2-135M-Instruct"
+    assert "llama-cpp-python is not installed" in caplog.text
+    assert "instead of Qwen2.5-Coder-0.5B-Instruct" in caplog.text
+    with pytest.raises(BackendError, match="llama-cpp-python missing"):
+        make_backend(config.load(llm_backend="embedded", llm_runtime="llamacpp"))
