@@ -406,8 +406,9 @@ async def main(argv: list[str] | None = None) -> int:
         if a.json:
             a.json.write_text(json.dumps(out, indent=1, default=str))
     print()
-    print(table(out["now"]["summary"], out.get("base", {}).get("summary")))
-    if "now_on_base_subset" in out:
+    subset = "now_on_base_subset" in out  # the baseline ran on fewer questions: compared apart, below
+    print(table(out["now"]["summary"], None if subset else out.get("base", {}).get("summary")))
+    if subset:
         print(f"\nthe baseline cycle ran on the first {out['base']['summary']['n']} questions; on those:")
         print(table(out["now_on_base_subset"], out["base"]["summary"]))
     print()
