@@ -60,7 +60,7 @@ PR_SET_NO_NEW_PRIVS = 38
 
 
 def to_jsonable(value: object, _depth: int = 0, _seen: frozenset[int] = frozenset()) -> object:
-    """A JSON-compatible copy: mappings -> dicts, sequences and sets -> lists, anything else -> repr."""
+    """A JSON-compatible copy: mappings -> dicts, sequences, sets and dict views -> lists, anything else -> repr."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if _depth >= MAX_DEPTH or id(value) in _seen:
@@ -73,9 +73,9 @@ def to_jsonable(value: object, _depth: int = 0, _seen: frozenset[int] = frozense
                 key = json.dumps(key) if key is None or isinstance(key, bool | int | float) else _short_repr(key)
             out[key] = to_jsonable(item, _depth + 1, seen)
         return out
-    if isinstance(value, list | tuple | set | frozenset) or (
+    if isinstance(value, list | tuple | set | frozenset | collections.abc.Set | collections.abc.ValuesView) or (
         isinstance(value, collections.abc.Sequence) and not isinstance(value, bytes | bytearray | memoryview)
-    ):
+    ):  # Set covers dict.keys() / dict.items() views: finite, already in memory
         return [to_jsonable(item, _depth + 1, seen) for item in value]
     return _short_repr(value)
 

@@ -373,3 +373,11 @@ def test_runner_outside_namespaces_refuses_before_any_user_code(tmp_path: Path) 
     assert proc.returncode == 3
     assert report["setup_error"].startswith("RuntimeError: runner must be PID 1 and root in fresh namespaces")
     assert not marker.exists()
+
+
+def test_dict_views_come_back_as_lists():
+    from services.kernel.sandbox_runner import to_jsonable
+
+    d = {"a": 1, "b": 2}
+    assert to_jsonable(d.keys()) == ["a", "b"] and to_jsonable(d.values()) == [1, 2]
+    assert to_jsonable(d.items()) == [["a", 1], ["b", 2]]
