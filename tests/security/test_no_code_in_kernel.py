@@ -138,7 +138,7 @@ async def test_default_and_decorator_expressions_never_see_the_kernels_environme
 async def test_a_default_that_loops_forever_runs_out_its_time_in_the_sandbox_and_the_kernel_answers(ks):
     system, client = ks
     oid = await system.plant({
-        "spin": "def spin(self, x=[0 for _ in iter(int, 1)]):\n    return len(x)\n",
+        "spin": "def spin(self, x=[0 for _ in iter(int, 1) if False]):\n    return len(x)\n",  # CPU, no memory
         "spin2": "def spin2(self, x=sum(1 for _ in iter(lambda: 0, 1))):\n    return x\n",
         "fine": "def fine(self, n=2):\n    return n * 21\n",
     })
