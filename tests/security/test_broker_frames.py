@@ -17,6 +17,7 @@ import zmq
 
 import proto
 from batos.client import Client
+from batos.errors import ServiceError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -193,3 +194,18 @@ async def test_broker_still_routes_after_every_hostile_frame(system):
             assert status["stats"]["internal_errors"] == 0 and status["workers"] == 1
     finally:
         attacker.close()
+
+
+async def test_a_body_past_the_depth_limit_is_refused_by_the_worker_with_its_request_id(system):
+    system.start_broker(**EXTRA)
+    system.start_test_worker("echo", BATOS_TEST_CAPACITY="1")
+    async with Client(system.settings) as c:
+        await system.wait_registered(c, {"echo": 1})
+        body: object = "leaf"
+        for _ in range(proto.MAX_BODY_DEPTH + 5):
+            body = [body]
+        for _ in range(2):  # twice on a capacity-1 worker: the refusal frees the slot
+            with pytest.raises(ServiceError) as e:
+                await c.call("echo", "echo", {"deep": body}, timeout=10)
+            assert e.value.code == proto.ErrorCode.BAD_FRAME and "nested deeper" in e.value.message
+        assert (await c.call("echo", "echo", {"shallow": [[1]]}))["echo"] == {"shallow": [[1]]}
