@@ -58,6 +58,10 @@ class Settings(BaseModel):
     # ingestion / token governor
     max_chunk_tokens: int = 256
     ingest_max_file_bytes: int = 2 * 1024 * 1024
+    # ingest reads only under its roots (issue 13): ingest_home (set by `batos.ctl up` to the directory it was
+    # run from; the ingestor's working directory when empty) plus these, comma or os.pathsep separated
+    ingest_home: str = ""
+    ingest_roots: str = ""
 
     # llm
     llm_backend: Literal["embedded", "hf", "openai"] = "embedded"

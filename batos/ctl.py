@@ -46,6 +46,10 @@ def prepare_var(settings: Settings) -> None:
 
     for d in (settings.var_dir, settings.log_dir, settings.upgrade_channel, settings.lora_dir):
         d.mkdir(parents=True, exist_ok=True)
+    # owner-only (issue 13): the image, audit log, logs and keys live under var/; supervisord's umask=077
+    # makes what the programs create there 0600 / 0700
+    for d in (settings.var_dir, settings.log_dir):
+        d.chmod(0o700)
     write_zeo_conf(settings, settings.var_dir / "zeo.conf")
 
 
@@ -74,7 +78,9 @@ def up(settings: Settings) -> int:
         supervisor(settings).supervisor.startAllProcesses(False)
     else:
         # supervisord.conf reads the var dir from the environment; every program inherits BATOS_*
-        env = {**os.environ, "BATOS_VAR_DIR": str(settings.var_dir)}
+        # ingest's default root is the directory `make up` was run from (services.ingestor.roots)
+        env = {**os.environ, "BATOS_VAR_DIR": str(settings.var_dir),
+               "BATOS_INGEST_HOME": os.environ.get("BATOS_INGEST_HOME") or os.getcwd()}
         subprocess.run([str(Path(sys.executable).parent / "supervisord"), "-c", str(CONF)], check=True, env=env)
     rpc = supervisor(settings)
     deadline = time.monotonic() + UP_TIMEOUT

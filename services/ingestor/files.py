@@ -2,13 +2,14 @@
 
 Runs in a worker thread (pure CPU and file IO, no event loop). The outcome says what happened:
 ``chunked`` (with the chunks), ``unchanged`` (its hash matches what memory holds), or ``skipped``
-with a reason (``too_large``, ``binary``, ``unsupported``, ``undecodable``, ``unreadable``).
+with a reason (``too_large``, ``binary``, ``unsupported``, ``undecodable``, ``unreadable``, ``special``).
 A Python file that does not parse is ``chunked`` as line windows and carries ``error``.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 from services.ingestor import textfiles
@@ -54,10 +55,14 @@ def chunk_file(path: str, max_tokens: int, max_bytes: int, *, known_hash: str | 
     if kind is None:
         return Outcome(path, "skipped", "unsupported")
     try:
-        size = os.stat(path).st_size
-        if size > max_bytes:
-            return Outcome(path, "skipped", "too_large")
-        with open(path, "rb") as f:
+        # O_NONBLOCK: a fifo swapped in after the walk never blocks the open; fstat then checks what was opened
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return Outcome(path, "skipped", "special")
+            if st.st_size > max_bytes:
+                return Outcome(path, "skipped", "too_large")
             raw = f.read(max_bytes + 1)
     except OSError as e:
         return Outcome(path, "skipped", "unreadable", error=f"{type(e).__name__}: {e}")

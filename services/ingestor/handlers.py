@@ -6,7 +6,7 @@ from typing import Any
 
 from batos.worker import Request, ServiceError
 from proto import ErrorCode
-from services.ingestor import pipeline
+from services.ingestor import pipeline, roots
 from services.ingestor.files import chunk_file
 
 MIN_CHUNK_TOKENS = 16  # below this a chunk holds a line or two: almost everything would be line-split
@@ -27,8 +27,9 @@ async def handle_ingest(req: Request) -> dict[str, Any]:
     path = req.arg("path", str, required=True)
     if not path.strip():
         raise ServiceError(ErrorCode.BAD_ARGS, "ingest: path must not be empty")
+    real = roots.check(path, roots.allowed(req.ctx.settings))  # refused outside the roots: bad_args
     return await pipeline.ingest(
-        path, client=req.client, emit=req.emit, cancelled=req.cancelled, run_blocking=req.run_blocking,
+        real, client=req.client, emit=req.emit, cancelled=req.cancelled, run_blocking=req.run_blocking,
         max_chunk_tokens=_budget(req), max_file_bytes=int(req.ctx.settings.ingest_max_file_bytes),
         use_unparse=req.arg("use_unparse", bool, False))
 
@@ -36,7 +37,8 @@ async def handle_ingest(req: Request) -> dict[str, Any]:
 async def handle_chunk(req: Request) -> dict[str, Any]:
     """{path, max_chunk_tokens?} -> one file's chunks and summaries, without storing anything (a preview)."""
     path = req.arg("path", str, required=True)
-    outcome = await req.run_blocking(chunk_file, path, _budget(req), int(req.ctx.settings.ingest_max_file_bytes))
+    real = roots.check(path, roots.allowed(req.ctx.settings))
+    outcome = await req.run_blocking(chunk_file, real, _budget(req), int(req.ctx.settings.ingest_max_file_bytes))
     if outcome.status == "skipped" and outcome.reason == "unreadable":
         raise ServiceError(ErrorCode.NOT_FOUND, outcome.error or f"cannot read {path}")
     result = outcome.result

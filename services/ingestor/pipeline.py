@@ -110,12 +110,13 @@ class _Run:
     errors: list[dict[str, str]] = field(default_factory=list)
     chunked_files: int = 0
     chunked_chunks: int = 0
+    refused: list[dict[str, str]] = field(default_factory=list)
 
     def reply(self, seconds: float) -> dict[str, Any]:
         return {"root": self.root, "files": self.files, "chunks": self.chunks, "summaries": self.summaries,
                 "lines": self.lines, "skipped": sum(self.skipped.values()), "skipped_by_reason": dict(self.skipped),
                 "unchanged": self.unchanged, "removed": self.removed, "unsupported": self.unsupported,
-                "errors": self.errors,
+                "errors": self.errors, "refused": self.refused,
                 "seconds": round(seconds, 3)}
 
 
@@ -133,10 +134,11 @@ async def ingest(path: str, *, client: Any, emit: Emit, max_chunk_tokens: int, m
     if not os.path.exists(root):
         raise ServiceError(ErrorCode.NOT_FOUND, f"no such file or directory: {path}")
     memory = MemoryClient(client)
-    walked: list[str] = await run_blocking(walker.walk, root)
+    refused: list[dict[str, str]] = []  # symlinks leaving the root, special files: skipped and reported
+    walked: list[str] = await run_blocking(walker.walk, root, refused)
     paths = [p for p in walked if classify(p) is not None]
     known = await memory.file_hashes(root)
-    run = _Run(root, unsupported=len(walked) - len(paths))
+    run = _Run(root, unsupported=len(walked) - len(paths), refused=refused)
     progress = _Progress(emit, len(paths))
     sender = _Sender(memory, run, progress)
     present: set[str] = set()  # files that exist and are ingestible now: memory keeps (or gets) them

@@ -201,7 +201,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         system.start_broker()
         system.start_zeo()
         system.start_service("memory")
-        system.start_service("ingest")
+        # ingest reads only under its roots: the test tree and the stdlib package ingested below
+        system.start_service("ingest", BATOS_INGEST_ROOTS=os.pathsep.join([str(root), os.path.dirname(email.__file__)]))
         system.start_service("kernel", **KERNEL_ENV)
         up = asyncio.run(_bring_up(system))
         yield Live(system, root, tree, {"startup_s": round(up, 1)})

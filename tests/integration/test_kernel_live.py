@@ -178,7 +178,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         system.start_zeo()
         system.start_service("memory")
         if HAS_INGEST:
-            system.start_service("ingest")
+            system.start_service("ingest", BATOS_INGEST_ROOTS=str(root))  # ingest reads only under its roots
         system.start_service("forge")
         system.start_service("kernel", **KERNEL_ENV)
         yield asyncio.run(_bring_up(system, tree))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +26,7 @@ class FakeRequest:
         self.args = args
         self.client = client
         self.cancelled = threading.Event()
-        self.ctx = SimpleNamespace(settings=load(max_chunk_tokens=64))
+        self.ctx = SimpleNamespace(settings=load(max_chunk_tokens=64, ingest_roots=tempfile.gettempdir()))
         self.events: list[dict[str, Any]] = []
 
     async def emit(self, name: str, **data: Any) -> None:

@@ -1,0 +1,107 @@
+"""Issue 13 item 8: ingest reads only under its roots, refuses symlinks that leave them, skips special files.
+
+A real broker and a real ingestor process (the process that reads files): ``/etc``, ``~root``, ``..`` escapes
+and a symlink planted under the root are refused with ``bad_args`` naming the path and why; a fifo is refused
+without blocking. The walk itself (unit level) skips and reports symlinks leaving the tree and special files.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from batos.config import Settings
+from batos.ctl import prepare_var
+from batos.errors import ServiceError
+from proto import ErrorCode
+from services.ingestor import roots, walker
+from services.ingestor.files import chunk_file
+
+
+@pytest.fixture
+async def ingestor(system, client, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "ok.py").write_text("def ok():\n    return 1\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.py").write_text('TOKEN = "root-only-secret"\n')
+    (home / "planted.py").symlink_to(outside / "secret.py")
+    (home / "planted_dir").symlink_to(outside)
+    os.mkfifo(home / "pipe.py")
+    system.start_service("ingest", BATOS_INGEST_HOME=str(home))
+    await system.wait_registered(client, {"ingest": 1})
+    return home, outside
+
+
+@pytest.mark.parametrize("path", ["/etc", "/etc/passwd", "~root", "{home}/../outside/secret.py",
+                                  "{home}/planted.py", "{home}/planted_dir", "{outside}"])
+async def test_paths_outside_the_roots_are_refused(ingestor, client, path):
+    home, outside = ingestor
+    path = path.format(home=home, outside=outside)
+    for command in ("ingest", "chunk"):
+        with pytest.raises(ServiceError) as e:
+            await client.call("ingest", command, {"path": path}, timeout=30)
+        assert e.value.code == ErrorCode.BAD_ARGS, e.value
+        assert "outside the ingest roots" in e.value.message and path in e.value.message
+
+
+async def test_a_fifo_is_refused_without_blocking(ingestor, client):
+    home, _ = ingestor
+    with pytest.raises(ServiceError) as e:
+        await client.call("ingest", "chunk", {"path": str(home / "pipe.py")}, timeout=30)
+    assert e.value.code == ErrorCode.BAD_ARGS and "fifo" in e.value.message
+
+
+async def test_a_file_inside_the_root_is_read(ingestor, client):
+    home, _ = ingestor
+    reply = await client.call("ingest", "chunk", {"path": str(home / "ok.py")}, timeout=30)
+    assert reply["status"] == "chunked" and "def ok" in str(reply["chunks"])
+
+
+def test_walk_skips_and_reports_symlinks_leaving_the_root_and_special_files(tmp_path):
+    home, outside = tmp_path / "home", tmp_path / "outside"
+    (home / "pkg").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.py").write_text("x = 1\n")
+    (home / "pkg" / "a.py").write_text("a = 1\n")
+    (home / "pkg" / "leak.py").symlink_to(outside / "secret.py")
+    (home / "leakdir").symlink_to(outside)
+    (home / "alias.py").symlink_to(home / "pkg" / "a.py")  # inside the root: taken
+    os.mkfifo(home / "fifo.py")
+    refused: list[dict[str, str]] = []
+    files = walker.walk(home, refused)
+    assert files == [str(home / "alias.py"), str(home / "pkg" / "a.py")]
+    reasons = {Path(r["file_path"]).name: r["reason"] for r in refused}
+    assert set(reasons) == {"leak.py", "leakdir", "fifo.py"}
+    assert "symlink leaving the root" in reasons["leak.py"] and str(outside) in reasons["leakdir"]
+    assert "fifo" in reasons["fifo.py"]
+
+
+def test_chunk_file_never_opens_a_special_file_blocking(tmp_path):
+    os.mkfifo(tmp_path / "swapped.py")  # e.g. swapped in after the walk
+    assert chunk_file(str(tmp_path / "swapped.py"), 64, 1 << 20).reason == "special"
+
+
+def test_roots_setting_lists_extra_roots(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    allowed = roots.allowed(Settings(ingest_home=str(a), ingest_roots=f"{b},{tmp_path / 'c'}{os.pathsep} "))
+    assert allowed == [str(a), str(b), str(tmp_path / "c")]
+    assert roots.check(str(b), allowed) == str(b)
+    with pytest.raises(ServiceError):
+        roots.check(str(tmp_path / "ab"), allowed)  # a prefix is not containment
+
+
+def test_var_is_owner_only(tmp_path):
+    settings = Settings(var_dir=tmp_path / "var")
+    (tmp_path / "var").mkdir(mode=0o755)
+    prepare_var(settings)
+    for d in (settings.var_dir, settings.log_dir):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    conf = (Path(__file__).resolve().parents[2] / "supervisord.conf").read_text()
+    assert "\numask=077\n" in conf  # what the programs create under var/ is 0600 / 0700
