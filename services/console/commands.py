@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 import proto
+from proto.schema import MAX_BODY_DEPTH
 
 PERSONAS = ("ALFRED", "BABS", "BRICK", "ROBIN")
 KERNEL = proto.Service.KERNEL.value
@@ -125,14 +126,31 @@ def parse_line(line: str, *, cwd: Path | None = None) -> Parsed | None:
     if not text or text.startswith("#"):
         return None
     if text.startswith("{"):
-        return parse_table1_line(text)
+        return _shallow(parse_table1_line(text))
     name, _, rest = text.partition(" ")
     name = ALIASES.get(name.lower(), name.lower())
     rest = rest.strip()
     parser = _PARSERS.get(name)
     if parser is None:
         raise CommandError(f"unknown command {text.split()[0]!r}; type 'help' for the list")
-    return parser(rest, cwd or Path.cwd())
+    return _shallow(parser(rest, cwd or Path.cwd()))
+
+
+# what a request body may nest, leaving room for the envelope around it (the wire refuses deeper frames)
+MAX_ARG_DEPTH = MAX_BODY_DEPTH - 8
+
+
+def _shallow(parsed: Parsed) -> Parsed:
+    """Refuse, here and in plain words, arguments nested deeper than the wire carries."""
+    if isinstance(parsed, Request):
+        stack: list[tuple[Any, int]] = [(parsed.body, 1)]
+        while stack:  # iterative: the check itself cannot overflow the stack
+            obj, depth = stack.pop()
+            if depth > MAX_ARG_DEPTH:
+                raise CommandError(f"arguments nest deeper than {MAX_ARG_DEPTH} levels; flatten them")
+            children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return parsed
 
 
 # -- one parser per command --------------------------------------------------------------------
@@ -301,6 +319,8 @@ def parse_table1_line(text: str) -> Request:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise CommandError(f"not valid JSON: {e.msg} at column {e.colno}") from e
+    except RecursionError:  # a 5,000-deep line: an error for the line, never a traceback
+        raise CommandError("JSON nested too deep to read; flatten the arguments") from None
     try:
         cmd = proto.parse_table1(obj)
     except proto.ProtocolError as e:

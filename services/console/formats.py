@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,26 @@ BAR_CELLS = 20
 
 def plain(frags: Fragments) -> str:
     return "".join(text for _, text in frags)
+
+
+# Control characters that a terminal would act on (ESC sequences, BEL, CR overwriting a line, C1 codes,
+# bidi overrides that reorder what is shown): text from results never drives the terminal. Newline and tab
+# stay; the console's own styling is in fragment styles, never in the text.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe_text(text: str) -> str:
+    """``text`` with terminal control characters shown as escapes (``\\x1b``), newline and tab kept."""
+    return _CONTROL.sub(_escape, text)
+
+
+def safe_fragments(frags: Fragments) -> Fragments:
+    return [(style, safe_text(text)) for style, text in frags]
 
 
 def short_id(value: Any) -> str:

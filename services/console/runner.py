@@ -122,7 +122,9 @@ class Runner:
             raise
         except Exception as e:  # a transport failure must not take the console down
             log.debug("request %s failed", handle.label, exc_info=True)
-            return self._fail(handle, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+            return self._fail(handle, ErrorCode.INTERNAL,
+                              f"the request could not be sent or its answer could not be read ({e or 'no detail'}); "
+                              "the console is still running")
 
     async def cancel(self, which: str = "") -> list[int]:
         """Cancel request ``which`` (its tag) or every one in flight; the tags cancelled."""

@@ -16,7 +16,7 @@ from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.output import create_output
 from prompt_toolkit.styles import Style
 
-from services.console.formats import Fragments, plain
+from services.console.formats import Fragments, plain, safe_fragments, safe_text
 from services.console.render import STYLE_RULES
 
 STYLE = Style.from_dict(STYLE_RULES)
@@ -38,6 +38,7 @@ class StreamSink:
         self._output = create_output(stdout=stream) if self.colour else None
 
     def line(self, frags: Fragments) -> None:
+        frags = safe_fragments(frags)  # results never drive the terminal (ESC, BEL, CR, ...)
         if self._output is not None:
             print_formatted_text(FormattedText(frags), style=STYLE, output=self._output)
         else:
@@ -45,7 +46,7 @@ class StreamSink:
             self.stream.flush()
 
     def text(self, text: str) -> None:
-        self.stream.write(text)
+        self.stream.write(safe_text(text))
         self.stream.flush()
 
     def live(self, key: int, frags: Fragments | None) -> None:
@@ -71,6 +72,7 @@ class PromptSink:
         self._live: dict[int, Fragments] = {}
 
     def line(self, frags: Fragments) -> None:
+        frags = safe_fragments(frags)
         self._pending.append(frags if self.colour else [("", plain(frags))])
         if not self._scheduled:
             self._scheduled = True
@@ -100,6 +102,7 @@ class PromptSink:
             if self._live.pop(key, None) is None:
                 return
         else:
+            frags = safe_fragments(frags)
             self._live[key] = frags if self.colour else [("", plain(frags))]
         if self.on_live_change is not None:
             self.on_live_change()

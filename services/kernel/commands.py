@@ -93,6 +93,19 @@ def parse(body: dict[str, Any]) -> Table1Command:
         raise ServiceError(e.code, e.message) from None
 
 
+def _check_depth(cmd: Table1Command) -> None:
+    """Arguments nested deeper than any command needs are ``bad_args`` here, before any handler (or the
+    sandbox's JSON copy, or memory's filters) meets them (issue 13: they used to end as ``internal``)."""
+    stack: list[tuple[Any, int]] = [(cmd.mission_brief.args, 1), (cmd.mission_brief.kwargs, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        if depth > dnu.ARGS_MAX_DEPTH:
+            raise ServiceError(ErrorCode.BAD_ARGS, f"{cmd.command}: arguments nest deeper than "
+                                                   f"{dnu.ARGS_MAX_DEPTH} levels")
+        children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+
+
 def normalize_oid(text: str) -> str:
     m = _OID.match(text.strip().lower()) if isinstance(text, str) else None
     if not m:
@@ -155,6 +168,7 @@ COMMANDS: dict[str, Handler] = {
 
 async def dispatch(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     """Run one validated Table 1 command; bad input is a ServiceError naming what was wrong."""
+    _check_depth(cmd)
     target = normalize_oid(cmd.target_oid)
     if target != cmd.target_oid:
         cmd = msgspec.structs.replace(cmd, target_oid=target)
