@@ -50,6 +50,14 @@ def prepare_var(settings: Settings) -> None:
     # makes what the programs create there 0600 / 0700
     for d in (settings.var_dir, settings.log_dir):
         d.chmod(0o700)
+    if settings.curve_enabled:
+        # generated here, before supervisord starts anything: when the broker generated them at its start,
+        # workers starting beside it read half-written files ("Invalid certificate file") on a fresh var/keys
+        from batos import curve
+
+        keys = curve.ensure_keys(settings)
+        for d in (keys, keys / "authorized"):
+            d.chmod(0o700)
     write_zeo_conf(settings, settings.var_dir / "zeo.conf")
 
 

@@ -105,3 +105,19 @@ def test_var_is_owner_only(tmp_path):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
     conf = (Path(__file__).resolve().parents[2] / "supervisord.conf").read_text()
     assert "\numask=077\n" in conf  # what the programs create under var/ is 0600 / 0700
+
+
+def test_up_generates_curve_keys_before_any_program_starts(tmp_path):
+    """With Curve on and a fresh var/keys, `batos.ctl up` writes every key pair before supervisord starts the
+    programs (the broker generating them while workers read them failed the first `make up`)."""
+    settings = Settings(var_dir=tmp_path / "var", curve_enabled=True)
+    prepare_var(settings)
+    keys = settings.keys_dir
+    for name in ("broker", "services", "console"):
+        assert (keys / f"{name}.key").is_file() and (keys / f"{name}.key_secret").is_file()
+        assert stat.S_IMODE((keys / f"{name}.key_secret").stat().st_mode) == 0o600
+    assert {p.name for p in (keys / "authorized").iterdir()} == {"services.key", "console.key"}
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    before = {p: p.read_bytes() for p in keys.glob("*.key*")}
+    prepare_var(settings)  # a second `up` keeps the keys: consoles already hold them
+    assert {p: p.read_bytes() for p in keys.glob("*.key*")} == before
