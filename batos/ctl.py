@@ -61,6 +61,13 @@ def prepare_var(settings: Settings) -> None:
     write_zeo_conf(settings, settings.var_dir / "zeo.conf")
 
 
+def start_supervisord(conf: Path, env: dict[str, str] | None = None) -> None:
+    """Start supervisord (it daemonizes). umask 077 from the start: its own log is created before it applies
+    the ``umask`` of supervisord.conf, which then covers every program (image, audit log, logs: owner-only)."""
+    subprocess.run([str(Path(sys.executable).parent / "supervisord"), "-c", str(conf)], check=True, env=env,
+                   umask=0o077)
+
+
 def log_tail(settings: Settings, program: str, lines: int = 30) -> str:
     path = settings.log_dir / f"{program}.log"
     if not path.exists():
@@ -89,7 +96,7 @@ def up(settings: Settings) -> int:
         # ingest's default root is the directory `make up` was run from (services.ingestor.roots)
         env = {**os.environ, "BATOS_VAR_DIR": str(settings.var_dir),
                "BATOS_INGEST_HOME": os.environ.get("BATOS_INGEST_HOME") or os.getcwd()}
-        subprocess.run([str(Path(sys.executable).parent / "supervisord"), "-c", str(CONF)], check=True, env=env)
+        start_supervisord(CONF, env)
     rpc = supervisor(settings)
     deadline = time.monotonic() + UP_TIMEOUT
     print("starting BAT OS", end="", flush=True)

@@ -7,18 +7,24 @@ without blocking. The walk itself (unit level) skips and reports symlinks leavin
 
 from __future__ import annotations
 
+import configparser
 import os
+import signal
 import stat
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from batos.config import Settings
-from batos.ctl import prepare_var
+from batos.ctl import prepare_var, start_supervisord
 from batos.errors import ServiceError
 from proto import ErrorCode
 from services.ingestor import roots, walker
 from services.ingestor.files import chunk_file
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -98,13 +104,50 @@ def test_roots_setting_lists_extra_roots(tmp_path):
 
 
 def test_var_is_owner_only(tmp_path):
+    """prepare_var makes var/ and its logs 0700; a real supervisord with the [supervisord] section of our
+    supervisord.conf gives its log and what its programs create (image, audit log, logs) 0600 / 0700."""
     settings = Settings(var_dir=tmp_path / "var")
     (tmp_path / "var").mkdir(mode=0o755)
     prepare_var(settings)
     for d in (settings.var_dir, settings.log_dir):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
-    conf = (Path(__file__).resolve().parents[2] / "supervisord.conf").read_text()
-    assert "\numask=077\n" in conf  # what the programs create under var/ is 0600 / 0700
+    conf = configparser.RawConfigParser()
+    conf.read(REPO / "supervisord.conf")
+    var = settings.var_dir
+    made = var / "made"
+    lines = ["[supervisord]"] + [f"{k}={v}" for k, v in conf["supervisord"].items()
+                                 if k not in ("environment", "directory")]
+    lines += ["[program:maker]", f"command={sys.executable} -c \"import os, pathlib, time; "
+              f"pathlib.Path('{made}.f').write_text('x'); os.mkdir('{made}.d'); time.sleep(60)\"",
+              "autorestart=false", "startsecs=0", f"stdout_logfile={var}/log/maker.log"]
+    # as `make up` runs it: daemonized (supervisord applies its umask when it daemonizes)
+    (tmp_path / "s.conf").write_text("\n".join(lines).replace("%(ENV_BATOS_VAR_DIR)s", str(var)) + "\n")
+    start_supervisord(tmp_path / "s.conf")
+    pidfile = var / "supervisord.pid"
+    try:
+        deadline = time.monotonic() + 30
+        while not (Path(f"{made}.d").exists() and pidfile.exists()) and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling a file another process creates: no event to wait on
+        assert Path(f"{made}.d").exists(), (var / "log" / "supervisord.log").read_text(errors="replace")
+        assert stat.S_IMODE(Path(f"{made}.f").stat().st_mode) == 0o600
+        assert stat.S_IMODE(Path(f"{made}.d").stat().st_mode) == 0o700
+        for log in (var / "log" / "supervisord.log", var / "log" / "maker.log"):
+            assert stat.S_IMODE(log.stat().st_mode) & 0o077 == 0, log
+    finally:
+        if pidfile.exists():
+            pid = int(pidfile.read_text())
+            os.kill(pid, signal.SIGTERM)  # supervisord stops its program and exits
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_up_generates_curve_keys_before_any_program_starts(tmp_path):
