@@ -375,3 +375,31 @@ async def test_progress_reaches_only_the_requester(live):
               (e.corr not in own_ids and e.service != proto.Service.BROKER)]
     assert strays == [], strays
     print(f"\ntimings: {live.timings}")
+
+
+# -- 5. only under the ingest roots (issue 13 item 8) -----------------------------------------------------------
+
+
+async def test_outside_the_roots_is_refused_and_planted_symlinks_are_reported(live, tmp_path_factory):
+    from batos.errors import ServiceError
+
+    outside = tmp_path_factory.mktemp("ingest_outside")  # not under the ingestor's roots
+    (outside / "vault.py").write_text('def vault_secret():\n    return "root-only-vault-token"\n')
+    tree = live.root / "planted"
+    tree.mkdir()
+    (tree / "ok.py").write_text("def harmless():\n    return 1\n")
+    (tree / "vault.py").symlink_to(outside / "vault.py")  # planted by another user
+    (tree / "vaultdir").symlink_to(outside)
+    os.mkfifo(tree / "pipe.py")  # would block a plain open()
+    async with live.client() as client:
+        for path in ("/etc", "~root", outside / "vault.py", tree / "vault.py", tree / "pipe.py"):
+            with pytest.raises(ServiceError) as e:
+                await kernel_ingest(client, path, timeout=60)
+            assert e.value.code == proto.ErrorCode.BAD_ARGS and "ingest refused" in e.value.message, e.value
+        reply, _ = await kernel_ingest(client, tree)
+        hits = await kernel_search(client, "vault secret root only vault token", k=8)
+    assert reply["files"] == 1, reply
+    refused = {Path(r["file_path"]).name: r["reason"] for r in reply["refused"]}
+    assert set(refused) == {"vault.py", "vaultdir", "pipe.py"}, refused
+    assert "fifo" in refused["pipe.py"] and str(outside) in refused["vault.py"]
+    assert not any("root-only-vault-token" in str(h) for h in hits)
