@@ -263,7 +263,13 @@ def format_ingest(body: dict[str, Any]) -> list[Fragments]:
         lines.append([("class:warning", "  ! "), ("", one_line(_error_text(err), 300))])
     if len(errors) > LIST_LIMIT:
         lines.append([("class:dim", f"  … {len(errors) - LIST_LIMIT} more errors")])
-    lines += format_tree({k: v for k, v in body.items() if k not in (*keys, "seconds", "errors")})
+    refused = body.get("refused") or []  # symlinks leaving the root, special files: never read
+    for item in refused[:LIST_LIMIT]:
+        text = f"{item.get('file_path', '?')}: {item.get('reason', '')}" if isinstance(item, dict) else str(item)
+        lines.append([("class:warning", "  refused "), ("", one_line(text, 300))])
+    if len(refused) > LIST_LIMIT:
+        lines.append([("class:dim", f"  … {len(refused) - LIST_LIMIT} more refused")])
+    lines += format_tree({k: v for k, v in body.items() if k not in (*keys, "seconds", "errors", "refused")})
     return lines
 
 

@@ -116,6 +116,17 @@ def test_safe_text_keeps_newlines_and_tabs_and_escapes_the_rest():
     assert safe_text("\x1b[31m\x07\x00\x7f") == "\\x1b[31m\\x07\\x00\\x7f"
 
 
+def test_ingest_reply_lists_what_was_refused():
+    from services.console.formats import format_ingest, plain
+
+    body = {"files": 1, "chunks": 1, "skipped": 0, "unchanged": 0, "removed": 0, "errors": [], "seconds": 0.1,
+            "refused": [{"file_path": "/home/a/vault.py", "reason": "symlink leaving the root (to /etc/shadow)"},
+                        {"file_path": "/home/a/p.py", "reason": "special file (fifo)"}]}
+    text = "\n".join(plain(line) for line in format_ingest(body))
+    assert "refused /home/a/vault.py: symlink leaving the root (to /etc/shadow)" in text
+    assert "refused /home/a/p.py: special file (fifo)" in text
+
+
 if __name__ == "__main__":
     from batos.worker import run_service
 
