@@ -43,6 +43,12 @@ def safe_text(text: str) -> str:
     return _CONTROL.sub(_escape, text)
 
 
+def json_safe(line: str) -> str:
+    """One ``json.dumps(ensure_ascii=False)`` line with the controls JSON leaves raw (DEL, C1, bidi) written as
+    ``\\uXXXX`` escapes: still the same JSON, and inert on a terminal. They can only occur inside strings."""
+    return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
+
+
 def safe_fragments(frags: Fragments) -> Fragments:
     return [(style, safe_text(text)) for style, text in frags]
 

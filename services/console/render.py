@@ -24,6 +24,7 @@ from services.console.formats import (
     format_progress,
     format_reply,
     json_default,
+    json_safe,
 )
 
 # Throttle for progress lines: a single updating line is not possible above a prompt, so
@@ -226,5 +227,5 @@ class JsonView:
         self._emit({"kind": "reply", "command": "help", "id": "", "body": {"lines": lines}})
 
     def _emit(self, obj: dict[str, Any]) -> None:
-        self.out.write(json.dumps(obj, ensure_ascii=False, default=json_default) + "\n")
+        self.out.write(json_safe(json.dumps(obj, ensure_ascii=False, default=json_default)) + "\n")
         self.out.flush()

@@ -10,6 +10,7 @@ refused before they reach the wire. The kernel refuses deep Table 1 arguments as
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 
@@ -75,6 +76,14 @@ async def test_text_mode_shows_control_characters_escaped(hostile_kernel, tmp_pa
         assert "\\x1b]0;owned\\x07" in out  # shown, escaped: the user sees what the result held
     else:  # the error message carries the payload too
         assert rc == 1 and "\\x1b[2J" in err + out
+
+
+async def test_json_mode_is_inert_and_lossless(hostile_kernel, tmp_path):
+    rc, out, err = await console(hostile_kernel, tmp_path, "--json", "-c", "search anything")
+    assert rc == 0, err
+    assert_inert(out)
+    reply = [json.loads(line) for line in out.splitlines()][-1]
+    assert reply["body"]["hits"][0]["text"] == HOSTILE  # escaped as JSON, the same string once parsed
 
 
 async def test_a_5000_deep_json_line_is_a_clear_error(hostile_kernel, tmp_path):
