@@ -167,7 +167,9 @@ async def start(system: TreeSystem) -> None:
     system.start_broker()
     system.start_zeo()
     for name in ("memory", "ingest", "forge", "kernel"):
-        system.start_service(name, BATOS_AUTOTELIC_PERIOD="36000")  # no background work beside the bench
+        # the codebases are copied under the temp dir; --readme ingests this repository
+        system.start_service(name, BATOS_AUTOTELIC_PERIOD="36000",  # no background work beside the bench
+                             BATOS_INGEST_ROOTS=os.pathsep.join([tempfile.gettempdir(), str(REPO)]))
     async with Client(system.settings, identity="qa-setup") as client:
         await client.wait_for_broker(30)
         await system.wait_registered(client, SERVICES, timeout=STARTUP_TIMEOUT)

@@ -35,7 +35,7 @@ def adapter_dir(tmp_path_factory):
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.05)
+                p.normal_(0, 0.5)
     out = tmp_path_factory.mktemp("adapter") / "brick_test"
     peft.save_pretrained(str(out))
     return out
