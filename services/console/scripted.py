@@ -101,7 +101,9 @@ async def _run_lines(lines: AsyncIterator[str], view: View, runner: Runner, moni
                             f"no broker answered at {monitor.endpoint} within {connect_timeout:g} s; is it running?")
                 return EXIT_ERROR
         outcome = await runner.run(parsed)
-        if not outcome.ok:
+        # a reply that reports its own failure (`verify` finding problems, a forge run that failed) fails
+        # the script too, so `make verify` and CI see it in the exit status
+        if not outcome.ok or (outcome.body or {}).get("ok") is False:
             return EXIT_ERROR
     return EXIT_OK
 

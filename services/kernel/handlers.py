@@ -14,11 +14,9 @@ from typing import Any
 from batos.errors import ServiceError
 from batos.worker import Request
 from proto import ErrorCode
+from proto.roles import KERNEL_CONSOLE_COMMANDS
 from services.kernel import commands
 from services.kernel.audit_event import record_event
-
-CONSOLE_COMMANDS = ("ask", "send", "define", "display_yourself", "ingest", "search", "inspect", "stats", "trace",
-                    "audit", "forge", "verify")
 
 
 def _kernel(req: Request) -> Any:
@@ -49,4 +47,4 @@ async def handle_audit_event(req: Request) -> dict[str, Any]:
 
 
 HANDLERS = {"command": handle_command, "audit_event": handle_audit_event,
-            **{name: _convenience(name) for name in CONSOLE_COMMANDS}}
+            **{name: _convenience(name) for name in KERNEL_CONSOLE_COMMANDS}}

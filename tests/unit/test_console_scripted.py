@@ -99,6 +99,10 @@ async def kernel(req: Envelope, emit: Emit) -> None:
                                "citations": [{"oid": "1a", "file_path": "/x/a.py", "start_line": 1, "end_line": 4}]}))
     elif req.command == "stall":
         await asyncio.sleep(3600)
+    elif req.command == "verify":
+        broken = not req.body.get("repair")
+        emit(proto.reply(req, {"ok": not broken, "problems": ["chunk 1a has no summary"] if broken else [],
+                               "problem_counts": {"orphan": 1} if broken else {}}))
     elif req.command in ("define", "send", "stats", "status"):
         emit(proto.reply(req, {"echo": req.body}))
     else:
@@ -269,3 +273,11 @@ class _NullView:
 @pytest.fixture(autouse=True)
 def _fast_monitor(monkeypatch):
     monkeypatch.setattr("services.console.connection.DOWN_INTERVAL", 0.05)
+
+
+async def test_a_reply_that_reports_its_own_failure_fails_the_script():
+    # `make verify` relies on this: problems found -> non-zero exit, a clean image -> 0
+    rc, out, _ = await script("verify", FakeClient(kernel))
+    assert rc == EXIT_ERROR and objects(out)[-1]["body"]["ok"] is False
+    rc, out, _ = await script("verify repair", FakeClient(kernel))
+    assert rc == EXIT_OK and objects(out)[-1]["body"]["ok"] is True
