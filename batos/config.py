@@ -1,7 +1,8 @@
 """Settings for every BAT OS process, in one place.
 
-Read from environment variables ``BATOS_<FIELD>`` (upper case); a value given to
-:func:`load` wins over the environment. Timing constants live here with their reasons.
+Read from environment variables ``BATOS_<FIELD>`` (upper case) by pydantic-settings; a value given to
+:func:`load` wins over the environment. No other module reads a ``BATOS_*`` variable (tests/unit/test_config.py
+checks). Timing constants live here with their reasons.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,9 +22,20 @@ HEARTBEAT_LIVENESS = 3  # missed intervals before a peer is declared dead (3-5 i
 RECONNECT_INITIAL = 0.1  # first reconnect delay after the broker is lost
 RECONNECT_MAX = 2.0  # backoff ceiling: a restarted broker is found within 2 s
 SHUTDOWN_GRACE = 7.0  # in-flight work gets this long after SIGTERM; supervisord waits 10
+# a memory call from the kernel or forge embeds one query / writes one record and scans an in-memory matrix
+MEMORY_TIMEOUT = 60.0
+# one create_fractals batch (the autotelic loop) embeds up to 200 summaries: seconds, not minutes
+MEMORY_BATCH_TIMEOUT = 300.0
 
 
-class Settings(BaseModel):
+class Settings(BaseSettings):
+    # process
+    log_level: str = "INFO"  # logging level of broker and workers
+    # which kernel this is, for recovery; "" = kernel@<hostname> (services.kernel.env.instance_name)
+    kernel_instance: str = ""
+    console_history: str = "~/.batos_history"  # the console's readline history file
+    rebuild_llama: bool = False  # `make setup`: retry building llama-cpp-python after a failed build
+
     # where things live
     var_dir: Path = REPO_ROOT / "var"
     cache_dir: Path = Path(os.path.expanduser("~/.cache/batos"))
@@ -84,15 +96,20 @@ class Settings(BaseModel):
     react_max_steps: int = 3
     answer_budget_tokens: int = 1200
     answer_max_tokens: int = 320  # ROBIN's answer length
-    brick_max_tokens: int = 256  # BRICK's generated method length
+    brick_max_tokens: int = 256  # BRICK's generated method length: a method, not a program
+    brick_attempts: int = 2  # one retry, told why, when the reply holds no method or the method fails on the call
     cycle_timeout: float = 900.0
     autotelic_period: float = 60.0
     audit_max_bytes: int = 64 * 1024 * 1024  # the audit log rotates (between lines) past this size
     forge_threshold: int = 5  # new SUCCESS cycles per persona before curation
     forge_program: str = "forge"  # the supervisord program the steward restarts around training
     forge_train_timeout: float = 21600.0  # the steward kills a training run after this long
-    forge_incarnation_grace: float = 300.0  # after training, how long the kernel waits for the new adapter
-    forge_pickup_timeout: float = 300.0  # how long the kernel waits for the steward to take an instruction
+    # after training, how long the kernel waits for the new adapter: the restarted worker loads the model, then
+    # judges and activates the adapter
+    forge_incarnation_grace: float = 300.0
+    # how long the kernel waits for the steward to take an instruction: it polls every 0.5 s, so minutes without
+    # a pickup means it is not running
+    forge_pickup_timeout: float = 300.0
     sandbox_timeout: float = 10.0
     sandbox_memory_mb: int = 512
 
@@ -133,14 +150,13 @@ class Settings(BaseModel):
         """Where the broker writes the endpoint it actually bound (port 0 / ``*`` in tests)."""
         return self.var_dir / "broker.endpoint"
 
-    model_config = {"arbitrary_types_allowed": True, "ignored_types": (cached_property,)}
+    # extra="ignore": a BATOS_* variable for a removed or future field does not stop a process starting
+    model_config = SettingsConfigDict(env_prefix="BATOS_", extra="ignore", arbitrary_types_allowed=True,
+                                      ignored_types=(cached_property,))
 
 
 def load(**overrides: object) -> Settings:
-    values: dict[str, object] = {}
-    for name in Settings.model_fields:
-        env = os.environ.get(f"BATOS_{name.upper()}")
-        if env is not None:
-            values[name] = env
-    values.update(overrides)
-    return Settings(**values)
+    """The settings: ``overrides`` win over ``BATOS_<FIELD>`` environment variables, which win over defaults.
+
+    A bad value raises pydantic's ``ValidationError`` naming the field and the value."""
+    return Settings(**overrides)  # type: ignore[arg-type]

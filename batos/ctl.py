@@ -95,7 +95,7 @@ def up(settings: Settings) -> int:
         # supervisord.conf reads the var dir from the environment; every program inherits BATOS_*
         # ingest's default root is the directory `make up` was run from (services.ingestor.roots)
         env = {**os.environ, "BATOS_VAR_DIR": str(settings.var_dir),
-               "BATOS_INGEST_HOME": os.environ.get("BATOS_INGEST_HOME") or os.getcwd()}
+               "BATOS_INGEST_HOME": settings.ingest_home or os.getcwd()}
         start_supervisord(CONF, env)
     rpc = supervisor(settings)
     deadline = time.monotonic() + UP_TIMEOUT

@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         if installed_version() is None:
             print(fallback_notice())
         return 0
-    ok, message = install(rebuild=os.environ.get("BATOS_REBUILD_LLAMA") == "1")
+    ok, message = install(rebuild=load().rebuild_llama)
     print(message)
     if not ok:
         print(fallback_notice())

@@ -475,7 +475,7 @@ def _builtin_handlers(worker_ref: list[ServiceWorker], status_hook: Callable[[Co
 
 
 def configure_logging(name: str) -> None:
-    logging.basicConfig(level=os.environ.get("BATOS_LOG_LEVEL", "INFO"), stream=sys.stderr,
+    logging.basicConfig(level=load().log_level, stream=sys.stderr,
                         format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s")
 
 

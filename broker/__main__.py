@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import signal
 import sys
 
@@ -17,9 +16,9 @@ from broker.roles import Access, key_roles
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("BATOS_LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format="%(asctime)s broker[%(process)d] %(levelname)s %(message)s")
     settings = load()
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format="%(asctime)s broker[%(process)d] %(levelname)s %(message)s")
     stopping = False
 
     def handle_sigterm(signum: int, frame: object) -> None:

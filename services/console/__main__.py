@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     interactive = args.command is None and not args.json and sys.stdin.isatty() and sys.stdout.isatty()
     try:
         if interactive:
-            history = args.history or Path(os.environ.get("BATOS_CONSOLE_HISTORY", "~/.batos_history")).expanduser()
+            history = args.history or Path(settings.console_history).expanduser()
             app = ConsoleApp(settings, identity=identity, history=history, timeout=args.timeout,
                              colour=colour_wanted(sys.stdout))
             rc = asyncio.run(app.run())

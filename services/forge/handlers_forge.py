@@ -28,6 +28,7 @@ from typing import Any
 
 import proto
 from batos import personas
+from batos.config import MEMORY_TIMEOUT
 from batos.errors import ServiceError
 from batos.worker import Context, Request
 from services.forge import curation, history_audit, incarnation, training_script
@@ -38,7 +39,6 @@ log = logging.getLogger("batos.forge")
 Call = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]
 Emit = Callable[..., Awaitable[None]]
 
-MEMORY_TIMEOUT = 60.0
 QUERY_LIMIT = 10_000  # golden events fetched per query
 MAX_CYCLES = 2_000  # cycles whose full event lists are fetched for one curation
 CYCLE_QUERY_CONCURRENCY = 8

@@ -30,7 +30,6 @@ from services.kernel import degenerate, grounding
 from services.kernel.react import Evidence, ReactResult
 from services.kernel.run import CycleRun
 
-ANSWER_MAX_TOKENS = 320  # settings.answer_max_tokens' default
 ANSWER_TOKENS_CAP = 100  # two or three sentences and a Sources line (measured: 50-110 tokens); each costs time
 RETRY_TOKENS_CAP = 80  # the retry asks for one or two sentences
 ANSWER_PIECES = 4  # evidence pieces an answer prompt holds at most: the model uses the first few, prefill is time
@@ -152,7 +151,7 @@ async def write(run: CycleRun, question: str, evidence: ReactResult, *, persona:
                 extra: str = "", max_tokens: int | None = None) -> Draft:
     """SYNTHESIZING: label the evidence, assemble within budget, audit the budget, stream the persona's answer."""
     if max_tokens is None:
-        max_tokens = int(run.env.setting("answer_max_tokens", ANSWER_MAX_TOKENS))
+        max_tokens = run.env.settings.answer_max_tokens
         if kind == "answer":
             max_tokens = min(max_tokens, ANSWER_TOKENS_CAP)
     retrieved = relabel(evidence.chunks) if kind == "answer" else list(evidence.chunks)

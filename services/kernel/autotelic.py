@@ -23,6 +23,7 @@ from typing import Any
 
 from ZODB.POSException import ConflictError
 
+from batos.config import MEMORY_BATCH_TIMEOUT
 from services.forge.history_audit import audit_cognitive_history, forge_dispatcher
 from services.kernel import cycle as records
 from services.kernel.audit_ingest import Progress, ingest_audit_log, llm_summarizer
@@ -30,7 +31,6 @@ from services.kernel.env import KernelEnv
 
 log = logging.getLogger("batos.kernel.autotelic")
 
-MEMORY_TIMEOUT = 300.0  # one create_fractals batch embeds up to 200 summaries: seconds, not minutes
 SUMMARY_BUDGET_S = 30.0  # LLM time per periodic run; the rest of a run's events get template summaries
 SUMMARY_TIMEOUT_S = 15.0
 FORGE_DISPATCH_TIMEOUT = 1800.0  # forge.run: curation + BRICK writing the training script, then it returns
@@ -50,7 +50,7 @@ class Autotelic:
         self.history_error: str | None = None
 
     async def memory_call(self, command: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.env.client.call("memory", command, body, timeout=MEMORY_TIMEOUT)
+        return await self.env.client.call("memory", command, body, timeout=MEMORY_BATCH_TIMEOUT)
 
     async def llm_call(self, command: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self.env.client.call("llm", command, body, timeout=SUMMARY_TIMEOUT_S)
@@ -77,7 +77,7 @@ class Autotelic:
 
     async def call(self, service: str, command: str, body: dict[str, Any]) -> dict[str, Any]:
         """The (service, command, body) caller services.forge.history_audit takes."""
-        timeout = FORGE_DISPATCH_TIMEOUT if service == "forge" else MEMORY_TIMEOUT
+        timeout = FORGE_DISPATCH_TIMEOUT if service == "forge" else MEMORY_BATCH_TIMEOUT
         return await self.env.client.call(service, command, body, timeout=timeout)
 
     async def audit_history(self) -> dict[str, Any]:

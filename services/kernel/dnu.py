@@ -65,8 +65,6 @@ from services.kernel.run import CycleRun, execute
 from services.kernel.sandbox_result import data_shape_problem
 
 READ_ONLY_BUILTINS = frozenset({"get_slot", "has_slot", "slot_names", "own_slots", "method_names"})
-BRICK_MAX_TOKENS = 256  # a method, not a program
-BRICK_ATTEMPTS = 2  # one retry, told why, when the reply holds no method or the method fails on the call
 CONTEXT_CHUNKS = 2
 CONTEXT_CHARS = 700  # per chunk in BRICK's prompt: a 135M model drowns in long context
 SLOT_PROMPT_CHARS = 120
@@ -235,7 +233,7 @@ async def _does_not_understand(run: CycleRun, selector: str, args: list[Any], kw
 
     async def generate(prompt: str) -> str:
         reply = await run.llm("generate", {"messages": [{"role": "user", "content": prompt}],
-                                           "max_tokens": int(run.env.setting("brick_max_tokens", BRICK_MAX_TOKENS)),
+                                           "max_tokens": run.env.settings.brick_max_tokens,
                                            "temperature": 0.0},
                               persona="BRICK", stream=True)
         return str(reply.get("text") or "")
@@ -248,7 +246,7 @@ async def _does_not_understand(run: CycleRun, selector: str, args: list[Any], kw
     async def refused(t: Trial) -> None:
         await run.note(f"BRICK attempt {t.attempt}/{attempts} refused: {t.problem}")
 
-    attempts = int(run.env.setting("brick_attempts", BRICK_ATTEMPTS))
+    attempts = run.env.settings.brick_attempts
     trials = await write_method(generate, trial, rec, selector, args, kwargs, context.chunks, attempts=attempts,
                                 on_refused=refused)
     last = trials[-1]
@@ -418,7 +416,7 @@ RunTrial = Callable[[str], Awaitable[sandbox.SandboxResult]]
 
 
 async def write_method(generate: Generate, trial: RunTrial, rec: Receiver, selector: str, args: list[Any],
-                       kwargs: dict[str, Any], chunks: list[Any], *, attempts: int = BRICK_ATTEMPTS,
+                       kwargs: dict[str, Any], chunks: list[Any], *, attempts: int,
                        on_refused: Callable[[Trial], Awaitable[None]] | None = None) -> list[Trial]:
     """BRICK writes, the policy checks, the sandbox runs it on the call's arguments; a refused attempt is
     re-asked with the reason (and the refused code) until ``attempts`` are spent. The last Trial decides:

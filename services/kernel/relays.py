@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from batos import personas
+from batos.config import MEMORY_TIMEOUT
 from batos.errors import ServiceError
 from proto import ErrorCode, Table1Command
 from services.kernel import cycle as records
@@ -28,10 +29,7 @@ log = logging.getLogger("batos.kernel.relays")
 INGEST_TIMEOUT = 6 * 3600.0  # a whole tree on 2 cores embeds at ~25 chunks/s: hours for a big one
 FORGE_TIMEOUT = 6 * 3600.0  # LoRA training on CPU, followed through the steward's status log
 FORGE_PREPARE_TIMEOUT = 1800.0  # curation + BRICK writing the training script (~a minute on 2 cores)
-FORGE_INCARNATION_GRACE = 300.0  # the restarted worker loads the model, then judges and activates the adapter
-FORGE_PICKUP_TIMEOUT = 300.0  # the steward polls every 0.5 s: minutes without a pickup means it is not running
 FORGE_OPTIONS = ("mission_type", "epochs", "max_steps", "generate_script", "format_prompts", "logging_steps")
-MEMORY_TIMEOUT = 60.0
 VERIFY_TIMEOUT = 600.0  # verify reads every object of the image: ~1 min per 100k objects from a cold cache
 TRACE_TEXT_CHARS = 2000  # prompts in a trace are cut here (the audit log keeps them whole)
 RECENT_EVENTS = 10
@@ -197,6 +195,6 @@ async def forge(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
         raise ServiceError(ErrorCode.INTERNAL, f"forge.run replied without an instruction_id: {sorted(reply)}")
     outcome = await forge_follow.follow_run(
         Path(env.settings.upgrade_channel), instruction_id, emit, timeout=FORGE_TIMEOUT,
-        incarnation_grace=float(env.setting("forge_incarnation_grace", FORGE_INCARNATION_GRACE)),
-        pickup_timeout=float(env.setting("forge_pickup_timeout", FORGE_PICKUP_TIMEOUT)))
+        incarnation_grace=env.settings.forge_incarnation_grace,
+        pickup_timeout=env.settings.forge_pickup_timeout)
     return {**reply, "persona": persona, **outcome}

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from batos.config import MEMORY_TIMEOUT
 from batos.errors import ServiceError
 from proto import ErrorCode
 from services.kernel import cycle as records
@@ -26,7 +27,6 @@ from services.kernel.psm import MACHINE, State
 
 log = logging.getLogger("batos.kernel")
 
-MEMORY_TIMEOUT = 60.0  # a memory search embeds one query and scans an in-memory matrix: seconds at most
 _PROMPT_AUDIT_CHARS = 20_000  # the audit log keeps whole prompts, but not unbounded ones
 
 
