@@ -234,7 +234,7 @@ def make_client_storage(settings: Any, addr: Any = None, wait_timeout: float = O
         staged = blob_dir / f".layout.{os.getpid()}.{threading.get_ident()}"  # unique per opener
         staged.write_text("zeocache")
         staged.replace(marker)
-    cls = RestartSafeClientStorage if getattr(settings, "zeo_restart_safe", True) else ClientStorage
+    cls = RestartSafeClientStorage if settings.zeo_restart_safe else ClientStorage
     return cls(
         address,
         blob_dir=str(blob_dir),

@@ -32,7 +32,7 @@ from batos.config import MEMORY_TIMEOUT
 from batos.errors import ServiceError
 from batos.worker import Context, Request
 from services.forge import curation, history_audit, incarnation, training_script
-from services.forge.steward import DEFAULT_TRAIN_TIMEOUT, Instruction, all_instructions, log_path, write_instruction
+from services.forge.steward import Instruction, all_instructions, log_path, write_instruction
 
 log = logging.getLogger("batos.forge")
 
@@ -176,9 +176,9 @@ async def prepare_forge(settings: Any, call: Call, emit: Emit, *, persona: str, 
 
     instruction = Instruction(
         id=instruction_id, persona=persona, script_path=str(script_path), config_path=str(config_path),
-        output_dir=config["output_dir"], program=getattr(settings, "forge_program", "forge"),
+        output_dir=config["output_dir"], program=settings.forge_program,
         dataset=dataset.describe(), origin=choice.origin,
-        timeout_s=float(getattr(settings, "forge_train_timeout", DEFAULT_TRAIN_TIMEOUT)))
+        timeout_s=settings.forge_train_timeout)
     write_instruction(channel, instruction)
     follow = log_path(channel, instruction_id)
     await emit("progress", stage="upgrade_requested", done=3, total=3, instruction_id=instruction_id,

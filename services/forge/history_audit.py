@@ -156,7 +156,7 @@ async def audit_cognitive_history(call: Call, settings: Any, *, dispatch: Dispat
                                   persona_names: Iterable[str] | None = None) -> HistoryAudit:
     """One audit: count, decide, and dispatch a forge for every persona that is due (one at a time: the
     forge worker trains one adapter at a time and each run restarts it)."""
-    threshold = int(getattr(settings, "forge_threshold", 5))
+    threshold = int(settings.forge_threshold)
     since, busy = last_forge_times(all_instructions(Path(settings.upgrade_channel)))
     names = [p.upper() for p in (persona_names or personas.PERSONAS)]
     report = HistoryAudit(threshold=threshold, since={p: since.get(p, "") for p in names}, busy=busy)

@@ -20,8 +20,8 @@ from proto import ErrorCode
 
 def allowed(settings: Any) -> list[str]:
     """The resolved roots, the home first."""
-    home = str(getattr(settings, "ingest_home", "") or "") or os.getcwd()
-    extra = re.split(rf"[,{re.escape(os.pathsep)}]", str(getattr(settings, "ingest_roots", "") or ""))
+    home = settings.ingest_home or os.getcwd()
+    extra = re.split(rf"[,{re.escape(os.pathsep)}]", settings.ingest_roots)
     roots: list[str] = []
     for p in [home, *extra]:
         if p.strip():

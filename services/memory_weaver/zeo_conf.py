@@ -24,7 +24,7 @@ def render_zeo_conf(settings: Any) -> str:
     addr = settings.zeo_client_address  # a unix socket path or (host, port)
     address = addr if isinstance(addr, str) else f"{addr[0]}:{addr[1]}"
     # a FileStorage that never hands out an oid twice across restarts (batos/zeo_storage)
-    storage = "oidsafefilestorage" if getattr(settings, "zeo_restart_safe", True) else "filestorage"
+    storage = "oidsafefilestorage" if settings.zeo_restart_safe else "filestorage"
     return (
         "# Written by services.memory_weaver.zeo_conf; regenerate rather than edit.\n"
         "%import batos.zeo_storage\n"

@@ -26,7 +26,8 @@ def settings(tmp_path):
     (model / "config.json").write_text("{}")
     return SimpleNamespace(var_dir=tmp_path / "var", upgrade_channel=tmp_path / "var" / "upgrade_channel",
                            lora_dir=tmp_path / "var" / "lora_adapters", llm_backend="hf", llm_model_path=str(model),
-                           llm_dtype="auto", llm_device="auto", llm_request_timeout=5.0, forge_threshold=3)
+                           llm_dtype="auto", llm_device="auto", llm_request_timeout=5.0, forge_threshold=3,
+                           forge_program="forge", forge_train_timeout=21600.0)
 
 
 def history(n=6):
