@@ -85,8 +85,8 @@ class Installation:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BATOS_")}
         env.update(BATOS_VAR_DIR=str(self.var), BATOS_BROKER_ENDPOINT=self.endpoint, HF_HUB_OFFLINE="1",
                    TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO),
-                   BATOS_INGEST_ROOTS=str(self.root),  # besides the repo (`up` runs there): trees the tests write
-                   **self.extra_env)
+                   BATOS_INGEST_ROOTS=str(self.root))  # besides the repo (`up` runs there): trees the tests write
+        env.update(self.extra_env)
         if "BATOS_LLM_MODEL" in os.environ and "BATOS_LLM_MODEL" not in self.extra_env:
             env["BATOS_LLM_MODEL"] = os.environ["BATOS_LLM_MODEL"]  # tests/conftest.py: the small model
         return env
