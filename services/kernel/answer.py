@@ -3,9 +3,9 @@
 SYNTHESIZING  every retrieved chunk is labelled E1, E2, ... in REASONING's order (best first); the Token Governor
               (governor.py) lays out instructions, the evidence that fits settings.answer_budget_tokens (each piece
               ``[E1] file:start-end (name)`` and its line-numbered code), the question and the fixed answer form
-              ("Answer: ... / Sources: [E1]", which small models follow); per-section token counts go to the audit
-              log as PROMPT_BUDGET. The persona (ROBIN by default) writes the answer through llm ``generate``, its
-              tokens forwarded to the console as ``token`` events.
+              ("Sources: [E1] / Answer: ...": labels first, which small models follow); per-section token counts
+              go to the audit log as PROMPT_BUDGET. The persona (ROBIN by default) writes the answer through llm
+              ``generate``, its tokens forwarded to the console as ``token`` events.
 VALIDATING    :func:`validate` checks the answer against the evidence (grounding.py: cited labels exist, the code
               identifiers it names occur in the evidence it cites or the question, no repetition loop).
               A failed check gets ONE retry: the same prompt prefix with fewer pieces (the first RETRY_K and any it
@@ -49,12 +49,15 @@ INSTRUCTIONS = {
                     "its processes, its object model, how a cognitive cycle reasons and how it improves "
                     "itself, naming the files that matter. Reply with the prompt only."),
 }
+# The Sources line comes FIRST: Qwen2.5-Coder-0.5B, asked for "Answer: ... [E1]\nSources: [E1]", wrote its
+# prose and stopped (or ran out of tokens) before any label, 3 answers of 3 rejected as "cites no evidence label";
+# asked for the labels first, it wrote them 3 of 3 (bench/RESULTS.md, 2026-12-06).
 ASK = ("Answer in two or three sentences. Name the function or class that does it, exactly as written in the "
-       "evidence, and cite the labels of the evidence you used. Reply in this form:\n"
-       "Answer: <the answer, citing [E1]>\nSources: [E1]")
+       "evidence. First write the labels of the evidence you use, then the answer. Reply in this form:\n"
+       "Sources: [E1]\nAnswer: <the answer>")
 FIRM = ("Your previous answer was rejected: {reason}. Use ONLY names that appear in the evidence above and do not "
-        "invent any. Write one or two sentences and cite at least one label. Reply in this form:\n"
-        "Answer: <the answer, citing [E1]>\nSources: [E1]")
+        "invent any. First write the labels of the evidence you use, then one or two sentences. Reply in this "
+        "form:\nSources: [E1]\nAnswer: <the answer>")
 
 
 @dataclass
@@ -186,13 +189,15 @@ def label_texts(chunks: list[Evidence]) -> dict[str, list[str]]:
     return out
 
 
-_ANSWER_PREFIX = re.compile(r"^\s*(?:\**answer\**\s*:\s*)", re.I)
+_ANSWER_PREFIX = re.compile(r"^\s*(?:\**answer\**\s*:\**\s*)", re.I)
+_LEADING_SOURCES = re.compile(r"^\s*\**sources?\**\s*:\**[^\n]*\n", re.I)  # the form asks for it first
 _SOURCES = re.compile(r"^\s*\**sources?\**\s*:.*$", re.I | re.M | re.S)
 
 
 def clean(text: str) -> str:
-    """The model's prose: its 'Answer:' prefix and its own Sources line(s) removed (the reply lists sources)."""
-    body = _ANSWER_PREFIX.sub("", text.strip())
+    """The model's prose: its Sources line(s) (first, as asked, or after the answer) and its 'Answer:' prefix
+    removed (the reply lists the sources)."""
+    body = _ANSWER_PREFIX.sub("", _LEADING_SOURCES.sub("", text.strip() + "\n", count=1).strip())
     return _SOURCES.sub("", body).strip()
 
 

@@ -6,7 +6,10 @@
   identifiers  every code identifier the answer names -- dotted names (``a.b``), `code spans`, call-like
                tokens ``foo(``, snake_case and camelCase words -- occurs in the evidence it cites or in the
                question (the leading parts of a dotted name may come from any evidence shown, or a file path);
-  not a loop   the answer is not empty or a repetition loop (degenerate.py).
+  names code   it names at least one code identifier (checked as above): an answer that names nothing says
+               nothing that can be verified;
+  not a loop   the answer's prose (its Answer:/Sources: form left out) is not empty or a repetition loop
+               (degenerate.py).
 A small model invents plausible names ("handle_dead_worker") and cites labels that do not exist; these checks
 are what lets SUCCESS mean grounded.
 """
@@ -25,6 +28,7 @@ from services.kernel import degenerate
 _LABEL = re.compile(r"\[\s*((?:E\d+\s*,?\s*)+)\]")
 _SOURCES_LINE = re.compile(r"^\s*Sources?\s*:(.*)$", re.I | re.M)
 _BARE_LABEL = re.compile(r"\bE\d+\b")
+_FORM_WORD = re.compile(r"^\s*\**(?:answer|sources?)\**\s*:\**", re.I | re.M)
 _SPAN = re.compile(r"`([^`\n]{1,120})`")
 _END = r"(?!\w|\.\w)"  # a sentence's full stop may follow a name
 _DOTTED = re.compile(r"(?<![\w.])[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+(?![\w(]|\.\w)")
@@ -68,6 +72,12 @@ def cited_labels(text: str) -> list[str]:
     for m in _SOURCES_LINE.finditer(text):
         found += _BARE_LABEL.findall(m.group(1))
     return list(dict.fromkeys(found))
+
+
+def prose(text: str) -> str:
+    """What the answer says, its form's words (Answer:, Sources: and the labels) left out: a reply that is only its
+    Sources line says nothing, whatever it cites."""
+    return _FORM_WORD.sub(" ", _LABEL.sub(" ", _SOURCES_LINE.sub(" ", text))).strip()
 
 
 def identifiers(text: str) -> list[str]:
@@ -119,7 +129,7 @@ def inferred_labels(text: str, labels: dict[str, list[str]], question: str) -> l
 def check(text: str, labels: dict[str, list[str]], question: str) -> Verdict:
     """``labels``: each evidence label shown in the prompt -> the texts it stands for (code, path, names)."""
     checks: list[Check] = []
-    loop = degenerate.check(text)
+    loop = degenerate.check(prose(text))
     checks.append(Check("not a loop", not loop.degenerate, loop.reason))
     cited_all = cited_labels(text)
     cited = [c for c in cited_all if c in labels]
@@ -135,7 +145,12 @@ def check(text: str, labels: dict[str, list[str]], question: str) -> Verdict:
     shown_words = _words([question, *(t for ts in labels.values() for t in ts)])
     # without a usable label the labels check has failed already; names are then read against all evidence shown
     cited_words = _words([question, *(t for c in cited for t in labels[c])]) if cited else shown_words
-    missing = [n for n in identifiers(text) if not occurs(n, cited_words, shown_words)]
+    named = identifiers(text)
+    missing = [n for n in named if not occurs(n, cited_words, shown_words)]
     checks.append(Check("identifiers", not missing,
                         f"names {', '.join(missing[:5])} not found in the evidence it cites" if missing else ""))
+    # an answer naming no code at all passes the check above vacuously: "the field names are taken from the first
+    # row" restates the question and cannot be verified against anything (Qwen 0.5B, bench/RESULTS.md 2026-12-06)
+    checks.append(Check("names code", bool(named),
+                        "" if named else "names no function, class or other code from the evidence"))
     return Verdict(checks, cited)

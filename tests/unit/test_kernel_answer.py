@@ -245,6 +245,53 @@ def test_each_grounding_check_fails_and_passes(text, failed, why):
     assert why in verdict.reason
 
 
+# What Qwen2.5-Coder-0.5B wrote (bench/qa.py on csv, 2026-12-06): asked for "Answer: ... [E1]\nSources: [E1]" it
+# wrote prose and no label at all ("cites no evidence label" twice per question); asked for the labels first, it
+# wrote "Sources: [E1]\nAnswer: ..." every time. The labels-first form must pass; what it says is still checked.
+@pytest.mark.parametrize(("text", "failed", "why"), [
+    ("Sources: [E1]\nAnswer: `purge_workers` drops the worker from the waiting list.", None, ""),
+    ("Sources: [E1, E2]\nAnswer: Registry.lookup finds it and purge_workers() drops it.", None, ""),
+    ("**Sources:** [E1]\n**Answer:** `purge_workers` drops the worker from the waiting list.", None, ""),
+    ("Sources: [E1]\nAnswer: The worker is dropped from the waiting list.", "names code", "names no function"),
+    ("Sources: [E1]\nAnswer: It uses `len` and zip() on the list.", "names code", "names no function"),  # builtins
+    ("Sources: [E1]\nAnswer: It calls `reap_dead_worker` on the broker.", "identifiers", "reap_dead_worker"),
+    ("Sources: [E1]\nAnswer: It calls lookup() first.", "identifiers", "lookup"),  # lookup is only in E2
+    ("Sources: [E9]\nAnswer: The worker is dropped.", "labels", "not shown: E9"),
+    ("Sources: [E1]", "not a loop", "empty"),  # labels and nothing said: no SUCCESS
+    ("Sources: [E1]\nAnswer:", "not a loop", "empty"),
+    ("Answer: [E1]\nSources: [E1]", "not a loop", "empty"),
+    ("Answer: The sniffer guesses the delimiter by looking for text between two identical quotes.", "labels",
+     "cites no evidence label"),  # the old form as Qwen wrote it: no label, no name, nothing to verify
+])
+def test_the_labels_first_form_is_read_and_still_checked(text, failed, why):
+    verdict = grounding.check(text, LABELS, "how is a dead worker found by check_liveness_timer?")
+    assert verdict.ok is (failed is None)
+    assert failed is None or failed in [c.name for c in verdict.checks if not c.ok]
+    assert why in verdict.reason
+
+
+def test_the_answer_form_the_prompt_asks_for_passes_and_cleans_to_the_prose():
+    for form in (answer.ASK, answer.FIRM.format(reason="x")):
+        reply = form[form.index("Sources: [E1]"):].replace("<the answer>", "`purge_workers` drops it.")
+        assert grounding.check(reply, LABELS, "how?").ok
+        assert answer.clean(reply) == "`purge_workers` drops it."
+
+
+@pytest.mark.parametrize(("text", "prose"), [
+    ("Sources: [E1]\nAnswer: The x does y. Then z.", "The x does y. Then z."),
+    ("**Sources:** [E1]\n**Answer:** The x does y.", "The x does y."),
+    ("Answer: foo [E1].\nSources: [E1]\n[E2] pkg/mod.py:1-3", "foo [E1]."),
+    ("Sources: [E1, E2]", ""),
+    ("The x does y.", "The x does y."),
+])
+def test_clean_removes_the_sources_line_before_or_after_the_prose(text, prose):
+    assert answer.clean(text) == prose
+
+
+def test_the_extractive_sentence_comes_from_the_prose_not_the_sources_line():
+    assert answer.first_sentence("Sources: [E1]\nAnswer: The x does y. Then z.") == "The x does y."
+
+
 def test_an_answer_without_labels_is_cited_by_the_definitions_it_names():
     verdict = grounding.check("`Registry` and then `purge_workers` do it.", LABELS, "how?")
     assert verdict.ok and verdict.cited == ["E2", "E1"]
