@@ -94,29 +94,30 @@ class ValidatedMethod:
     doc: str | None
 
 
-def _reachable_foreign_modules() -> frozenset[str]:
-    """Attribute names under which allowed modules expose modules outside the allow-list."""
-    names: set[str] = set()
+def _allowed_modules() -> list[types.ModuleType]:
+    """The allow-listed modules themselves (all stdlib; one that fails to import exposes nothing)."""
+    mods = []
     for mod_name in ALLOWED_MODULES:
         try:
-            mod = importlib.import_module(mod_name)
+            mods.append(importlib.import_module(mod_name))
         except ImportError:  # pragma: no cover - all are stdlib
             continue
-        for attr, value in vars(mod).items():
-            if isinstance(value, types.ModuleType) and value.__name__.split(".")[0] not in ALLOWED_MODULES:
-                names.add(attr)
-    return frozenset(names)
+    return mods
+
+
+def _reachable_foreign_modules() -> frozenset[str]:
+    """Attribute names under which allowed modules expose modules outside the allow-list."""
+    return frozenset(
+        attr for mod in _allowed_modules() for attr, value in vars(mod).items()
+        if isinstance(value, types.ModuleType) and value.__name__.split(".")[0] not in ALLOWED_MODULES
+    )
 
 
 def _reachable_metaclasses() -> frozenset[str]:
     """Names under which allowed modules (and their allowed submodules) expose metaclasses (collections.abc's
     ABCMeta): a metaclass builds classes from strings, as `type` does."""
     names: set[str] = set()
-    for mod_name in ALLOWED_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:  # pragma: no cover - all are stdlib
-            continue
+    for mod in _allowed_modules():
         for sub in [mod, *(v for v in vars(mod).values() if isinstance(v, types.ModuleType))]:
             names.update(k for k, v in vars(sub).items() if isinstance(v, type) and issubclass(v, type))
     return frozenset(names)
