@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from batos.config import Settings
-from batos.ctl import prepare_var, start_supervisord
+from batos.ctl import _alive, prepare_var, start_supervisord
 from batos.errors import ServiceError
 from proto import ErrorCode
 from services.ingestor import roots, walker
@@ -140,14 +140,6 @@ def test_var_is_owner_only(tmp_path):
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and _alive(pid):
                 time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_up_generates_curve_keys_before_any_program_starts(tmp_path):
