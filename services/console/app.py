@@ -85,6 +85,8 @@ class ConsoleApp:
                             "type 'help', Ctrl-D to leave")
                 self._spawn(monitor.run())
                 stop = asyncio.current_task()
+                # no SIGTERM handler where the loop cannot install one (Windows: NotImplementedError; a loop
+                # outside the main thread, as in embedding tests: RuntimeError); Ctrl-D and `quit` still leave
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.cancel)  # type: ignore[union-attr]
                 try:
