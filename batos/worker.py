@@ -474,8 +474,8 @@ def _builtin_handlers(worker_ref: list[ServiceWorker], status_hook: Callable[[Co
     return {"ping": ping, "status": status}
 
 
-def configure_logging(name: str) -> None:
-    logging.basicConfig(level=load().log_level, stream=sys.stderr,
+def configure_logging(name: str, settings: Settings | None = None) -> None:
+    logging.basicConfig(level=(settings or load()).log_level, stream=sys.stderr,
                         format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s")
 
 
@@ -538,7 +538,7 @@ async def serve(
 
 def run_services(services: Sequence[tuple[str, dict[str, Handler], int]], **kwargs: Any) -> None:
     """Entry point for a process serving one or more services; exits 0 after a clean drain."""
-    configure_logging("+".join(s for s, _, _ in services))
+    configure_logging("+".join(s for s, _, _ in services), kwargs.get("settings"))
     asyncio.run(serve(services, **kwargs))
 
 

@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supervisor-url", help="unix:///path/supervisor.sock or http://host:port")
     parser.add_argument("--own-program", default="steward", help="this program's supervisord name")
     args = parser.parse_args(argv)
-    configure_logging("steward")
     settings = load()
+    configure_logging("steward", settings)
     channel = args.channel or settings.upgrade_channel
     url = args.supervisor_url or supervisor_url(settings)
     steward = Steward(channel, Supervisor(url), own_program=args.own_program)
