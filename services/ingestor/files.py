@@ -2,7 +2,8 @@
 
 Runs in a worker thread (pure CPU and file IO, no event loop). The outcome says what happened:
 ``chunked`` (with the chunks), ``unchanged`` (its hash matches what memory holds), or ``skipped``
-with a reason (``too_large``, ``binary``, ``unsupported``, ``undecodable``, ``unreadable``, ``special``).
+with a reason (``too_large``, ``binary``, ``unsupported``, ``undecodable``, ``unreadable``, ``special``,
+``outside_root``).
 A Python file that does not parse is ``chunked`` as line windows and carries ``error``.
 """
 
@@ -12,7 +13,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from services.ingestor import textfiles
+from services.ingestor import roots, textfiles
 from services.ingestor.chunker import chunk_python
 from services.ingestor.model import SYNTAX_FALLBACK, FileChunks
 from services.ingestor.source import decode_python, decode_text, file_hash
@@ -50,13 +51,21 @@ def ingest_hash(raw: bytes, max_tokens: int, use_unparse: bool = False) -> str:
 
 
 def chunk_file(path: str, max_tokens: int, max_bytes: int, *, known_hash: str | None = None,
-               use_unparse: bool = False) -> Outcome:
+               use_unparse: bool = False, beneath: str | None = None) -> Outcome:
+    """``beneath``: the ingest root the file must be read from (services.ingestor.roots.open_beneath): no
+    symlink swapped in after the roots check is followed. None opens ``path`` as given (tests, tools)."""
     kind = classify(path)
     if kind is None:
         return Outcome(path, "skipped", "unsupported")
+    # O_NONBLOCK: a fifo swapped in after the walk never blocks the open; fstat then checks what was opened
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        # O_NONBLOCK: a fifo swapped in after the walk never blocks the open; fstat then checks what was opened
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, flags) if beneath is None else roots.open_beneath(beneath, path, flags)
+    except roots.OutsideRoot as e:
+        return Outcome(path, "skipped", "outside_root", error=str(e))
+    except OSError as e:
+        return Outcome(path, "skipped", "unreadable", error=f"{type(e).__name__}: {e}")
+    try:
         with open(fd, "rb") as f:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):

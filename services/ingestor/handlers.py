@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from batos.worker import Request, ServiceError
@@ -27,18 +28,21 @@ async def handle_ingest(req: Request) -> dict[str, Any]:
     path = req.arg("path", str, required=True)
     if not path.strip():
         raise ServiceError(ErrorCode.BAD_ARGS, "ingest: path must not be empty")
-    real = roots.check(path, roots.allowed(req.ctx.settings))  # refused outside the roots: bad_args
+    allowed = roots.allowed(req.ctx.settings)
+    real = roots.check(path, allowed)  # refused outside the roots: bad_args
     return await pipeline.ingest(
         real, client=req.client, emit=req.emit, cancelled=req.cancelled, run_blocking=req.run_blocking,
         max_chunk_tokens=_budget(req), max_file_bytes=int(req.ctx.settings.ingest_max_file_bytes),
-        use_unparse=req.arg("use_unparse", bool, False))
+        use_unparse=req.arg("use_unparse", bool, False), beneath=roots.root_of(real, allowed))
 
 
 async def handle_chunk(req: Request) -> dict[str, Any]:
     """{path, max_chunk_tokens?} -> one file's chunks and summaries, without storing anything (a preview)."""
     path = req.arg("path", str, required=True)
-    real = roots.check(path, roots.allowed(req.ctx.settings))
-    outcome = await req.run_blocking(chunk_file, real, _budget(req), int(req.ctx.settings.ingest_max_file_bytes))
+    allowed = roots.allowed(req.ctx.settings)
+    real = roots.check(path, allowed)
+    outcome = await req.run_blocking(partial(chunk_file, beneath=roots.root_of(real, allowed)), real, _budget(req),
+                                     int(req.ctx.settings.ingest_max_file_bytes))
     if outcome.status == "skipped" and outcome.reason == "unreadable":
         raise ServiceError(ErrorCode.NOT_FOUND, outcome.error or f"cannot read {path}")
     result = outcome.result

@@ -126,8 +126,9 @@ async def _default_run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
 
 async def ingest(path: str, *, client: Any, emit: Emit, max_chunk_tokens: int, max_file_bytes: int,
                  cancelled: threading.Event | None = None, run_blocking: RunBlocking = _default_run_blocking,
-                 use_unparse: bool = False) -> dict[str, Any]:
-    """Ingest ``path`` (a file or a directory tree) into memory; returns the summary reply."""
+                 use_unparse: bool = False, beneath: str | None = None) -> dict[str, Any]:
+    """Ingest ``path`` (a file or a directory tree) into memory; returns the summary reply. ``beneath``: the
+    ingest root every file is opened from without following symlinks (services.ingestor.roots)."""
     started = time.monotonic()
     cancelled = cancelled or threading.Event()
     root = os.path.realpath(os.path.expanduser(path))
@@ -148,7 +149,7 @@ async def ingest(path: str, *, client: Any, emit: Emit, max_chunk_tokens: int, m
             if cancelled.is_set():
                 raise ServiceError(ErrorCode.CANCELLED, "ingest cancelled")
             outcome: Outcome = await run_blocking(_chunk_one, p, max_chunk_tokens, max_file_bytes, known.get(p),
-                                                  use_unparse)
+                                                  use_unparse, beneath)
             _account(run, outcome, present)
             if outcome.result is not None:
                 batch.append(outcome.result)
@@ -171,9 +172,11 @@ async def ingest(path: str, *, client: Any, emit: Emit, max_chunk_tokens: int, m
     return run.reply(time.monotonic() - started)
 
 
-def _chunk_one(path: str, max_tokens: int, max_bytes: int, known_hash: str | None, use_unparse: bool) -> Outcome:
+def _chunk_one(path: str, max_tokens: int, max_bytes: int, known_hash: str | None, use_unparse: bool,
+               beneath: str | None) -> Outcome:
     try:
-        return chunk_file(path, max_tokens, max_bytes, known_hash=known_hash, use_unparse=use_unparse)
+        return chunk_file(path, max_tokens, max_bytes, known_hash=known_hash, use_unparse=use_unparse,
+                          beneath=beneath)
     except Exception as e:  # one bad file never stops the run: it is reported with its error
         return Outcome(path, "skipped", "error", error=f"{type(e).__name__}: {e}")
 

@@ -5,10 +5,16 @@ ingestor's own working directory when unset) plus those listed in ``ingest_roots
 ``os.pathsep`` separated). Every path is resolved (``~``, ``..`` and symlinks) before the containment
 check, so ``/etc``, ``~root`` or a symlink planted under a root that points elsewhere are refused.
 The check runs here, in the ingestor, the process that reads the files.
+
+Checking a path and then opening it by name would race: a directory under a root that another user can
+write could be swapped for a symlink to ``/etc`` in between. So files are opened with :func:`open_beneath`:
+from a descriptor of the root, one component at a time, none of them followed if it is a symlink
+(``O_NOFOLLOW`` with ``dir_fd``). A path that changed after the check fails to open and is refused.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -34,6 +40,55 @@ def allowed(settings: Any) -> list[str]:
 def within(path: str, root: str) -> bool:
     """``path`` (resolved) is ``root`` or below it."""
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def root_of(real: str, roots: list[str]) -> str:
+    """The root ``real`` (a resolved path that passed :func:`check`) lies under."""
+    for root in roots:
+        if within(real, root):
+            return root
+    raise ServiceError(ErrorCode.BAD_ARGS, f"{real} is outside the ingest roots {', '.join(roots)}")
+
+
+class OutsideRoot(PermissionError):
+    """The file resolves outside its root (a symlink, or a path changed since it was checked)."""
+
+
+def resolve_within(path: str, root: str) -> str:
+    """``path`` with every symlink resolved, if that stays under ``root``; else :class:`OutsideRoot`."""
+    real = os.path.realpath(path)
+    if not within(real, root):
+        raise OutsideRoot(f"{path} resolves to {real}, outside the ingest root {root}")
+    return real
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_beneath(root: str, path: str, flags: int) -> int:
+    """A descriptor for ``path`` opened from ``root`` downwards without following any symlink.
+
+    The resolved path is opened one component at a time relative to the previous directory's descriptor
+    with ``O_NOFOLLOW``: a component swapped for a symlink after :func:`resolve_within` fails the open
+    (ELOOP / ENOTDIR, raised as :class:`OutsideRoot`) instead of reading what it points to."""
+    real = resolve_within(path, root)
+    rel = os.path.relpath(real, root)
+    parts = [] if rel == os.curdir else rel.split(os.sep)
+    if not parts:
+        raise IsADirectoryError(errno.EISDIR, "the ingest root itself is not a file", path)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OutsideRoot(f"{path} changed into a symlink after it was checked: not read") from None
+        raise
+    finally:
+        os.close(fd)
 
 
 def check(path: str, roots: list[str]) -> str:

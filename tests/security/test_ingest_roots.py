@@ -156,3 +156,86 @@ def test_up_generates_curve_keys_before_any_program_starts(tmp_path):
     before = {p: p.read_bytes() for p in keys.glob("*.key*")}
     prepare_var(settings)  # a second `up` keeps the keys: consoles already hold them
     assert {p: p.read_bytes() for p in keys.glob("*.key*")} == before
+
+
+def _swap_tree(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """home/pkg/mod.py under the root; outside/mod.py (same relative name) holds a secret."""
+    home, outside = tmp_path / "home", tmp_path / "outside"
+    (home / "pkg").mkdir(parents=True)
+    outside.mkdir()
+    (home / "pkg" / "mod.py").write_text("def fine():\n    return 1\n")
+    (outside / "mod.py").write_text('TOKEN = "root-only-secret"\n')
+    return home, outside, home / "pkg" / "mod.py"
+
+
+@pytest.mark.parametrize("swap", ["directory", "file"])
+def test_a_symlink_swapped_in_between_check_and_open_is_never_read(tmp_path, monkeypatch, swap):
+    """The check passes on the real file; then (in the gap an attacker races for) a directory component or
+    the file itself becomes a symlink out of the root. The open must fail, not read the outside file."""
+    home, outside, target = _swap_tree(tmp_path)
+    checked = roots.resolve_within
+
+    def check_then_swap(path: str, root: str) -> str:
+        real = checked(path, root)  # the check sees the honest tree
+        if swap == "directory":
+            (home / "pkg").rename(home / "pkg.orig")
+            (home / "pkg").symlink_to(outside)
+        else:
+            target.unlink()
+            target.symlink_to(outside / "mod.py")
+        return real
+
+    monkeypatch.setattr(roots, "resolve_within", check_then_swap)
+    reads: list[str] = []
+    real_open = os.open
+
+    def spy_open(path, flags, mode=0o777, *, dir_fd=None):
+        fd = real_open(path, flags, mode, dir_fd=dir_fd)
+        reads.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return fd
+
+    monkeypatch.setattr(os, "open", spy_open)
+    out = chunk_file(str(target), 64, 1 << 20, beneath=str(home))
+    assert out.status == "skipped" and out.reason == "outside_root", out
+    assert "symlink" in (out.error or "")
+    assert not any(r.startswith(str(outside)) for r in reads), reads  # the outside file was never opened
+
+
+def test_open_beneath_reads_files_and_in_root_symlinks(tmp_path):
+    home, outside, target = _swap_tree(tmp_path)
+    (home / "alias.py").symlink_to(target)  # a symlink inside the root is resolved first: allowed
+    (home / "leak.py").symlink_to(outside / "mod.py")
+    assert chunk_file(str(target), 64, 1 << 20, beneath=str(home)).status == "chunked"
+    assert chunk_file(str(home / "alias.py"), 64, 1 << 20, beneath=str(home)).status == "chunked"
+    leak = chunk_file(str(home / "leak.py"), 64, 1 << 20, beneath=str(home))
+    assert leak.reason == "outside_root" and "outside the ingest root" in (leak.error or "")
+
+
+async def test_ingest_of_a_tree_swapped_after_the_walk_reads_nothing_outside(tmp_path, monkeypatch):
+    """The whole pipeline: the walk lists home/pkg/mod.py, then pkg becomes a symlink to outside/."""
+    from services.ingestor import pipeline
+
+    home, outside, _ = _swap_tree(tmp_path)
+    walked = walker.walk
+
+    def walk_then_swap(root, refused=None):
+        files = walked(root, refused)
+        (home / "pkg").rename(home / "pkg.orig")
+        (home / "pkg").symlink_to(outside)
+        return files
+
+    monkeypatch.setattr(walker, "walk", walk_then_swap)
+    sent: list = []
+
+    class Memory:
+        async def call(self, service, command, body, **kw):
+            sent.append((command, body))
+            return {"hashes": {}} if command == "file_hashes" else {}
+
+    async def emit(*a, **kw):
+        return None
+
+    reply = await pipeline.ingest(str(home), client=Memory(), emit=emit, max_chunk_tokens=64,
+                                  max_file_bytes=1 << 20, beneath=str(home))
+    assert reply["skipped_by_reason"] == {"outside_root": 1}, reply
+    assert "root-only-secret" not in repr(sent)
