@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     sandbox_timeout: float = 10.0
     sandbox_memory_mb: int = 512
 
+    # `watch` (services/kernel/watch.py): any console sees what the kernel does, whoever asked for it
+    watch_max_watchers: int = 16  # watchers at once; the kernel registers this many slots beyond worker_capacity
+    watch_queue_events: int = 256  # per watcher; when full the oldest go and the watcher is told "missed N"
+    watch_replay_events: int = 200  # what `watch ID` replays of a cycle's events so far (tokens merged)
+    watch_keepalive_s: float = 15.0  # an event this often on a quiet watch: clients time out on silence
+    watch_worker_poll_s: float = 2.0  # how often the broker's worker table is compared, while anyone watches
+
     supervisor_url: str = ""  # steward: unix:///.../supervisor.sock by default
 
     @cached_property

@@ -10,6 +10,7 @@ feeds the forge's training data).
 from __future__ import annotations
 
 import enum
+import hashlib
 
 
 class Role(enum.StrEnum):
@@ -19,6 +20,13 @@ class Role(enum.StrEnum):
 
 # The kernel's Table 1 commands a console may send by name; the kernel registers a handler for each.
 KERNEL_CONSOLE_COMMANDS = ("ask", "send", "define", "display_yourself", "ingest", "search", "inspect", "stats",
-                           "trace", "audit", "forge", "verify")
+                           "trace", "audit", "forge", "verify", "watch")
 CONSOLE_COMMANDS = frozenset({"command", "ping", "status", "watch", "cancel", "help", *KERNEL_CONSOLE_COMMANDS})
 BROKER_COMMANDS_FOR_CONSOLES = frozenset({"ping", "status", "workers", "held"})
+
+
+def requester_tag(identity: str) -> str:
+    """Who started a piece of work, as other consoles see it (``watch``): a digest, never the identity itself,
+    which the broker routes replies by (with ROUTER_HANDOVER a peer presenting it would take them over). A
+    console computes its own tag to recognise its own work."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:8] if identity else ""

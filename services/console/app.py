@@ -23,6 +23,7 @@ from prompt_toolkit.patch_stdout import patch_stdout
 
 from batos.client import Client
 from batos.config import Settings
+from proto.roles import requester_tag
 from services.console.commands import (
     COMMAND_NAMES,
     PERSONAS,
@@ -74,7 +75,7 @@ class ConsoleApp:
         )
         sink = PromptSink(colour=self.colour)
         sink.on_live_change = lambda: self._show_live(session, sink)
-        view = TextView(sink, recent=recent, tagged=True)
+        view = TextView(sink, recent=recent, tagged=True, me=requester_tag(self.identity))
         async with Client(self.settings, identity=self.identity) as client:
             monitor = BrokerMonitor(client, view.notice)
             runner = Runner(client, view, timeout=self.timeout, long_timeout=self.settings.cycle_timeout + 60.0,

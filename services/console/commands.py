@@ -69,6 +69,10 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("display_yourself", "display_yourself", "the system describes itself", long_running=True),
     Spec("trace", "trace CYCLE_ID", "the audit events of one cognitive cycle"),
     Spec("audit", "audit", "the audit log's state and recent events"),
+    Spec("watch", "watch [ID]", "follow what the system is doing, whoever started it: cycles (states, thoughts, "
+         "answers), ingests, forge runs, worker restarts; with the ID of a cycle or activity (its first 8 "
+         "characters will do) replay it so far, then follow it to its end. Stop with cancel or Ctrl-C",
+         long_running=True),
     Spec("forge", "forge PERSONA", "curate data and train a LoRA adapter for ALFRED, BABS, BRICK or ROBIN",
          long_running=True),
     Spec("cancel", "cancel [N|all]", "cancel request N (as tagged in the output), or every request in flight"),
@@ -87,6 +91,7 @@ class Request:
     body: dict[str, Any] = field(default_factory=dict)
     service: str = KERNEL
     label: str = ""  # the console command it came from (for display and timeouts)
+    idempotent: bool = False  # safe to run again: the broker re-sends it to a restarted worker
 
     @property
     def long_running(self) -> bool:
@@ -290,6 +295,14 @@ def _trace(rest: str, cwd: Path) -> Request:
     return Request("trace", {"cycle_id": words[0].lower()}, label="trace")
 
 
+def _watch(rest: str, cwd: Path) -> Request:
+    words = _split(rest, "watch")
+    if len(words) > 1 or (words and not re.fullmatch(r"[0-9a-fA-F-]{4,64}", words[0])):
+        raise CommandError(f"usage: {SPECS['watch'].usage} (an id is hex, as shown by watch, ask or status)")
+    # idempotent: watching has no effect, so a kernel restart re-sends it to the new kernel and it goes on
+    return Request("watch", {"id": words[0].lower()} if words else {}, label="watch", idempotent=True)
+
+
 def _verify(rest: str, cwd: Path) -> Request:
     words = _split(rest, "verify")
     if words not in ([], ["repair"]):
@@ -309,7 +322,7 @@ _PARSERS = {
     "status": _no_args("status"), "stats": _no_args("stats"), "display_yourself": _no_args("display_yourself"),
     "audit": _no_args("audit"),
     "ingest": _ingest, "ask": _ask, "search": _search, "inspect": _inspect, "send": _send,
-    "define": _define, "trace": _trace, "forge": _forge, "verify": _verify,
+    "define": _define, "trace": _trace, "forge": _forge, "verify": _verify, "watch": _watch,
 }
 
 

@@ -47,6 +47,7 @@ class Recent:
         self.oids = _Ring(limit)
         self.cycles = _Ring(limit)
         self.selectors = _Ring(limit)
+        self.activities = _Ring(limit)  # what `watch` shows (ingests, forge runs ...), as it names them
 
     def observe(self, body: Any, _depth: int = 0) -> None:
         if _depth > 6:  # bodies are shallow; this bounds the walk on odd ones
@@ -59,6 +60,8 @@ class Recent:
                             self.oids.add(str(v).lower())
                 elif key == "cycle_id" and isinstance(value, str) and _CYCLE.match(value):
                     self.cycles.add(value)
+                elif key == "activity" and isinstance(value, str) and _CYCLE.match(value):
+                    self.activities.add(value)
                 elif key == "slots" and isinstance(value, dict):
                     # inspect renders persistent slot values as "<Type oid=1f>": offer those OIDs too
                     for v in value.values():
@@ -106,6 +109,8 @@ class ConsoleCompleter(Completer):
             yield from _matching(list(self.recent.selectors), current)
         elif command == "trace" and index == 1:
             yield from _matching(list(self.recent.cycles), current.lower(), len(current))
+        elif command == "watch" and index == 1:
+            yield from _matching([*self.recent.cycles, *self.recent.activities], current.lower(), len(current))
         elif command == "help" and index == 1:
             yield from _matching(self.commands, current)
 

@@ -26,6 +26,7 @@ from services.console.formats import (
     json_default,
     json_safe,
 )
+from services.console.watching import WatchLines, format_watch_reply
 
 # Throttle for progress lines: a single updating line is not possible above a prompt, so
 # compact lines are printed at most this often per request and stage (about 2 per second).
@@ -73,6 +74,7 @@ class Handle:
     streamed: bool = False  # tokens arrived: the reply's answer is not printed again
     partial: str = ""  # tokens not yet ended by a newline (for sinks that cannot print inline)
     progress_at: dict[str, float] = field(default_factory=dict)
+    watch: WatchLines | None = None  # a `watch`: many activities' events, tagged by activity
 
 
 # -- views ----------------------------------------------------------------------------------------
@@ -83,8 +85,9 @@ class TextView:
 
     def __init__(self, sink: Sink, *, recent: Recent | None = None, tagged: bool = False,
                  clock: Callable[[], float] = time.monotonic, progress_interval: float = PROGRESS_INTERVAL,
-                 cwd: Path | None = None, notices: Sink | None = None):
+                 cwd: Path | None = None, notices: Sink | None = None, me: str = ""):
         self.sink = sink
+        self.me = me  # this console's requester tag (proto.roles.requester_tag): `watch` shows its work as "by you"
         self.notices = notices  # where the console's own remarks go, when not with the output
         self.recent = recent if recent is not None else Recent()
         self.tagged = tagged
@@ -96,11 +99,17 @@ class TextView:
     # the view protocol
 
     def begin(self, handle: Handle) -> None:
+        if handle.label == "watch":
+            handle.watch = WatchLines(self.me, clock=self.clock, progress_interval=self.progress_interval)
         if self.tagged:
             self._line(handle, [("class:dim", f"{handle.label} …")])
 
     def event(self, handle: Handle, body: dict[str, Any]) -> None:
         self.recent.observe(body)
+        if handle.watch is not None:
+            for frags in handle.watch.lines(body):
+                self._line(handle, frags)
+            return
         name = body.get("event")
         if name == "token":
             self._token(handle, str(body.get("text", "")))
@@ -126,11 +135,21 @@ class TextView:
     def reply(self, handle: Handle, body: dict[str, Any]) -> None:
         self.recent.observe(body)
         self._end_stream(handle)
+        if handle.watch is not None:
+            for frags in handle.watch.flush() + format_watch_reply(body):
+                self._line(handle, frags)
+            return
         for frags in format_reply(handle.label, body, streamed=handle.streamed, cwd=self.cwd):
             self._line(handle, frags)
 
     def error(self, handle: Handle, code: str, message: str, details: dict[str, Any] | None = None) -> None:
         self._end_stream(handle)
+        if handle.watch is not None:
+            for frags in handle.watch.flush():
+                self._line(handle, frags)
+            if code == "cancelled":  # how a watch is meant to end: not an error
+                self._line(handle, [("class:notice", "watch stopped")])
+                return
         for frags in format_error(code, message, details):
             self._line(handle, frags)
 

@@ -23,6 +23,8 @@ QUICK_TIMEOUT = 120.0
 LONG_TIMEOUT_MARGIN = 60.0
 # After `cancel`, the service should answer `cancelled` promptly; past this the console stops waiting.
 CANCEL_GRACE = 5.0
+# A quiet `watch` sends this now and then so that no one on the way times it out; it is never shown.
+KEEPALIVE = "keepalive"
 
 
 class View(Protocol):
@@ -91,13 +93,15 @@ class Runner:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(limit) as deadline:
-                entry.call = await self.client.start_call(req.service, req.command, req.body)
+                entry.call = await self.client.start_call(req.service, req.command, req.body,
+                                                          idempotent=req.idempotent)
                 handle.id = entry.call.id
                 async for env in entry.call.events():
                     if env.kind == Kind.EVENT:
                         if req.long_running:  # an idle limit: a forge that reports progress for hours is alive
                             deadline.reschedule(loop.time() + limit)
-                        self._safe(self.view.event, handle, env.body)
+                        if env.body.get("event") != KEEPALIVE:
+                            self._safe(self.view.event, handle, env.body)
                     elif env.kind == Kind.ERROR:
                         b = env.body
                         return self._fail(handle, str(b.get("code", ErrorCode.INTERNAL)), str(b.get("message", "")),

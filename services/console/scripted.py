@@ -15,6 +15,7 @@ from typing import TextIO
 from batos.client import Client
 from batos.config import Settings
 from proto import ErrorCode
+from proto.roles import requester_tag
 from services.console.commands import SOURCE_TERMINATOR, CommandError, Local, NeedsSource, help_text, parse_line
 from services.console.connection import BrokerMonitor
 from services.console.render import Handle, JsonView, TextView
@@ -52,16 +53,16 @@ async def stdin_lines(stream: TextIO | None = None) -> AsyncIterator[str]:
         yield line
 
 
-def make_view(json_mode: bool, out: TextIO, err: TextIO) -> View:
+def make_view(json_mode: bool, out: TextIO, err: TextIO, me: str = "") -> View:
     # stdout carries what the commands produced; the console's own remarks go to stderr
-    return JsonView(out, err) if json_mode else TextView(StreamSink(out), notices=StreamSink(err))
+    return JsonView(out, err) if json_mode else TextView(StreamSink(out), notices=StreamSink(err), me=me)
 
 
 async def run_script(lines: AsyncIterator[str], settings: Settings, *, identity: str, json_mode: bool = False,
                      timeout: float | None = None, connect_timeout: float = 10.0,
                      out: TextIO | None = None, err: TextIO | None = None, client: Client | None = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
-    view = make_view(json_mode, out, err)
+    view = make_view(json_mode, out, err, requester_tag(identity))
     client = client or Client(settings, identity=identity)
     async with client:
         monitor = BrokerMonitor(client, view.notice)

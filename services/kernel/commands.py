@@ -11,12 +11,18 @@ and dispatched exactly like a raw ``command {Table 1}``, so both paths behave th
     initiate_cognitive_cycle   define_method        define (dnu.py)                 SELECTOR / [source] / {}
     initiate_cognitive_cycle   display_yourself     two-cycle genesis (genesis.py)  display_yourself / [] / {}
     ingest | search | inspect | stats | status | trace | audit | forge | verify   relays.py   (args / kwargs as below)
+    watch                      -                    watch.py: events only, until       [] (everything) or [ID]
+                                                    cancelled (or ID's end)            (an activity or cycle)
+
+Every command but the read-only lookups (``QUIET``) is an *activity* the watch hub hears: dispatch taps its emit,
+so any console's ``watch`` sees its begin, every event its requester gets, and its end (watch.py).
 
 ``target_oid`` is the object the command is about ("0" = the root); ``schema_version`` is checked by proto.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,13 +32,19 @@ import msgspec
 import proto
 from batos.errors import ServiceError
 from proto import ErrorCode, MissionBrief, Table1Command
-from services.kernel import dnu, genesis, relays
+from services.kernel import dnu, genesis, relays, watch
 from services.kernel.env import Emit
 from services.kernel.query import check_question, run_query
 from services.kernel.run import CycleRun, execute
 
 CYCLE = "initiate_cognitive_cycle"
 _OID = re.compile(r"^(?:0x)?([0-9a-f]+)$")
+_WATCH_ID = re.compile(r"^[0-9a-f-]{4,64}$")
+# Read-only lookups are not activities: watching is about work in flight, and a console hammering `search`
+# would drown everything else a watcher sees. `watch` itself is never watched (it would watch itself).
+QUIET = frozenset({"watch", "status", "search", "inspect", "stats", "trace"})
+# what a watcher is told of a mission, by the console command it came from
+_MISSION_NAMES = {"query": "ask", "message": "send", "unhandled_message": "send", "define_method": "define"}
 
 Handler = Callable[[Any, Emit, Table1Command], Awaitable[dict[str, Any]]]
 
@@ -83,6 +95,9 @@ def from_console(command: str, args: dict[str, Any]) -> Table1Command:
             return table1(command)
         case "verify":
             return table1("verify", kwargs={"repair": bool(args.get("repair"))})
+        case "watch":
+            ident = args.get("id")
+            return table1("watch", args=[ident] if ident else [])
     raise ServiceError(ErrorCode.UNKNOWN_COMMAND, f"kernel has no console command {command!r}")
 
 
@@ -145,6 +160,14 @@ async def _display(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any
     return await genesis.display_yourself(kernel.env, emit, mission_of(cmd), cmd.target_oid)
 
 
+async def _watch(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+    brief = cmd.mission_brief
+    ident = brief.args[0] if brief.args else brief.kwargs.get("id", "")
+    if not isinstance(ident, str) or (ident and not _WATCH_ID.match(ident.strip().lower())):
+        raise ServiceError(ErrorCode.BAD_ARGS, f"watch takes nothing or an activity or cycle id (hex), not {ident!r}")
+    return await watch.watch(kernel, emit, ident.strip().lower())
+
+
 MISSIONS: dict[str, Handler] = {
     "query": _query,
     "message": _message,
@@ -163,6 +186,7 @@ COMMANDS: dict[str, Handler] = {
     "trace": relays.trace,
     "audit": relays.audit,
     "forge": relays.forge,
+    "watch": _watch,
 }
 
 
@@ -182,4 +206,62 @@ async def dispatch(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any
         if handler is None:
             raise ServiceError(ErrorCode.BAD_ARGS, f"unknown Table 1 command {cmd.command!r}; known: "
                                                    f"{', '.join([CYCLE, *COMMANDS])}")
-    return await handler(kernel, emit, cmd)
+    if cmd.command in QUIET:
+        return await handler(kernel, emit, cmd)
+    return await _watched(kernel, emit, cmd, handler)
+
+
+async def _watched(kernel: Any, emit: Emit, cmd: Table1Command, handler: Handler) -> dict[str, Any]:
+    """Run ``handler`` as an activity of the watch hub: its begin, every event, its end."""
+    hub = watch.hub_of(kernel.env)
+    name = _MISSION_NAMES.get(cmd.mission_brief.type, cmd.mission_brief.type) if cmd.command == CYCLE else cmd.command
+    tapped, activity = hub.tap(emit, name, about=_about(cmd), by=_requester(emit))
+    try:
+        reply = await handler(kernel, tapped, cmd)
+    except ServiceError as e:
+        hub.end(activity, {"ok": False, "code": str(e.code), "message": e.message})
+        raise
+    except asyncio.CancelledError:
+        hub.end(activity, {"ok": False, "code": str(ErrorCode.CANCELLED),
+                           "message": "cancelled by its requester or by shutdown"})
+        raise
+    except Exception as e:
+        hub.end(activity, {"ok": False, "code": str(ErrorCode.INTERNAL), "message": type(e).__name__})
+        raise
+    ok = reply.get("ok")  # a reply may report its own failure (a forge run that failed, verify's problems)
+    hub.end(activity, {**_outcome(reply), "ok": ok if isinstance(ok, bool) else True})
+    return reply
+
+
+_ABOUT_CHARS = 200
+_OUTCOME_CHARS = 600
+
+
+def _about(cmd: Table1Command) -> str:
+    """A watcher's one-line idea of what was asked."""
+    brief = cmd.mission_brief
+    if cmd.command == CYCLE and brief.type in ("message", "unhandled_message", "define_method"):
+        return f"{cmd.target_oid} {brief.selector}"
+    first = next((a for a in brief.args if isinstance(a, str)), "")
+    return " ".join(first.split())[:_ABOUT_CHARS]
+
+
+def _requester(emit: Emit) -> str:
+    """Who asked, as a tag: the worker runtime's emit is a bound method of the request, which knows its sender."""
+    sender = getattr(getattr(emit, "__self__", None), "sender", "")
+    return watch.requester_tag(sender) if isinstance(sender, str) else ""
+
+
+def _outcome(reply: dict[str, Any]) -> dict[str, Any]:
+    """What a watcher is told of a reply: its plain values, the answer's start, and how many of each list."""
+    out: dict[str, Any] = {}
+    for key, value in list(reply.items())[:40]:
+        if key in ("ok", "event", "activity", "command"):
+            continue
+        if isinstance(value, bool | int | float) or value is None:
+            out[key] = value
+        elif isinstance(value, str):
+            out[key] = value[:_OUTCOME_CHARS]
+        elif isinstance(value, list):
+            out[f"{key}_count"] = len(value)
+    return out

@@ -197,3 +197,13 @@ def test_help_lists_every_command():
 def test_long_running_commands():
     assert req("ask x").long_running and req("ingest /x").long_running and req("forge alfred").long_running
     assert not req("search x").long_running and not req("inspect 0").long_running
+
+
+def test_watch_everything_or_one_id():
+    assert parse_line("watch") == Request("watch", {}, label="watch", idempotent=True)
+    assert parse_line("watch 1A2B3C4D") == Request("watch", {"id": "1a2b3c4d"}, label="watch", idempotent=True)
+    assert req("watch").long_running
+    for bad in ("watch zz", "watch 1a2b 3c4d", "watch 1a2"):
+        with pytest.raises(CommandError, match="usage: watch"):
+            parse_line(bad)
+    assert any(line.startswith("watch [ID]") for line in help_text())

@@ -41,6 +41,10 @@ def test_completions():
     assert complete(comp, "send 1") == ["1f"]
     assert complete(comp, "send 1f a") == ["area"]
     assert complete(comp, "trace f") == ["feedfacefeedface"]
+    recent.observe({"event": "begin", "activity": "fa11ed0123456789", "command": "ingest"})
+    assert complete(comp, "watch f") == ["feedfacefeedface", "fa11ed0123456789"]
+    assert complete(comp, "trace fa") == []  # an activity is not a cycle
+    assert "watch" in complete(comp, "wa")
     assert complete(comp, "help se") == ["search", "send"]
     assert complete(comp, "ask anything ") == []
     assert complete(comp, '{"command"') == []

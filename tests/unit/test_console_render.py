@@ -325,3 +325,77 @@ def test_trace_and_audit_timelines():
                                                                                "event_type": "LLM_CALL"}]}))
     assert audit[0] == "ingest: {\"created\": 2}" and audit[1] == "recent events (1):"
     assert audit[2].startswith("- LLM_CALL")
+
+
+# -- watch: many activities in one stream ----------------------------------------------------------
+
+
+def test_a_watch_tags_each_line_with_its_activity_and_gathers_tokens_per_activity():
+    sink, clock = RecordingSink(inline=False), Clock()
+    view = TextView(sink, clock=clock, me="feedbeef", tagged=True)
+    h = Handle(1, "watch")
+    view.begin(h)
+    ask, ing = "a" * 32, "b" * 32
+    events = [
+        {"event": "watching", "kernel": "kernel@host", "pid": 42, "in_flight": [
+            {"id": ing, "command": "ingest", "progress": {"stage": "EMBEDDING", "done": 3, "total": 9}, "age_s": 4}]},
+        {"event": "begin", "activity": ask, "command": "ask", "about": "what is a broker?", "by": "0badf00d"},
+        {"event": "state", "activity": ask, "command": "ask", "cycle_id": "c" * 36, "state": "REASONING",
+         "from": "DECOMPOSING"},
+        {"event": "token", "activity": ask, "command": "ask", "cycle_id": "c" * 36, "text": "A broker "},
+        {"event": "progress", "activity": ing, "command": "ingest", "stage": "EMBEDDING", "done": 4, "total": 9},
+        {"event": "progress", "activity": ing, "command": "ingest", "stage": "EMBEDDING", "done": 5, "total": 9},
+        {"event": "token", "activity": ask, "command": "ask", "cycle_id": "c" * 36, "text": "relays.\nSources"},
+        {"event": "worker", "change": "gone", "service": "llm", "pid": 7},
+        {"event": "missed", "count": 3},
+        {"event": "begin", "activity": "d" * 32, "command": "forge", "about": "BRICK", "by": "feedbeef"},
+        {"event": "state", "activity": ask, "command": "ask", "cycle_id": "c" * 36, "state": "COMPLETE",
+         "note": "SUCCESS"},
+        {"event": "end", "activity": ing, "command": "ingest", "ok": True, "files": 9, "chunks": 40, "seconds": 12},
+        {"event": "end", "activity": ask, "command": "ask", "ok": False, "code": "timeout", "message": "too slow",
+         "seconds": 3},
+    ]
+    for e in events:
+        view.event(h, e)
+    out = sink.output.splitlines()
+    assert out[0] == "[1] watch …"
+    assert out[1] == "[1] watching kernel@host (pid 42): 1 in flight"
+    assert out[2] == "[1]   ingest bbbbbbbb  EMBEDDING 3/9, for 4.0s"
+    assert "[1] ask aaaaaaaa │ started by console 0badf00d: what is a broker?" in out
+    assert "[1] ask aaaaaaaa │ DECOMPOSING → REASONING  (cycle cccccccc)" in out
+    assert "[1] ask aaaaaaaa │ A broker relays." in out  # tokens of one activity, one line when it ends
+    progress = [line for line in out if "EMBEDDING" in line and "ingest bbbbbbbb │" in line]
+    assert len(progress) == 1 and "4/9" in progress[0]  # throttled: the second came too soon
+    assert "[1] system │ worker llm pid 7 gone" in out
+    assert any("missed 3 events" in line for line in out)
+    assert "[1] forge dddddddd │ started by you: BRICK" in out
+    # the unfinished streamed text comes out before what the activity does next
+    assert out.index("[1] ask aaaaaaaa │ Sources") + 1 == out.index("[1] ask aaaaaaaa │ → COMPLETE — SUCCESS  "
+                                                                     "(cycle cccccccc)")
+    assert "[1] ingest bbbbbbbb │ done in 12s: files 9, chunks 40" in out
+    assert "[1] ask aaaaaaaa │ failed in 3.0s [timeout] too slow" in out
+
+
+def test_a_watch_of_one_cycle_marks_the_replay_and_ends_with_its_state():
+    sink = RecordingSink(inline=True)
+    view = TextView(sink)
+    h = Handle(2, "watch")
+    view.begin(h)
+    view.event(h, {"event": "watching", "target": {"id": "c1", "kind": "cycle", "command": "ask",
+                                                  "state": "REASONING"}, "replayed": 2})
+    view.event(h, {"event": "state", "activity": "a1", "command": "ask", "cycle_id": "c1", "state": "IDLE",
+                   "replay": True})
+    view.event(h, {"event": "token", "activity": "a1", "command": "ask", "cycle_id": "c1", "text": "half"})
+    view.reply(h, {"watched": "c1", "kind": "cycle", "command": "ask", "state": "COMPLETE", "note": "SUCCESS",
+                   "missed": 0})
+    out = sink.output.splitlines()
+    assert out[0] == "watching cycle c1 (ask, now REASONING); 2 events so far, then live"
+    assert out[1] == "ask a1 │ (so far) → IDLE  (cycle c1)"
+    assert out[2] == "a1 │ half"  # flushed at the end
+    assert out[3] == "watch of cycle c1 (ask) ended: COMPLETE — SUCCESS"
+    h2 = Handle(3, "watch")
+    view.begin(h2)
+    view.error(h2, "cancelled", "kernel.watch was cancelled")
+    assert sink.output.splitlines()[-1] == "watch stopped"
+    view.error(Handle(4, "ask"), "cancelled", "kernel.ask was cancelled")
+    assert "error [cancelled]" in sink.output.splitlines()[-1]

@@ -58,6 +58,7 @@ class FakeClient:
         self.pending: dict[str, FakeCall] = {}
         self.sent: list[tuple[str, str, dict]] = []
         self.cancelled: list[str] = []
+        self.idempotent: list[bool] = []
         self.tasks: list[asyncio.Task] = []
 
     async def __aenter__(self) -> FakeClient:
@@ -67,8 +68,10 @@ class FakeClient:
         for t in self.tasks:
             t.cancel()
 
-    async def start_call(self, service: str, command: str, body: dict | None = None) -> FakeCall:
-        req = proto.request(service, command, body)
+    async def start_call(self, service: str, command: str, body: dict | None = None, *,
+                         idempotent: bool = False) -> FakeCall:
+        req = proto.request(service, command, body, idempotent=idempotent)
+        self.idempotent.append(idempotent)
         call = FakeCall(req)
         self.pending[req.id] = call
         self.sent.append((service, command, body or {}))
@@ -97,6 +100,12 @@ async def kernel(req: Envelope, emit: Emit) -> None:
             emit(proto.event(req, "token", {"text": tok}))
         emit(proto.reply(req, {"answer": "an answer", "cycle_id": "cc11",
                                "citations": [{"oid": "1a", "file_path": "/x/a.py", "start_line": 1, "end_line": 4}]}))
+    elif req.command == "watch":
+        emit(proto.event(req, "watching", {"kernel": "k", "pid": 1, "target": {"id": "c1", "kind": "cycle",
+                                                                              "command": "ask"}, "replayed": 0}))
+        emit(proto.event(req, "keepalive", {}))
+        emit(proto.event(req, "state", {"activity": "a1", "command": "ask", "cycle_id": "c1", "state": "COMPLETE"}))
+        emit(proto.reply(req, {"watched": "c1", "kind": "cycle", "command": "ask", "state": "COMPLETE"}))
     elif req.command == "stall":
         await asyncio.sleep(3600)
     elif req.command == "verify":
@@ -281,3 +290,12 @@ async def test_a_reply_that_reports_its_own_failure_fails_the_script():
     assert rc == EXIT_ERROR and objects(out)[-1]["body"]["ok"] is False
     rc, out, _ = await script("verify repair", FakeClient(kernel))
     assert rc == EXIT_OK and objects(out)[-1]["body"]["ok"] is True
+
+
+async def test_watch_is_sent_idempotent_and_its_keepalives_are_never_shown():
+    client = FakeClient(kernel)
+    rc, out, _ = await script("watch c1c1", client)
+    assert rc == EXIT_OK and client.idempotent == [True]
+    assert [o["body"].get("event") for o in objects(out)] == ["watching", "state", None]
+    rc, out, _ = await script("watch c1c1", FakeClient(kernel), json_mode=False)
+    assert "keepalive" not in out and out.splitlines()[-1] == "watch of cycle c1 (ask) ended: COMPLETE"
