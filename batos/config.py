@@ -12,6 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
+from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -41,11 +42,16 @@ class Settings(BaseSettings):
     cache_dir: Path = Path(os.path.expanduser("~/.cache/batos"))
 
     # transport
-    broker_endpoint: str = "tcp://127.0.0.1:5555"
-    # ZEO: "" = a unix socket var/zeo.sock (local, no port to collide); "HOST:PORT" for a network server
+    # "" = ipc://<var_dir>/broker.sock: a unix socket in the owner-only var/, so file permissions are the
+    # authentication (batos.transport). "tcp://HOST:PORT" exposes the broker: turn Curve on with it.
+    broker_endpoint: str = ""
+    # ZEO: "" = a unix socket var/zeo.sock (owner-only, like the broker's); "HOST:PORT" for a network server
     zeo_address: str = ""
     curve_enabled: bool = False  # CurveZMQ on the broker; console keys allow-listed in var/keys/
     curve_key: str = "console"  # which var/keys/<name>.key_secret a client presents
+    # which var/keys/<name>.key_secret a worker presents; the broker lets it serve only the services listed in
+    # var/keys/authorized/<name>.services (broker/roles.py)
+    curve_service_key: str = "services"
 
     # broker limits
     service_queue_max: int = 1000  # queued requests per service before `busy`
@@ -156,6 +162,14 @@ class Settings(BaseSettings):
     def broker_endpoint_file(self) -> Path:
         """Where the broker writes the endpoint it actually bound (port 0 / ``*`` in tests)."""
         return self.var_dir / "broker.endpoint"
+
+    @model_validator(mode="after")
+    def _default_endpoint(self) -> Settings:
+        if not self.broker_endpoint:
+            from batos.transport import default_broker_endpoint
+
+            self.broker_endpoint = default_broker_endpoint(self.var_dir)
+        return self
 
     # extra="ignore": a BATOS_* variable for a removed or future field does not stop a process starting
     model_config = SettingsConfigDict(env_prefix="BATOS_", extra="ignore", arbitrary_types_allowed=True,

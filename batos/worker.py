@@ -189,7 +189,7 @@ class ServiceWorker:
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         if self.ctx.settings.curve_enabled:
-            curve.configure_client(sock, self.ctx.settings, "services")
+            curve.configure_client(sock, self.ctx.settings, self.ctx.settings.curve_service_key)
         sock.connect(self.ctx.settings.broker_endpoint)
         self.sock = sock
         self._fd = sock.FD
@@ -491,7 +491,7 @@ async def serve(
     settings = settings or load()
     executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="batos-work")
     client = Client(settings, identity=f"{services[0][0]}-client-{os.getpid()}-{uuid.uuid4().hex[:6]}",
-                    curve_key="services")
+                    curve_key=settings.curve_service_key)
     ctx = Context(settings=settings, client=client, executor=executor, stopping=stop or asyncio.Event())
     loop = asyncio.get_running_loop()
 

@@ -9,10 +9,25 @@ import sys
 
 import zmq
 
-from batos import curve
-from batos.config import load
+from batos import curve, transport
+from batos.config import Settings, load
 from broker.broker import Broker
-from broker.roles import Access, key_roles
+from broker.roles import Access, key_grants
+
+
+def bind(sock: zmq.Socket, settings: Settings) -> str:
+    """Bind the broker's endpoint; an ``ipc://`` socket only inside a directory nobody else can enter."""
+    settings.var_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    socket_file = transport.ipc_path(settings.broker_endpoint)
+    if socket_file is not None:
+        transport.prepare_socket_dir(socket_file, settings.var_dir)
+    sock.bind(settings.broker_endpoint)
+    if socket_file is not None:
+        transport.restrict_socket(socket_file)
+    warning = transport.exposure_warning(settings.broker_endpoint, settings.curve_enabled)
+    if warning:
+        logging.warning("%s", warning)
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
 def main() -> None:
@@ -38,9 +53,15 @@ def main() -> None:
     # this size the broker reads its header and fails the request it answers (Broker.on_oversized)
     sock.setsockopt(zmq.MAXMSGSIZE, settings.max_frame_bytes * 2 + (1 << 20))
     auth = curve.configure_server(sock, settings) if settings.curve_enabled else None
-    sock.bind(settings.broker_endpoint)
-    bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        bound = bind(sock, settings)
+    except (transport.TransportError, zmq.ZMQError) as e:
+        logging.error("broker cannot listen on %s: %s", settings.broker_endpoint, e)
+        sock.close(linger=0)
+        if auth is not None:
+            auth.stop()
+        ctx.term()
+        sys.exit(2)
     tmp = settings.broker_endpoint_file.with_suffix(".tmp")
     tmp.write_text(bound)
     tmp.replace(settings.broker_endpoint_file)
@@ -50,7 +71,7 @@ def main() -> None:
     gc.freeze()
     monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     try:
-        access = Access(key_roles(settings.keys_dir / "authorized") if auth is not None else None)
+        access = Access(key_grants(settings.keys_dir / "authorized") if auth is not None else None)
         Broker(settings, sock, monitor, access).run(lambda: stopping)
     finally:
         sock.disable_monitor()

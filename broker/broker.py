@@ -304,7 +304,7 @@ class Broker:
         if env.kind == Kind.REQUEST:
             reason = access.may_request(role, env.service, env.command)
         elif env.kind == Kind.READY:
-            reason = access.may_serve(role)
+            reason = access.may_serve(role, env.service, user)
         elif worker is not None and env.kind != Kind.DISCONNECT and not self.same_peer(worker, user):
             # a registered worker's identity used from another key or connection: a takeover
             self.stats.unauthorized += 1

@@ -1,8 +1,8 @@
 """Fixtures that start real BAT OS processes on free ports in a temp dir, and kill them all.
 
 Nothing here touches the user's ``var/``: every process gets ``BATOS_VAR_DIR`` in the test's
-temp dir, the broker binds ``tcp://127.0.0.1:*`` and reports the port it got, and ZEO listens
-on a unix socket in the temp dir.
+temp dir, the broker binds its default ``ipc://`` socket in the temp var dir (or ``tcp://127.0.0.1:*``
+when a test asks, and reports the port it got), and ZEO listens on a unix socket in the temp dir.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ class System:
         self.procs.append(proc)
         return proc
 
-    def start_broker(self, endpoint: str = "tcp://127.0.0.1:*", **env: str) -> Proc:
+    def start_broker(self, endpoint: str = "", **env: str) -> Proc:
+        """``endpoint`` "" = the default, ``ipc://<var>/broker.sock``; "tcp://127.0.0.1:*" for a free port."""
         endpoint_file = self.var / "broker.endpoint"
         endpoint_file.unlink(missing_ok=True)
         proc = self.spawn("broker", [PY, "-m", "broker"], BATOS_BROKER_ENDPOINT=endpoint, **env)

@@ -3,7 +3,9 @@
 ``runzeo`` has no blob option on its command line, so supervisord starts it with a
 config file holding a ``<zeo>`` address section and an ``<oidsafefilestorage>`` section (a
 FileStorage that never hands out an oid twice across restarts: ``batos.zeo_storage``) with the
-Living Image's path and blob directory. Usage: ``python -m services.memory_weaver.zeo_conf OUT``.
+Living Image's path and blob directory. The default address is a unix socket in the owner-only var/
+(``batos.transport``): another local user cannot open the image through ZEO.
+Usage: ``python -m services.memory_weaver.zeo_conf OUT``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from typing import Any
+
+from batos.transport import prepare_socket_dir
 
 # A client stuck between vote and finish holds the commit lock for everyone; after this
 # many seconds the server disconnects it and aborts its transaction.
@@ -45,6 +49,9 @@ def write_zeo_conf(settings: Any, path: str | Path) -> Path:
     out = Path(path)
     var = Path(settings.var_dir).resolve()
     (var / "blobs").mkdir(parents=True, exist_ok=True)
+    addr = settings.zeo_client_address
+    if isinstance(addr, str):  # a unix socket: only in a directory nobody else can enter (batos.transport)
+        prepare_socket_dir(Path(addr), var)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(render_zeo_conf(settings))

@@ -1,8 +1,9 @@
 """A whole BAT OS installation for system tests, started exactly as `make up` starts it.
 
 ``batos.ctl up`` runs supervisord with the repository's own supervisord.conf; the only
-differences from a user's machine are the var dir (a temp dir, via ``BATOS_VAR_DIR``) and the
-broker port (a free one, via ``BATOS_BROKER_ENDPOINT``). Starting loads two models on two
+difference from a user's machine is the var dir (a temp dir, via ``BATOS_VAR_DIR``): the broker and ZEO
+listen on their default unix sockets in it, as they do for a user (``Installation(endpoint="tcp://...")``
+overrides the broker's). Starting loads two models on two
 cores, so a test module brings one installation up once (``installation_fixture``) and runs
 its tests against it; ``down`` runs at the end whatever happened, and any process it left
 behind is killed by pid (and reported by the module's last test, which calls ``down`` itself).
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import zmq
 
 from batos.client import Client
 from batos.config import Settings
@@ -35,14 +35,6 @@ PROGRAMS = ("zeo", "broker", "memory_weaver", "ingestor", "forge", "kernel", "st
 SERVICES = ("kernel", "memory", "ingest", "llm", "forge")
 CTL_UP_TIMEOUT = 300.0  # ctl's own UP_TIMEOUT (240 s) plus supervisord's start
 CTL_DOWN_TIMEOUT = 90.0  # every program gets stopwaitsecs (10) in reverse priority order, worst case
-
-
-def free_tcp_endpoint() -> str:
-    """A loopback port free right now (supervisord's broker binds it a moment later)."""
-    sock = zmq.Context.instance().socket(zmq.ROUTER)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    sock.close(0)
-    return f"tcp://127.0.0.1:{port}"
 
 
 def process_key(pid: int) -> tuple[int, float] | None:
@@ -64,7 +56,7 @@ def still_running(key: tuple[int, float]) -> bool:
 @dataclass
 class Installation:
     root: Path
-    endpoint: str
+    endpoint: str = ""  # "" = the default ipc:// socket in the var dir
     extra_env: dict[str, str] = field(default_factory=dict)
     last_up: subprocess.CompletedProcess | None = None
     up_seconds: float = 0.0
@@ -78,7 +70,7 @@ class Installation:
     def settings(self) -> Settings:
         # what the programs read from their environment (self.env), not this process's BATOS_*
         extra = {k.removeprefix("BATOS_").lower(): v for k, v in self.extra_env.items() if k.startswith("BATOS_")}
-        return Settings(var_dir=self.var, broker_endpoint=self.endpoint, **extra)
+        return Settings(var_dir=self.var, **({"broker_endpoint": self.endpoint} if self.endpoint else {}), **extra)
 
     @property
     def env(self) -> dict[str, str]:
@@ -191,7 +183,7 @@ class Installation:
 
 def installation_fixture(tmp_path_factory: Any, name: str, **extra_env: str) -> Iterator[Installation]:
     """Body of a module-scoped fixture: `up` once, yield, always `down` and kill whatever is left."""
-    inst = Installation(tmp_path_factory.mktemp(name), free_tcp_endpoint(), dict(extra_env))
+    inst = Installation(tmp_path_factory.mktemp(name), extra_env=dict(extra_env))
     try:
         inst.up()
         yield inst

@@ -115,3 +115,77 @@ async def test_a_worker_identity_taken_over_by_another_key_is_not_served(curve_s
         finally:
             thief.close(0)
             ctx.term()
+
+
+@pytest.fixture
+def listed_system(system):
+    """Curve on with a key for a remote memory host, allowed to serve `memory` only."""
+    settings = system.settings.model_copy(update={"curve_enabled": True})
+    curve.ensure_keys(settings)
+    curve.add_key(settings, "memory-host", ["memory"])
+    curve.add_key(settings, "service-nolist", None)  # named like a service key, but no list: a console
+    system.start_broker(**CURVE)
+    return system
+
+
+def _ready(sock: zmq.Socket, service: str) -> None:
+    sock.send(proto.encode(proto.control(proto.Kind.READY, service=service, body={"capacity": 1})))
+
+
+async def test_a_service_key_serves_only_the_services_on_its_list(listed_system):
+    system = listed_system
+    async with Client(_settings(system), curve_key="services") as svc:
+        for key, service in (("memory-host", "llm"), ("memory-host", "kernel"), ("service-nolist", "memory")):
+            ctx, sock = _raw_dealer(system, key, f"{key}-as-{service}".encode())
+            try:
+                await asyncio.sleep(0.2)
+                _ready(sock, service)
+                assert sock.poll(5000), f"no answer to {key}'s READY for {service}"
+                env = proto.decode(sock.recv())
+                assert env.kind == proto.Kind.ERROR and env.body["code"] == "unauthorized", (key, service, env)
+            finally:
+                sock.close(0)
+                ctx.term()
+        ctx, sock = _raw_dealer(system, "memory-host", b"memory-host-worker")
+        try:
+            _ready(sock, "memory")
+            table = await system.wait_registered(svc, {"memory": 1}, timeout=20)
+            assert [w["pid"] for w in table["services"]["memory"]] and "llm" not in table["services"]
+        finally:
+            sock.close(0)
+            ctx.term()
+
+
+async def test_a_real_worker_presents_its_configured_service_key(listed_system):
+    system = listed_system
+    system.start_test_worker("memory", BATOS_CURVE_SERVICE_KEY="memory-host", **CURVE)
+    system.start_test_worker("llm", BATOS_CURVE_SERVICE_KEY="memory-host", **CURVE)
+    async with Client(_settings(system), curve_key="services") as svc:
+        await system.wait_registered(svc, {"memory": 1})
+        assert (await svc.call("memory", "echo", {"n": 3}))["echo"] == {"n": 3}
+        stats = (await svc.call("broker", "status"))["stats"]
+        deadline = time.monotonic() + 10
+        while stats["unauthorized"] < 1 and time.monotonic() < deadline:  # the llm worker's READY, refused
+            await asyncio.sleep(0.2)
+            stats = (await svc.call("broker", "status"))["stats"]
+        assert stats["unauthorized"] >= 1
+        assert "llm" not in (await svc.call("broker", "workers"))["services"]
+
+
+def test_grants_from_the_allow_list(tmp_path):
+    from batos.config import load
+    from broker.roles import ANY_SERVICE, key_grants, parse_services
+    from proto.roles import Role
+
+    assert parse_services("# hosts\nmemory, llm  forge\n\n*  # any\n") == {"memory", "llm", "forge", ANY_SERVICE}
+    settings = load(var_dir=tmp_path / "var", curve_enabled=True)
+    keys = curve.ensure_keys(settings)
+    curve.add_key(settings, "gpu-host", ["llm", "forge"])
+    curve.add_key(settings, "laptop", None)
+    grants = {path.stem: key_grants(keys / "authorized")[zmq.auth.load_certificate(str(path))[0].decode()]
+              for path in (keys / "authorized").glob("*.key")}
+    assert grants["services"].serves("anything") and grants["services"].role == Role.SERVICE
+    assert grants["gpu-host"].serves("llm") and not grants["gpu-host"].serves("memory")
+    assert grants["console"].role == grants["laptop"].role == Role.CONSOLE
+    assert not grants["console"].serves("kernel")
+    assert oct((keys / "authorized" / "gpu-host.services").stat().st_mode & 0o777) == "0o600"
