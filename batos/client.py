@@ -3,11 +3,14 @@
 One DEALER socket per client; a reader task routes every incoming message to the pending
 call it belongs to by ``corr``. The broker keeps no state across its own restart, so the
 client watches it: it pings the broker every heartbeat interval, busy or idle, and so always
-knows the broker's current ``boot_id``. When the broker stops answering while calls are
-pending they fail with ``unavailable`` instead of hanging; when its ``boot_id`` changes, the
-client asks the new broker which of its pending requests it holds (``broker.held``) and fails
-only the others. A client that was idle through a restart therefore never blames the restart
-for a request it sent afterwards.
+knows the broker's current ``boot_id``. Restarts are waited out, not reported: while the broker
+does not answer, pending calls wait (up to ``settings.service_wait_s``, then ``unavailable``);
+when its ``boot_id`` changes, the client asks the new broker which of its pending requests it
+holds (``broker.held``; workers re-registering with the new broker hand it the requests they
+still run), asking again for a few seconds while workers come back. What the new broker never
+gets is sent again when it is retry-safe (``idempotent``, see proto.RETRY_SAFE; the caller sees a
+``retrying`` event) and failed otherwise. A client that was idle through a restart therefore
+never blames the restart for a request it sent afterwards.
 
 Timeouts measure silence, not length: ``call(timeout=...)`` is the longest gap allowed without
 a reply or an event (a request that keeps streaming tokens or progress is alive);
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import uuid
@@ -37,6 +41,14 @@ log = logging.getLogger("batos.client")
 
 EventCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
 _FINAL = (Kind.REPLY, Kind.ERROR)
+# How long after a new broker boot the client keeps asking it for requests it does not hold yet: workers
+# re-register (and hand over what they still run) within a heartbeat or two, or after their own silence
+# timeout and a reconnect backoff when the broker was down for longer.
+RESUME_GRACE = HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS * 2
+# Set by the worker runtime while a handler runs: told +1 / -1 when a call made on that request's behalf
+# starts and stops waiting, so the broker does not count the wait as one of the worker's slots (issue 14).
+CALL_WAIT: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar("batos_call_wait",
+                                                                                         default=None)
 
 
 class PendingCall:
@@ -87,6 +99,9 @@ class Client:
         self.pending: dict[str, PendingCall] = {}
         self.broker_boot_id: str | None = None
         self._tasks: list[asyncio.Task] = []
+        self._unreachable_since: float | None = None  # when the broker stopped answering pings
+        self._settle: set[str] = set()  # requests a new broker may not hold yet (it restarted)
+        self._settle_until = 0.0
 
     async def __aenter__(self) -> Client:
         await self.start()
@@ -99,8 +114,10 @@ class Client:
         if self.sock is not None:
             return
         self.sock = self._connect()
-        self._tasks = [asyncio.create_task(self._reader(), name=f"{self.identity}-reader"),
-                       asyncio.create_task(self._watch_broker(), name=f"{self.identity}-watch")]
+        # a fresh context: a client started inside a handler must not charge its pings to that request
+        fresh = contextvars.Context()
+        self._tasks = [asyncio.create_task(self._reader(), name=f"{self.identity}-reader", context=fresh),
+                       asyncio.create_task(self._watch_broker(), name=f"{self.identity}-watch", context=fresh)]
 
     def _connect(self) -> zmq.asyncio.Socket:
         sock = self.ctx.socket(zmq.DEALER)
@@ -162,6 +179,9 @@ class Client:
         # and it costs a Task per call.
         deadline = asyncio.timeout_at(next_deadline())
         call: PendingCall | None = None
+        note_wait = CALL_WAIT.get()
+        if note_wait is not None:
+            note_wait(1)
         try:
             async with deadline:
                 # the send is inside the timeout too: with no reachable broker a DEALER send waits
@@ -194,6 +214,8 @@ class Client:
                 await self.cancel(call.id)
             raise
         finally:
+            if note_wait is not None:
+                note_wait(-1)
             if call is not None:
                 self.pending.pop(call.id, None)
 
@@ -273,31 +295,58 @@ class Client:
         return [c for c in self.pending.values() if not c.done and c.request.service != proto.Service.BROKER]
 
     async def _check_broker(self) -> None:
-        waiting = self._waiting()
+        loop = asyncio.get_running_loop()
         try:
             pong = await self.call(proto.Service.BROKER, "ping", timeout=HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS)
         except ServiceError:
-            # whichever broker answers next holds none of what is in flight now
-            self.broker_boot_id = None
-            self._fail_all(ErrorCode.UNAVAILABLE, "lost the connection to the broker; the request was not "
-                           "answered and may or may not have run", only=waiting)
+            # probably restarting (supervisord brings it back in ~2 s): wait it out, within limits
+            now = loop.time()
+            if self._unreachable_since is None:
+                self._unreachable_since = now
+            elif now - self._unreachable_since >= self.settings.service_wait_s:
+                self._fail_all(ErrorCode.UNAVAILABLE, f"the broker has not answered for "
+                               f"{now - self._unreachable_since:.0f} s; the request was not answered and may or "
+                               "may not have run. Is the broker running? `make status` shows it",
+                               only=self._waiting())
             return
+        self._unreachable_since = None
         boot = pong.get("boot_id")
         previous, self.broker_boot_id = self.broker_boot_id, boot
-        if previous is None or boot == previous:
-            return
-        # A new broker: it holds only what was sent to it. Ask rather than guess, so a request sent
-        # after the restart (by a client that was idle through it) is not failed for it.
-        waiting = self._waiting()
-        if not waiting:
+        if previous is not None and boot != previous:
+            # A new broker: it holds only what was sent to it, and what workers hand over as they
+            # re-register. Ask rather than guess, so a request sent after the restart (by a client that
+            # was idle through it) is not failed for it.
+            self._settle = {c.id for c in self._waiting()}
+            self._settle_until = loop.time() + RESUME_GRACE
+        if self._settle:
+            await self._settle_after_restart(loop.time() >= self._settle_until)
+
+    async def _settle_after_restart(self, final: bool) -> None:
+        calls = [c for i in self._settle if (c := self.pending.get(i)) is not None and not c.done]
+        if not calls:
+            self._settle = set()
             return
         try:
-            held = set((await self.call(proto.Service.BROKER, "held", {"ids": [c.id for c in waiting]},
+            held = set((await self.call(proto.Service.BROKER, "held", {"ids": [c.id for c in calls]},
                                         timeout=HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS))["held"])
         except ServiceError:
             held = set()
-        self._fail_all(ErrorCode.UNAVAILABLE, "the broker restarted while this request was in flight; it may "
-                       "or may not have run", only=[c for c in waiting if c.id not in held])
+        missing = [c for c in calls if c.id not in held]
+        self._settle = {c.id for c in missing}
+        if not final or not missing:
+            return
+        self._settle = set()
+        lost = [c for c in missing if not c.request.idempotent]
+        for call in missing:
+            if call.request.idempotent:  # safe to run again: the new broker gets it as if it were new
+                call.queue.put_nowait(proto.event(call.request, "retrying", {
+                    "source": "client", "message": "the broker restarted and lost this request; it was sent "
+                    "again (partial output is void)"}))
+                with contextlib.suppress(ServiceError):
+                    await self._send(call.request)
+        self._fail_all(ErrorCode.UNAVAILABLE, "the broker restarted while this request was in flight and no "
+                       "worker still held it; it may or may not have run, and was not sent again because "
+                       "it is not safe to repeat", only=lost)
 
     def _fail_all(self, code: ErrorCode, message: str, only: list[PendingCall] | None = None) -> None:
         for call in only if only is not None else list(self.pending.values()):

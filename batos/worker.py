@@ -5,6 +5,14 @@ hides the frames: READY, heartbeats both ways (they keep flowing while handlers 
 because handlers put CPU or blocking IO in threads), dispatch through the whitelist,
 streamed events, exactly one reply or error per request, cancellation, reconnect with
 backoff when the broker goes away, and a graceful drain on SIGTERM/SIGINT.
+
+Restarts (issue 14): a worker that re-registers (the broker restarted, or went silent) lists in
+its READY the requests it is still running, so their answers still reach their callers. A
+graceful stop gives in-flight work ``SHUTDOWN_GRACE`` seconds and then leaves what is unfinished
+to the broker, which re-queues it when it is retry-safe and otherwise says the worker restarted:
+a ``cancelled`` answer only ever means somebody cancelled. While a handler waits on another
+service's answer (``ctx.client.call``), its request holds no slot: heartbeats tell the broker
+how many are waiting.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import zmq.asyncio
 
 import proto
 from batos import __version__, curve
-from batos.client import Client
+from batos.client import CALL_WAIT, Client
 from batos.config import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
@@ -90,6 +98,8 @@ class Request:
         self._loop = worker.loop
         self._cancelled: threading.Event | None = None
         self._started = False
+        self._abandoned = False  # left to the broker by a graceful stop: no answer is sent
+        self._waits = 0  # calls to other services this request is waiting on now
 
     @property
     def sender(self) -> str:
@@ -110,6 +120,12 @@ class Request:
 
     def _is_cancelled(self) -> bool:
         return self._cancelled is not None and self._cancelled.is_set()
+
+    def _note_wait(self, delta: int) -> None:
+        """Told by the client (CALL_WAIT) when this request starts or stops waiting on another service."""
+        self._waits += delta
+        if (self._waits > 0) != (self.id in self._worker.waiting):
+            self._worker._set_waiting(self.id, self._waits > 0)
 
     async def emit(self, name: str, **data: Any) -> None:
         """Stream an event to the requester (and only to it)."""
@@ -178,10 +194,14 @@ class ServiceWorker:
         self._outbox_room.set()
         self._pump_scheduled = False
         self._rearm_scheduled = False
+        self._reconnecting = False
+        self.waiting: set[str] = set()  # requests whose handler waits on another service
+        self._beat_scheduled = False
 
     # -- connection ---------------------------------------------------------------------------
 
     def connect(self) -> None:
+        self._reconnecting = False
         self._close_socket()
         sock = zmq.Socket(self.zctx, zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -195,9 +215,15 @@ class ServiceWorker:
         self._fd = sock.FD
         self.loop.add_reader(self._fd, self._pump)
         self.last_broker_msg = time.monotonic()
+        # what it still runs: a new broker adopts them, the same broker keeps routing them
+        holding = [{"id": rid, "command": req.command, "client": req._client_frame}
+                   for rid, (_, req) in self.tasks.items() if not req._abandoned and req._client_frame]
         self._post(proto.encode(proto.control(Kind.READY, service=self.service, body={
-            "capacity": self.capacity, "version": __version__, "pid": os.getpid()})))
-        log.info("%s: READY sent to %s", self.identity.decode(), self.ctx.settings.broker_endpoint)
+            "capacity": self.capacity, "version": __version__, "pid": os.getpid(), "holding": holding})))
+        if self.waiting:
+            self._beat()
+        log.info("%s: READY sent to %s%s", self.identity.decode(), self.ctx.settings.broker_endpoint,
+                 f" (still running {len(holding)} request(s))" if holding else "")
 
     def _close_socket(self) -> None:
         if self.sock is not None:
@@ -309,12 +335,30 @@ class ServiceWorker:
         finally:
             self._close_socket()
 
+    def _beat(self) -> None:
+        body: dict[str, Any] = {"draining": True} if self.draining else {}
+        if self.waiting:
+            body["waiting"] = len(self.waiting)
+        self._post(proto.encode(proto.control(Kind.HEARTBEAT, service=self.service, body=body)))
+
+    def _set_waiting(self, req_id: str, waiting: bool) -> None:
+        if waiting:
+            self.waiting.add(req_id)
+        else:
+            self.waiting.discard(req_id)
+        if not self._beat_scheduled:  # one heartbeat per loop turn however many requests changed
+            self._beat_scheduled = True
+            self.loop.call_soon(self._changed_beat)
+
+    def _changed_beat(self) -> None:
+        self._beat_scheduled = False
+        self._beat()
+
     async def _heartbeat_loop(self) -> None:
         delay = RECONNECT_INITIAL
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
-            body = {"draining": True} if self.draining else {}
-            self._post(proto.encode(proto.control(Kind.HEARTBEAT, service=self.service, body=body)))
+            self._beat()
             silent = time.monotonic() - self.last_broker_msg
             if silent > HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS and not self.draining:
                 log.warning("%s: broker silent for %.1f s; reconnecting in %.1f s", self.service, silent, delay)
@@ -344,8 +388,12 @@ class ServiceWorker:
                     if req._started:  # a task cancelled before its first step would never run _serve
                         task.cancel()
             case Kind.DISCONNECT:
-                log.info("%s: broker asked us to re-register", self.service)
-                self.loop.call_soon(self.connect)  # not now: _pump is still reading the old socket
+                # A new broker answers each message of ours with one: re-register once. Not now: _pump is still
+                # reading the old socket; and not again, or the broker would see the fresh connection close.
+                if not self._reconnecting:
+                    log.info("%s: broker asked us to re-register", self.service)
+                    self._reconnecting = True
+                    self.loop.call_soon(self.connect)
             case Kind.ERROR:
                 log.warning("%s: broker error: %s", self.service, env.body)
             case _:
@@ -359,6 +407,7 @@ class ServiceWorker:
     async def _serve(self, req: Request) -> None:
         env = req.env
         req._started = True
+        CALL_WAIT.set(req._note_wait)  # this task's context (and its children's): see Client.call
         try:
             handler = self.handlers.get(env.command)
             if handler is None:
@@ -375,14 +424,21 @@ class ServiceWorker:
         except asyncio.CancelledError:
             req.cancelled.set()
             out = self._cancelled_error(env)
-        except Exception as e:  # a bug in a handler must not kill the worker; the caller learns what
-            ref = uuid.uuid4().hex[:8]
-            log.error("%s.%s failed (ref %s):\n%s", self.service, env.command, ref, traceback.format_exc())
-            code, message = explain_failure(self.service, env.command, e, ref)
-            out = proto.error_for(env, code, message, {"ref": ref})
+        except Exception as e:
+            if req._abandoned:  # the failure is the graceful stop's doing, not the request's
+                out = self._cancelled_error(env)
+            else:
+                ref = uuid.uuid4().hex[:8]
+                log.error("%s.%s failed (ref %s):\n%s", self.service, env.command, ref, traceback.format_exc())
+                code, message = explain_failure(self.service, env.command, e, ref)
+                out = proto.error_for(env, code, message, {"ref": ref})
         finally:
             self.tasks.pop(env.id, None)
+            if env.id in self.waiting:
+                self._set_waiting(env.id, False)
         self.served += 1
+        if req._abandoned:
+            return  # left to the broker (drain): it re-queues the request or says the worker restarted
         try:
             frame = proto.encode(out)
         except (TypeError, ValueError) as e:  # an unencodable reply body
@@ -415,12 +471,17 @@ class ServiceWorker:
         return proto.error_for(env, ErrorCode.CANCELLED, f"{self.service}.{env.command} was cancelled")
 
     async def drain(self, grace: float) -> None:
-        """Take no new work, give in-flight work ``grace`` seconds, then cancel what is left."""
+        """Take no new work, give in-flight work ``grace`` seconds, then stop what is left and leave it to
+        the broker (DISCONNECT): it runs a retry-safe request again on the next worker and answers the others
+        ``worker_lost`` ("restarted"), never ``cancelled``."""
         self.draining = True
-        self._post(proto.encode(proto.control(Kind.HEARTBEAT, service=self.service, body={"draining": True})))
+        self._beat()
         pending = [t for t, _ in self.tasks.values()]
         if pending:
             _, late = await asyncio.wait(pending, timeout=grace)
+            for _, req in list(self.tasks.values()):
+                req._abandoned = True
+                req.cancelled.set()  # handlers in threads poll it
             for t in late:
                 t.cancel()
             if late:

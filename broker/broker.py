@@ -4,8 +4,19 @@ Design notes (why, not what):
 - Requests are forwarded as the client's original payload frame, preceded by the client's
   identity frame, so the broker decodes each message once and never re-encodes a body.
 - Every request the broker accepts is tracked in ``pending`` until exactly one reply or
-  error has gone back: a dead worker's requests are re-dispatched when marked idempotent,
-  otherwise answered with ``worker_lost``; queued requests expire with ``unavailable``.
+  error has gone back: a dead or restarting worker's requests are re-queued when retry-safe
+  (``idempotent``, which proto sets per command) and the caller is told (a ``retrying``
+  event), otherwise answered with ``worker_lost``. A queued request waits
+  ``settings.service_wait_s`` for a worker, counted from when it was (re-)queued, and the
+  caller hears ``waiting`` events meanwhile (so silence timeouts do not fire); then
+  ``unavailable``.
+- Restarts are waited out: a worker that re-registers (after this broker restarted, or after
+  it lost its connection) lists the requests it is still running, and the broker adopts them,
+  so their answers still reach their callers.
+- Slots measure work: control commands (proto.CONTROL: status, help, inspect, trace, ...)
+  are dispatched past a worker's capacity and never queue behind long work, and requests a
+  worker reports as waiting on another service's answer (its heartbeats carry the count) do
+  not count against its capacity.
 - Queues are bounded; a full queue answers ``busy`` at once.
 - Sends use ROUTER_MANDATORY + DONTWAIT, so an unknown peer is an error we see
   (EHOSTUNREACH) rather than a silent drop.
@@ -51,8 +62,6 @@ from proto.roles import Role
 
 log = logging.getLogger("batos.broker")
 
-# A request waiting for a worker of a known service that has none yet gets this long.
-SERVICE_WAIT = 15.0
 BROKER_VERSION = "1.0"
 KNOWN_SERVICES = {s.value for s in proto.Service}
 # The receive timeout: how late housekeeping (heartbeats, expiry) and a stop request may run when idle.
@@ -62,6 +71,8 @@ _LAST = int(zmq.DONTWAIT)
 CLIENT_SWEEP_INTERVAL = 5.0  # how often idle client state is expired and freed heap returned
 LOG_BURST = 20  # warnings about bad input per LOG_WINDOW; the rest are counted, not logged
 LOG_WINDOW = 10.0
+WAITING_EVENT_INTERVAL = 5.0  # a request queued for a service with no worker hears `waiting` this often
+CONTROL_MAX = 64  # control requests one worker may hold beyond its capacity (a flood of `status` is bounded)
 
 
 def _malloc_trim() -> Callable[[], None]:
@@ -92,6 +103,13 @@ class Worker:
     served: int = 0
     fd: int = -1  # the connection its READY came on (-1: unknown)
     user: str = ""  # the Curve key it registered with ("" with Curve off)
+    control: int = 0  # how many of ``inflight`` are control requests (outside its capacity)
+    waiting: int = 0  # how many of ``inflight`` wait on another service (its last heartbeat said)
+    draining: bool = False  # shutting down: finishes what it holds, takes nothing new
+
+    def load(self) -> int:
+        """Slots in use: work requests that are not waiting on another service."""
+        return len(self.inflight) - self.control - self.waiting
 
 
 @dataclass(slots=True)
@@ -99,8 +117,10 @@ class Pending:
     env: EnvelopeHeader
     frame: bytes  # the original payload, forwarded as is
     client: bytes
-    queued_at: float
+    queued_at: float  # when it was queued or re-queued: what the wait for a worker counts from
     worker: bytes | None = None
+    control: bool = False  # proto.is_control: dispatched past capacity
+    told_waiting: float = 0.0  # when the caller last heard a `waiting` event
 
 
 @dataclass
@@ -111,6 +131,7 @@ class Stats:
     late_replies: int = 0  # replies/events for requests no longer pending
     busy: int = 0
     redispatched: int = 0
+    adopted: int = 0  # requests a re-registering worker was still running, kept routed
     worker_lost: int = 0
     unroutable: int = 0
     expired: int = 0
@@ -135,6 +156,7 @@ class Broker:
         self.workers: dict[bytes, Worker] = {}
         self.service_workers: dict[str, list[Worker]] = {}  # the same workers, by service, for dispatch
         self.queues: dict[str, deque[str]] = {}
+        self.control_queues: dict[str, deque[str]] = {}  # control requests, never behind work
         self.pending: dict[str, Pending] = {}
         self.clients: dict[bytes, ClientState] = {}
         self.next_client_sweep = time.monotonic() + CLIENT_SWEEP_INTERVAL
@@ -281,12 +303,11 @@ class Broker:
                     self.send(identity, proto.encode(proto.control(Kind.DISCONNECT)))
                 elif worker is not None and env.service:
                     try:
-                        draining = proto.decode_heartbeat(payload).draining
+                        beat = proto.decode_heartbeat(payload)
                     except proto.ProtocolError as e:
                         self.reject(identity, e)
                         return
-                    if draining:
-                        worker.capacity = 0  # shutting down: finish what it holds, take nothing new
+                    self.on_heartbeat(worker, beat)
             case Kind.CANCEL:
                 self.cancel(env.corr, identity, reason="cancelled by client")
             case Kind.DISCONNECT:
@@ -375,7 +396,8 @@ class Broker:
         if env.id in self.pending:
             self.reply_error(client, env, ErrorCode.BAD_ARGS, f"request id {env.id} is already in flight")
             return
-        queue = self.queues.setdefault(env.service, deque())
+        control = proto.is_control(env.service, env.command)
+        queue = (self.control_queues if control else self.queues).setdefault(env.service, deque())
         now = time.monotonic()
         state = self.clients.get(client)
         if state is None:
@@ -387,7 +409,7 @@ class Broker:
             self.reply_error(client, env, ErrorCode.BUSY,
                              f"service {env.service!r} queue is full ({len(queue)} waiting); retry later")
             return
-        self.pending[env.id] = Pending(env, payload, client, now)
+        self.pending[env.id] = Pending(env, payload, client, now, control=control, told_waiting=now)
         state.load += 1
         state.last_seen = now
         queue.append(env.id)
@@ -415,7 +437,10 @@ class Broker:
             return
         self.check_connections()  # a closed connection's descriptor may be reused by this one
         old = self.workers.get(identity)
-        if old is not None:  # the same worker re-announcing after a reconnect: its old requests are lost
+        kept: set[str] = set()
+        if old is not None:  # the same worker re-announcing after a reconnect: what it still runs is kept
+            kept = {h.id for h in body.holding} & old.inflight
+            old.inflight -= kept
             self.remove_worker(old)
         now = time.monotonic()
         fd = -1
@@ -431,8 +456,52 @@ class Broker:
             registered_at=time.time(), last_seen=now, fd=fd, user=self.access.user(self.frame))
         self.workers[identity] = worker
         self.service_workers.setdefault(env.service, []).append(worker)
-        log.info("worker %r registered for %s", identity, env.service)
+        adopted = self.adopt(worker, body.holding, kept, now)
+        log.info("worker %r registered for %s%s", identity, env.service,
+                 f", still running {adopted} request(s)" if adopted else "")
         self.dispatch(env.service)
+
+    def adopt(self, worker: Worker, holding: list[proto.HeldRequest], kept: set[str], now: float) -> int:
+        """Route the answers of requests a re-registering worker is still running (a broker restart, a
+        reconnect); a copy the caller re-sent meanwhile and that still waits in a queue is dropped."""
+        n = 0
+        for held in holding:
+            pending = self.pending.get(held.id)
+            if held.id in kept and pending is not None:
+                pass  # this broker already routes it to this worker
+            elif pending is None:
+                self.stats.adopted += 1
+                state = self.clients.get(held.client)
+                if state is None:
+                    state = self.clients[held.client] = ClientState(now)
+                state.load += 1
+                header = EnvelopeHeader(v=proto.PROTOCOL_VERSION, id=held.id, kind=Kind.REQUEST,
+                                        service=worker.service, command=held.command, idempotent=False)
+                # no payload to hand another worker: if this one dies too, the request is lost (worker_lost)
+                pending = self.pending[held.id] = Pending(header, b"", held.client, now)
+            elif pending.worker is None and pending.client == held.client and pending.env.service == worker.service:
+                queue = (self.control_queues if pending.control else self.queues).get(worker.service)
+                if queue is not None and held.id in queue:
+                    queue.remove(held.id)
+            else:
+                continue  # another worker holds it now: this one's answer will be late and ignored
+            pending.worker = worker.identity
+            worker.inflight.add(held.id)
+            if pending.control:
+                worker.control += 1
+            n += 1
+        return n
+
+    def on_heartbeat(self, worker: Worker, beat: proto.HeartbeatBody) -> None:
+        if beat.draining:
+            worker.draining = True  # shutting down: finish what it holds, take nothing new
+            worker.capacity = 0
+        waiting = min(beat.waiting, len(worker.inflight) - worker.control)
+        if waiting != worker.waiting:
+            freed = waiting > worker.waiting
+            worker.waiting = waiting
+            if freed:
+                self.dispatch(worker.service)
 
     def on_worker_output(self, identity: bytes, worker: Worker | None, env: EnvelopeHeader, payload: bytes) -> None:
         if worker is None:
@@ -448,7 +517,7 @@ class Broker:
             self.send_client(pending, payload)
             return
         self.finish(env.corr)
-        worker.inflight.discard(env.corr)
+        self.release(worker, env.corr, pending)
         worker.served += 1
         self.send_client(pending, payload)
         self.dispatch(worker.service)
@@ -456,9 +525,16 @@ class Broker:
     # -- dispatch ---------------------------------------------------------------------------
 
     def dispatch(self, service: str) -> None:
+        control = self.control_queues.get(service)
+        if control:
+            self._dispatch(control, service, self.least_busy)
         queue = self.queues.get(service)
+        if queue:
+            self._dispatch(queue, service, self.least_loaded)
+
+    def _dispatch(self, queue: deque[str], service: str, pick: Callable[[str], Worker | None]) -> None:
         while queue:
-            worker = self.least_loaded(service)
+            worker = pick(service)
             if worker is None:
                 return
             req_id = queue.popleft()
@@ -471,16 +547,33 @@ class Broker:
                 continue
             pending.worker = worker.identity
             worker.inflight.add(req_id)
+            if pending.control:
+                worker.control += 1
 
     def least_loaded(self, service: str) -> Worker | None:
-        """The worker with room and the fewest requests in flight (then the fewest served)."""
+        """The worker with a free slot and the fewest in use (then the fewest served)."""
+        best: Worker | None = None
+        best_n = 0
+        for w in self.service_workers.get(service, ()):
+            n = len(w.inflight) - w.control - w.waiting
+            if n < w.capacity and (best is None or n < best_n or (n == best_n and w.served < best.served)):
+                best, best_n = w, n
+        return best
+
+    def least_busy(self, service: str) -> Worker | None:
+        """For a control request: any worker that is not shutting down, however full its slots."""
         best: Worker | None = None
         for w in self.service_workers.get(service, ()):
-            n = len(w.inflight)
-            if n < w.capacity and (best is None or n < len(best.inflight)
-                                   or (n == len(best.inflight) and w.served < best.served)):
+            if not w.draining and w.control < CONTROL_MAX and (best is None or w.load() < best.load()):
                 best = w
         return best
+
+    def release(self, worker: Worker, req_id: str, pending: Pending) -> None:
+        if req_id in worker.inflight:
+            worker.inflight.discard(req_id)
+            if pending.control:
+                worker.control -= 1
+            worker.waiting = min(worker.waiting, len(worker.inflight) - worker.control)
 
     def remove_worker(self, worker: Worker) -> None:
         if self.workers.get(worker.identity) is worker:
@@ -488,44 +581,67 @@ class Broker:
         peers = self.service_workers.get(worker.service, [])
         if worker in peers:
             peers.remove(worker)
-        queue = self.queues.setdefault(worker.service, deque())
+        now = time.monotonic()
+        how = "restarted" if worker.draining else "died"
         for req_id in sorted(worker.inflight, key=lambda r: self.pending[r].queued_at if r in self.pending else 0,
                              reverse=True):
             pending = self.pending.get(req_id)
             if pending is None:
                 continue
-            if pending.env.idempotent:
+            if pending.env.idempotent and pending.frame:
+                # safe to run again: it waits for the next worker, its wait counted from now
                 self.stats.redispatched += 1
                 pending.worker = None
+                pending.queued_at = now
+                queue = (self.control_queues if pending.control else self.queues).setdefault(worker.service, deque())
                 queue.appendleft(req_id)
+                self.tell(pending, "retrying", f"the {worker.service} worker handling this request {how}; "
+                          f"it will run again on the next {worker.service} worker (partial output is void)")
             else:
                 self.stats.worker_lost += 1
                 self.fail(req_id, ErrorCode.WORKER_LOST,
-                          f"the {worker.service} worker handling this request died; it was not retried "
-                          "because it is not idempotent")
+                          f"the {worker.service} worker handling this request {how} before it finished; it was "
+                          f"not run again because {worker.service}.{pending.env.command} is not safe to repeat. "
+                          "Check its effect, then run it again if needed")
         worker.inflight.clear()
+        worker.control = worker.waiting = 0
         self.dispatch(worker.service)
 
+    def tell(self, pending: Pending, name: str, message: str) -> None:
+        """An event from the broker itself to the caller of ``pending`` (a sign of life, and the reason)."""
+        pending.told_waiting = time.monotonic()
+        env = pending.env
+        self.send(pending.client, proto.encode(proto.Envelope(
+            v=proto.PROTOCOL_VERSION, id=proto.new_id(), kind=Kind.EVENT, service=env.service, command=env.command,
+            corr=env.id, body={"event": name, "source": "broker", "message": message})))
+
     def expire_queued(self, now: float) -> None:
-        for service, queue in self.queues.items():
-            if not queue or self.service_workers.get(service):
-                continue
-            while queue:
-                pending = self.pending.get(queue[0])
-                if pending is not None and now - pending.queued_at < SERVICE_WAIT:
-                    break
-                req_id = queue.popleft()
-                if pending is not None:
-                    self.stats.expired += 1
-                    self.fail(req_id, ErrorCode.UNAVAILABLE,
-                              f"no {service} worker registered within {SERVICE_WAIT:.0f} s; is it running?")
+        """Requests for a service with no worker: expire those past the wait, tell the rest they wait."""
+        wait = self.settings.service_wait_s
+        for queues in (self.queues, self.control_queues):
+            for service, queue in queues.items():
+                if not queue or any(not w.draining for w in self.service_workers.get(service, ())):
+                    continue
+                for req_id in list(queue):
+                    pending = self.pending.get(req_id)
+                    if pending is None:
+                        queue.remove(req_id)
+                    elif now - pending.queued_at >= wait:
+                        queue.remove(req_id)
+                        self.stats.expired += 1
+                        self.fail(req_id, ErrorCode.UNAVAILABLE,
+                                  f"no {service} worker came within {wait:g} s (settings.service_wait_s); "
+                                  f"is the program serving {service} running? `make status` shows it")
+                    elif now - pending.told_waiting >= WAITING_EVENT_INTERVAL:
+                        self.tell(pending, "waiting", f"waiting for a {service} worker (restarting?); "
+                                  f"{wait - (now - pending.queued_at):.0f} s left")
 
     def cancel(self, req_id: str, client: bytes, reason: str) -> None:
         pending = self.pending.get(req_id)
         if pending is None or pending.client != client:
             return
         if pending.worker is None:
-            queue = self.queues.get(pending.env.service)
+            queue = (self.control_queues if pending.control else self.queues).get(pending.env.service)
             if queue is not None and req_id in queue:
                 queue.remove(req_id)
             self.fail(req_id, ErrorCode.CANCELLED, reason)
@@ -551,7 +667,7 @@ class Broker:
         pending = self.finish(req_id)
         if pending is not None:
             if pending.worker is not None and pending.worker in self.workers:
-                self.workers[pending.worker].inflight.discard(req_id)
+                self.release(self.workers[pending.worker], req_id, pending)
             self.send(pending.client, proto.encode(proto.error_for(pending.env, code, message)))
 
     def reply_error(self, client: bytes, env: EnvelopeHeader, code: ErrorCode, message: str) -> None:
@@ -624,13 +740,15 @@ class Broker:
                 "last_seen_s": round(now - w.last_seen, 2),
                 "alive": now - w.last_seen <= HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS,
                 "inflight": len(w.inflight),
+                "waiting_on_others": w.waiting,
                 "capacity": w.capacity,
                 "served": w.served,
             })
         return {
             "broker": {"version": BROKER_VERSION, "uptime_s": round(time.time() - self.started, 1),
                        "pending": len(self.pending),
-                       "queued": {s: len(q) for s, q in self.queues.items() if q},
+                       "queued": {s: n for s in {*self.queues, *self.control_queues}
+                                  if (n := len(self.queues.get(s, ())) + len(self.control_queues.get(s, ())))},
                        "stats": self.stats.as_dict()},
             "services": services,
         }

@@ -127,16 +127,30 @@ class EnvelopeHeader(msgspec.Struct, kw_only=True):
     idempotent: bool = False
 
 
+class HeldRequest(msgspec.Struct, kw_only=True):
+    """A request a (re-)registering worker is still running: the broker keeps routing its answer."""
+
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
+    command: Name = ""
+    client: Annotated[bytes, msgspec.Meta(min_length=1, max_length=255)]  # the requester's routing identity
+    idempotent: bool = False
+
+
 class ReadyBody(msgspec.Struct, kw_only=True):
     """What a worker announces in READY; typed so a hostile READY is refused, not crashed on."""
 
     capacity: Annotated[int, msgspec.Meta(ge=0, le=MAX_WORKER_CAPACITY)] | None = None
     version: Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)] = ""
     pid: Annotated[int, msgspec.Meta(ge=0, le=2**31)] = 0
+    # requests it was running when it lost its broker (a broker restart): the new broker adopts them
+    holding: Annotated[list[HeldRequest], msgspec.Meta(max_length=MAX_WORKER_CAPACITY * 100)] = msgspec.field(
+        default_factory=list)
 
 
 class HeartbeatBody(msgspec.Struct, kw_only=True):
     draining: bool = False
+    # how many of the worker's requests are waiting on another service's answer: they hold no slot
+    waiting: Annotated[int, msgspec.Meta(ge=0, le=MAX_WORKER_CAPACITY * 100)] = 0
 
 
 class _ReadyFrame(msgspec.Struct):
@@ -277,19 +291,54 @@ def _explain(frame: bytes) -> Envelope:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"invalid envelope: {_short(e)}", partial) from None
 
 
+# -- what each command may do across a restart, and which commands never wait for a slot -------
+#
+# The one place that says so. ``retry_safe``: running the command twice does no harm (a read, or a
+# write that lands the same state again: memory's writes are keyed by file and content hash, an
+# ingest skips unchanged files, an LLM call of a cycle step is simply asked again and its partial
+# output discarded). A request for one of these carries ``idempotent=True`` (set by :func:`request`),
+# so the broker hands it to the next worker when its worker dies or restarts, and the client sends
+# it again when the broker itself restarted. ``control``: cheap commands that must answer while a
+# service's slots are all busy; the broker dispatches them past its capacity.
+
+_ANY = "*"  # every service: the worker runtime's own commands
+RETRY_SAFE: frozenset[tuple[str, str]] = frozenset({
+    (_ANY, "ping"), (_ANY, "status"),
+    *(("kernel", c) for c in ("search", "inspect", "stats", "trace", "help", "ingest", "verify", "audit", "watch")),
+    *(("memory", c) for c in ("search", "get", "inspect", "children", "stats", "file_hashes", "blob_get",
+                              "audit_offset", "query_fractals", "verify", "replace_file", "replace_files",
+                              "create_chunks", "create_fractals", "delete_file")),
+    ("ingest", "ingest"), ("ingest", "chunk"),
+    *(("llm", c) for c in ("generate", "action", "count_tokens", "adapters", "info")),
+})
+CONTROL: frozenset[tuple[str, str]] = frozenset({
+    (_ANY, "ping"), (_ANY, "status"),
+    *(("kernel", c) for c in ("help", "inspect", "trace", "cancel", "stats", "watch")),
+})
+
+
+def retry_safe(service: str, command: str) -> bool:
+    return (service, command) in RETRY_SAFE or (_ANY, command) in RETRY_SAFE
+
+
+def is_control(service: str, command: str) -> bool:
+    return (service, command) in CONTROL or (_ANY, command) in CONTROL
+
+
 # -- constructors: every message in the system is made by one of these ---------------------
 
 
 def request(
     service: str, command: str, body: dict[str, Any] | None = None, *, idempotent: bool = False, id: str = ""
 ) -> Envelope:
+    """``idempotent``: the caller vouches for a command proto does not list (an extension service's)."""
     return Envelope(
         v=PROTOCOL_VERSION,
         id=id or new_id(),
         kind=Kind.REQUEST,
         service=service,
         command=command,
-        idempotent=idempotent,
+        idempotent=idempotent or retry_safe(service, command),
         body=body or {},
     )
 

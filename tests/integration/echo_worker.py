@@ -40,6 +40,12 @@ async def big(req: Request) -> dict:
     return {"data": b"x" * req.arg("size", int, 1024), "pid": os.getpid()}
 
 
+async def relay(req: Request) -> dict:
+    """Wait on another service, as the kernel waits on memory: the wait must not hold this worker's slot."""
+    reply = await req.client.call(req.arg("service", str), "echo", {"via": os.getpid()}, timeout=60)
+    return {"relayed": reply, "pid": os.getpid()}
+
+
 class ClientDisconnected(Exception):
     """Named like ZEO's: the runtime recognises the class name, as it does for the real one."""
 
@@ -53,5 +59,5 @@ async def fail(req: Request) -> dict:
 
 if __name__ == "__main__":
     run_service(os.environ.get("BATOS_TEST_SERVICE", "echo"),
-                {"echo": echo, "slow": slow, "spin": spin, "big": big, "fail": fail},
+                {"echo": echo, "slow": slow, "spin": spin, "big": big, "fail": fail, "relay": relay},
                 capacity=int(os.environ.get("BATOS_TEST_CAPACITY", "4")))

@@ -140,20 +140,111 @@ async def test_malformed_flood_leaves_broker_serving(system):
 
 
 async def test_broker_restart_is_survived(system):
+    """kill -9 of the broker mid-request: the worker hands what it still runs to the new broker on
+    re-registering, so the request completes instead of failing (issue 14: restarts are waited out)."""
     broker = system.start_broker(**EXTRA)
-    system.start_test_worker("echo")
+    worker = system.start_test_worker("echo")
     endpoint = system.endpoint
     async with Client(system.settings) as c:
         await system.wait_registered(c, {"echo": 1})
-        call = await c.start_call("echo", "slow", {"steps": 50, "delay": 0.1})
+        call = await c.start_call("echo", "slow", {"steps": 50, "delay": 0.1})  # not retry-safe
         await asyncio.wait_for(anext(call.events()), 10)
         broker.kill()
         system.start_broker(endpoint, **EXTRA)
-        with pytest.raises(ServiceError) as e:
-            await asyncio.wait_for(call.result(), 20)
-        assert e.value.code == proto.ErrorCode.UNAVAILABLE
-        await system.wait_registered(c, {"echo": 1}, timeout=20)
+        result = await asyncio.wait_for(call.result(), 30)
+        assert result == {"done": 50, "pid": worker.pid}
+        stats = (await c.call("broker", "workers"))["broker"]["stats"]
+        assert stats["adopted"] == 1  # (events sent before it re-registered were lost: late_replies)
         assert (await c.call("echo", "echo", {"again": True}))["echo"] == {"again": True}
+
+
+async def streaming_call(c: Client, *, steps: int, idempotent: bool, timeout: float,
+                         after_events: int) -> tuple[asyncio.Task, list[dict]]:
+    """An echo.slow call (an event every 0.1 s) running in a task, once ``after_events`` events came."""
+    seen: list[dict] = []
+    call = asyncio.create_task(c.call("echo", "slow", {"steps": steps, "delay": 0.1}, on_event=seen.append,
+                                      idempotent=idempotent, timeout=timeout))
+    while len(seen) < after_events:
+        await asyncio.sleep(0.05)
+    return call, seen
+
+
+async def test_retry_safe_request_waits_for_the_next_worker(system):
+    """A worker killed mid-request, none other running: a retry-safe request is re-queued, its caller is
+    told, and it completes on the worker that comes back; the wait counts from the re-queue (here the
+    whole call outlasts service_wait_s, the wait after the re-queue does not)."""
+    system.start_broker(BATOS_SERVICE_WAIT_S="4", **EXTRA)
+    first = system.start_test_worker("echo", name="first")
+    async with Client(system.settings) as c:
+        await system.wait_registered(c, {"echo": 1})
+        call, seen = await streaming_call(c, steps=40, idempotent=True, timeout=10, after_events=30)  # 3 s in
+        first.signal(signal.SIGKILL)
+        await asyncio.sleep(2.0)
+        second = system.start_test_worker("echo", name="second")
+        result = await asyncio.wait_for(call, 30)
+        assert result == {"done": 40, "pid": second.pid}
+        retry = [e for e in seen if e.get("event") == "retrying"]
+        assert len(retry) == 1 and retry[0]["source"] == "broker" and "died" in retry[0]["message"]
+        assert [e["i"] for e in seen[seen.index(retry[0]) + 1:]] == list(range(40))  # the whole step again
+
+
+@pytest.mark.parametrize("idempotent", [True, False])
+async def test_graceful_restart_is_never_reported_as_cancelled(system, idempotent):
+    """SIGTERM (supervisorctl restart): after the drain grace, unfinished work goes back to the broker, which
+    runs a retry-safe request on the next worker and says `worker_lost` (restarted) for the others."""
+    system.start_broker(**EXTRA)
+    first = system.start_test_worker("echo", name="first")
+    async with Client(system.settings) as c:
+        await system.wait_registered(c, {"echo": 1})
+        call, seen = await streaming_call(c, steps=100, idempotent=idempotent, timeout=30, after_events=1)
+        first.signal(signal.SIGTERM)
+        second = system.start_test_worker("echo", name="second")
+        if idempotent:
+            result = await asyncio.wait_for(call, 60)
+            assert result["pid"] == second.pid
+            assert any(e.get("event") == "retrying" and "restarted" in e["message"] for e in seen)
+        else:
+            with pytest.raises(ServiceError) as e:
+                await asyncio.wait_for(call, 60)
+            assert e.value.code == proto.ErrorCode.WORKER_LOST and "restarted" in e.value.message
+        assert first.popen.wait(10) == 0  # the drain ended cleanly
+
+
+async def test_control_commands_never_queue_behind_work(system):
+    """A worker's slots all busy: `status` (proto.CONTROL) is answered at once; ordinary work queues."""
+    system.start_broker(**EXTRA)
+    system.start_test_worker("echo", BATOS_TEST_CAPACITY="1")
+    async with Client(system.settings) as c:
+        await system.wait_registered(c, {"echo": 1})
+        slow = asyncio.create_task(c.call("echo", "slow", {"steps": 40, "delay": 0.1}))
+        await asyncio.sleep(0.5)
+        status = await c.call("echo", "status", timeout=2.0)
+        assert status["inflight"] == 2 and not slow.done()  # the slow request and this status
+        queued = asyncio.create_task(c.call("echo", "echo", {"n": 1}))
+        await asyncio.sleep(0.5)
+        assert not queued.done()  # capacity still bounds work
+        assert (await slow)["done"] == 40
+        assert (await queued)["echo"] == {"n": 1}
+
+
+async def test_waiting_on_a_dead_neighbour_holds_no_slot(system):
+    """The kernel's case: its request waits on memory, which is down. The wait holds no slot, so other work
+    and control commands go on; the relayed request completes when the neighbour comes back."""
+    system.start_broker(BATOS_EXTRA_SERVICES="echo,neighbour")
+    system.start_test_worker("echo", BATOS_TEST_CAPACITY="1")
+    async with Client(system.settings) as c:
+        await system.wait_registered(c, {"echo": 1})
+        seen: list[dict] = []
+        relays = [asyncio.create_task(c.call("echo", "relay", {"service": "neighbour"}, on_event=seen.append,
+                                             timeout=30)) for _ in range(3)]
+        await asyncio.sleep(1.0)
+        assert not any(r.done() for r in relays)
+        assert (await c.call("echo", "echo", {"n": 2}, timeout=3.0))["echo"] == {"n": 2}
+        table = await c.call("broker", "workers")
+        assert table["services"]["echo"][0]["waiting_on_others"] == 3
+        neighbour = system.start_test_worker("neighbour")
+        for r in relays:
+            assert (await asyncio.wait_for(r, 30))["relayed"]["pid"] == neighbour.pid
 
 
 async def test_busy_when_queue_full(system):
