@@ -113,12 +113,9 @@ class Settings(BaseSettings):
     forge_threshold: int = 5  # new SUCCESS cycles per persona before curation
     forge_program: str = "forge"  # the supervisord program the steward restarts around training
     forge_train_timeout: float = 21600.0  # the steward kills a training run after this long
-    # after training, how long the kernel waits for the new adapter: the restarted worker loads the model, then
-    # judges and activates the adapter
+    # after training, how long the steward waits for the new adapter's decision: the restarted worker loads the
+    # model, then judges and activates the adapter
     forge_incarnation_grace: float = 300.0
-    # how long the kernel waits for the steward to take an instruction: it polls every 0.5 s, so minutes without
-    # a pickup means it is not running
-    forge_pickup_timeout: float = 300.0
     sandbox_timeout: float = 10.0
     sandbox_memory_mb: int = 512
 
@@ -129,7 +126,7 @@ class Settings(BaseSettings):
     watch_keepalive_s: float = 15.0  # an event this often on a quiet watch: clients time out on silence
     watch_worker_poll_s: float = 2.0  # how often the broker's worker table is compared, while anyone watches
 
-    supervisor_url: str = ""  # steward: unix:///.../supervisor.sock by default
+    supervisor_url: str = ""  # steward and batos.ctl: unix://<var_dir>/supervisor.sock by default
 
     @cached_property
     def log_dir(self) -> Path:
@@ -140,8 +137,9 @@ class Settings(BaseSettings):
         return self.var_dir / "metacognition.jsonl"
 
     @property
-    def upgrade_channel(self) -> Path:
-        return self.var_dir / "upgrade_channel"
+    def steward_dir(self) -> Path:
+        """The steward's private state (its runs, the run in flight); no other process reads it."""
+        return self.var_dir / "steward"
 
     @property
     def lora_dir(self) -> Path:

@@ -16,8 +16,7 @@ import time
 import xmlrpc.client
 from pathlib import Path
 
-from supervisor.xmlrpc import SupervisorTransport
-
+from batos import supervisor_rpc
 from batos.client import Client
 from batos.config import REPO_ROOT, Settings, load
 from batos.errors import ServiceError
@@ -25,26 +24,23 @@ from batos.errors import ServiceError
 CONF = REPO_ROOT / "supervisord.conf"
 PROGRAMS = ("zeo", "broker", "memory_weaver", "ingestor", "forge", "kernel", "steward")
 # the services each worker program registers with the broker
-REGISTERS = {"memory_weaver": ["memory"], "ingestor": ["ingest"], "forge": ["llm", "forge"], "kernel": ["kernel"]}
+REGISTERS = {"memory_weaver": ["memory"], "ingestor": ["ingest"], "forge": ["llm", "forge"], "kernel": ["kernel"],
+             "steward": ["steward"]}
 UP_TIMEOUT = 240.0  # first start converts nothing (make setup did) but loads two models on 2 cores
 
 
 def supervisor(settings: Settings) -> xmlrpc.client.ServerProxy:
-    url = f"unix://{settings.var_dir / 'supervisor.sock'}"
-    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=SupervisorTransport(None, None, url))
+    return supervisor_rpc.proxy(supervisor_rpc.url_for(settings))
 
 
 def supervisor_running(settings: Settings) -> bool:
-    try:
-        return supervisor(settings).supervisor.getState()["statename"] == "RUNNING"
-    except (OSError, xmlrpc.client.Fault):
-        return False
+    return supervisor_rpc.running(supervisor_rpc.url_for(settings))
 
 
 def prepare_var(settings: Settings) -> None:
     from services.memory_weaver.zeo_conf import write_zeo_conf
 
-    for d in (settings.var_dir, settings.log_dir, settings.upgrade_channel, settings.lora_dir):
+    for d in (settings.var_dir, settings.log_dir, settings.lora_dir):
         d.mkdir(parents=True, exist_ok=True)
     # owner-only (issue 13): the image, audit log, logs and keys live under var/; supervisord's umask=077
     # makes what the programs create there 0600 / 0700

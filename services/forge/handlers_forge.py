@@ -2,14 +2,15 @@
 
 Commands:
   run {persona, mission_type?, epochs=1, max_steps=-1, generate_script=true, cycle_id?, format_prompts=4}
-      curation -> BRICK's script (or the template) -> an instruction in the upgrade channel. Streams
-      ``progress`` events (stage curation | script | upgrade_requested) and returns at once with
-      {instruction_id, log_path, ...}: the steward is about to stop this very process, so the caller follows
-      ``<upgrade_channel>/<instruction_id>.log.jsonl`` (started, stopped, progress, finished, incarnated).
+      curation -> BRICK's script (or the template) -> the steward's instruction. Streams ``progress`` events
+      (stage curation | script | upgrade_requested) and replies with {instruction_id, instruction, ...}: the
+      caller (the kernel) hands ``instruction`` to steward ``upgrade``, which stops this very process, trains,
+      starts it again and streams the run's events. The instruction carries the script, its config and the
+      dataset: nothing is passed through files.
   curate {persona, mission_type?, cap?, eval_percent?}: the dataset only -> {counts, dataset}.
-  history {}: ALFRED's audit of the history, without dispatching -> {counts, due, since, busy}.
+  history {}: ALFRED's audit of the history (the steward's record + memory's fractals) -> {counts, due, ...}.
 
-``startup`` incarnates new adapters in the background (services/forge/incarnation.py).
+``startup`` incarnates new LoRA experts from the Living Image in the background (services/forge/incarnation.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import shutil
+import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -30,9 +31,9 @@ import proto
 from batos import personas
 from batos.config import MEMORY_TIMEOUT
 from batos.errors import ServiceError
+from batos.image import Image
 from batos.worker import Context, Request
 from services.forge import curation, history_audit, incarnation, training_script
-from services.forge.steward import Instruction, all_instructions, log_path, write_instruction
 
 log = logging.getLogger("batos.forge")
 
@@ -44,15 +45,13 @@ MAX_CYCLES = 2_000  # cycles whose full event lists are fetched for one curation
 CYCLE_QUERY_CONCURRENCY = 8
 SCRIPT_MAX_TOKENS = 700  # a complete training script; BRICK on CPU needs about a minute for it
 INCARNATION_RETRY_S = (5, 10, 20, 40, 60, 60, 60, 60, 60, 60)  # memory/kernel may start after us
-INCARNATION_TASK = "forge_incarnation"  # ctx.state key
+INCARNATION_TASK = "forge_incarnation"  # ctx.state keys
+IMAGE = "forge_image"
+STEWARD_STATUS_TIMEOUT = 10.0
 
 
 def _stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-
-
-def runs_dir(settings: Any) -> Path:
-    return Path(settings.var_dir) / "forge_runs"
 
 
 # -- curation against the memory service --------------------------------------------------------------
@@ -116,36 +115,30 @@ def brick_generator(call: Call, timeout: float) -> training_script.Generate:
     return generate
 
 
-def busy_personas(channel: Path) -> set[str]:
-    return {str(i.get("persona", "")).upper() for i in all_instructions(channel) if i["state"] != "done"}
-
-
-def new_output_dir(lora_dir: Path, persona: str) -> Path:
-    base = lora_dir / f"{persona.lower()}_{_stamp()}"
-    out, n = base, 1
-    while out.exists():  # two forges in one second
-        n += 1
-        out = base.with_name(f"{base.name}_{n}")
-    return out
+async def busy_personas(call: Call) -> set[str]:
+    """Personas the steward is forging now; empty when it does not answer (it refuses a second run itself)."""
+    try:
+        status = await asyncio.wait_for(call("steward", "status", {}), STEWARD_STATUS_TIMEOUT)
+    except (ServiceError, TimeoutError):
+        return set()
+    return {str(p).upper() for p in status.get("busy") or []}
 
 
 async def prepare_forge(settings: Any, call: Call, emit: Emit, *, persona: str, mission_type: str | None = None,
                         epochs: int = 1, max_steps: int = -1, generate: training_script.Generate | None = None,
-                        previous_adapter: str | None = None, cycle_id: str | None = None,
+                        previous_expert: str | None = None, cycle_id: str | None = None,
                         format_prompts: int = 4, eval_max_new_tokens: int | None = None,
                         logging_steps: int | None = None) -> dict[str, Any]:
-    """Curate, produce the script, publish the steward instruction; returns what the caller follows."""
-    channel = Path(settings.upgrade_channel)
-    if persona in busy_personas(channel):
-        raise ServiceError(proto.ErrorCode.BUSY, f"a forge of {persona} is already pending or running")
+    """Curate, produce the script; returns the steward's instruction (the dataset and script inline)."""
+    if persona in await busy_personas(call):
+        raise ServiceError(proto.ErrorCode.BUSY, f"a forge of {persona} is already running")
     instruction_id = f"{persona.lower()}-{_stamp()}-{uuid.uuid4().hex[:6]}"
-    run_dir = runs_dir(settings) / instruction_id
-
-    result, dataset = await curate_dataset(call, persona, mission_type, run_dir)
+    with tempfile.TemporaryDirectory(prefix="forge-dataset-") as tmp:
+        result, dataset = await curate_dataset(call, persona, mission_type, Path(tmp))
+        files = {path.name: path.read_text(encoding="utf-8") for path in (dataset.train_path, dataset.eval_path)}
     counts = result.counts()
     await emit("progress", stage="curation", done=1, total=3, persona=persona, mission_type=mission_type, **counts)
     if not result.train:
-        shutil.rmtree(run_dir, ignore_errors=True)
         raise ServiceError(proto.ErrorCode.REJECTED,
                            f"no golden-path examples for {persona}"
                            f"{' on ' + mission_type if mission_type else ''}: {json.dumps(counts)}")
@@ -158,34 +151,24 @@ async def prepare_forge(settings: Any, call: Call, emit: Emit, *, persona: str, 
         config = training_script.build_config(
             base=base, persona=persona, dataset={**dataset.describe(), "train_ids": dataset.train_ids,
                                                  "eval_ids": dataset.eval_ids},
-            output_dir=new_output_dir(Path(settings.lora_dir), persona), epochs=epochs, max_steps=max_steps,
-            logging_steps=logging_steps, previous_adapter=previous_adapter,
+            output_dir=Path("adapter"), epochs=epochs, max_steps=max_steps,  # the steward sets the paths
+            logging_steps=logging_steps, previous_adapter=None,
             evaluation={"max_format_prompts": format_prompts, "max_new_tokens": eval_max_new_tokens})
     except training_script.ForgeConfigError as e:
         raise ServiceError(proto.ErrorCode.BAD_ARGS, str(e)) from e
 
     choice = await training_script.produce_script(generate, config)
     config.update(instruction_id=instruction_id, cycle_id=cycle_id, origin=choice.origin)
-    script_path = run_dir / ("train_generated.py" if choice.origin == "generated" else "train_template.py")
-    script_path.write_text(choice.source, encoding="utf-8")
-    config["script_path"] = str(script_path)
-    config_path = run_dir / "config.json"
-    config_path.write_text(json.dumps(config, indent=1), encoding="utf-8")
-    (run_dir / "script_choice.json").write_text(json.dumps(choice.describe(), indent=1), encoding="utf-8")
-    await emit("progress", stage="script", done=2, total=3, script_path=str(script_path), **choice.describe())
-
-    instruction = Instruction(
-        id=instruction_id, persona=persona, script_path=str(script_path), config_path=str(config_path),
-        output_dir=config["output_dir"], program=settings.forge_program,
-        dataset=dataset.describe(), origin=choice.origin,
-        timeout_s=settings.forge_train_timeout)
-    write_instruction(channel, instruction)
-    follow = log_path(channel, instruction_id)
-    await emit("progress", stage="upgrade_requested", done=3, total=3, instruction_id=instruction_id,
-               log_path=str(follow))
-    return {"instruction_id": instruction_id, "log_path": str(follow), "dataset": dataset.describe(),
-            "counts": counts, "script_path": str(script_path), "config_path": str(config_path),
-            "output_dir": config["output_dir"], "script": choice.describe()}
+    for key in ("train_path", "eval_path", "output_dir"):  # this host's temp paths mean nothing to the steward
+        config.pop(key, None)
+    await emit("progress", stage="script", done=2, total=3, **choice.describe())
+    instruction = {"id": instruction_id, "persona": persona, "script": choice.source, "config": config,
+                   "files": files, "program": settings.forge_program, "origin": choice.origin,
+                   "timeout_s": settings.forge_train_timeout, "previous_expert": previous_expert}
+    await emit("progress", stage="upgrade_requested", done=3, total=3, instruction_id=instruction_id)
+    described = {k: v for k, v in dataset.describe().items() if not k.endswith("_path")}
+    return {"instruction_id": instruction_id, "instruction": instruction, "dataset": described,
+            "counts": counts, "script": choice.describe()}
 
 
 # -- handlers -------------------------------------------------------------------------------------------
@@ -217,12 +200,12 @@ async def handle_run(req: Request) -> dict[str, Any]:
     generate = None
     if req.arg("generate_script", bool, True):
         generate = brick_generator(_caller(req, settings.llm_request_timeout), settings.llm_request_timeout)
-    previous = (_active_adapter(req.ctx, persona) or {}).get("path")
+    previous = ((_active_adapter(req.ctx, persona) or {}).get("meta") or {}).get("expert")
     try:
         return await prepare_forge(
             settings, _caller(req), req.emit, persona=persona, mission_type=req.arg("mission_type", str, None),
             epochs=req.arg("epochs", int, 1), max_steps=req.arg("max_steps", int, -1), generate=generate,
-            previous_adapter=previous, cycle_id=req.arg("cycle_id", str, None),
+            previous_expert=previous, cycle_id=req.arg("cycle_id", str, None),
             format_prompts=req.arg("format_prompts", int, 4), logging_steps=req.arg("logging_steps", int, None))
     except curation.CurationError as e:
         raise ServiceError(proto.ErrorCode.INTERNAL, f"curation failed: {e}") from e
@@ -244,7 +227,7 @@ async def handle_curate(req: Request) -> dict[str, Any]:
 
 
 async def handle_history(req: Request) -> dict[str, Any]:
-    report = await history_audit.audit_cognitive_history(_caller(req), req.ctx.settings, dispatch=None)
+    report = await history_audit.audit_cognitive_history(_caller(req), int(req.ctx.settings.forge_threshold))
     return report.describe()
 
 
@@ -259,51 +242,55 @@ HANDLERS = forge_handlers  # the name services/forge/__main__.py looks up
 # -- incarnation at start-up -------------------------------------------------------------------------------
 
 
-def incarnation_deps(ctx: Context) -> incarnation.Deps | None:
+def incarnation_deps(ctx: Context, image: Image) -> incarnation.Deps | None:
     from services.forge.handlers_llm import ENGINE
 
     engine = ctx.state.get(ENGINE)
     if engine is None:
         return None
-    channel = Path(ctx.settings.upgrade_channel)
 
     async def activate(persona: str, path: str, meta: dict[str, Any]) -> None:
         await engine.activate_adapter({"persona": persona, "path": path, "meta": meta})
 
-    async def blob_put(data: bytes, meta: dict[str, Any]) -> str:
-        return str((await ctx.client.call("memory", "blob_put", {"data": data, "meta": meta},
-                                          timeout=MEMORY_TIMEOUT))["oid"])
-
     async def record(event: dict[str, Any]) -> None:
         await ctx.client.call("kernel", "audit_event", {"event": event}, timeout=10.0)
 
-    def notify(instruction_id: str, outcome: dict[str, Any]) -> None:
-        line = {"event": "incarnated", "ts": datetime.now(UTC).isoformat(), "id": instruction_id, **outcome}
-        with contextlib.suppress(OSError), open(log_path(channel, instruction_id), "a", encoding="utf-8") as f:
-            f.write(json.dumps(line, default=str) + "\n")
-
     return incarnation.Deps(active=lambda p: engine.adapters()["personas"].get(p), activate=activate,
-                            blob_put=blob_put, record=record, notify=notify)
+                            read=image.read, transact=image.transact, record=record,
+                            cache_dir=Path(ctx.settings.lora_dir))
 
 
 async def _incarnation_loop(ctx: Context) -> None:
-    deps = incarnation_deps(ctx)
+    image = None
+    for delay in (0, *INCARNATION_RETRY_S):  # in the background: ZEO may come up after us
+        await asyncio.sleep(delay)
+        try:
+            image = await Image(ctx.settings, pool_threads=1, do_awaken=False).open()
+            break
+        except Exception as e:
+            log.warning("forge: the Living Image is not reachable yet (%s); LoRA experts wait", e)
+    if image is None:
+        return
+    ctx.state[IMAGE] = image
+    deps = incarnation_deps(ctx, image)
     if deps is None:
         log.warning("forge: the llm backend is not loaded; adapters are not incarnated")
         return
-    lora_dir = Path(ctx.settings.lora_dir)
+    restored = await incarnation.restore_active(deps)
+    if restored:
+        log.info("forge: adapters restored from the image: %s", restored)
     for delay in (0, *INCARNATION_RETRY_S):
         await asyncio.sleep(delay)
         try:
-            done = await incarnation.incarnate_lora_experts(lora_dir, deps)
+            done = await incarnation.incarnate_lora_experts(deps)
         except Exception:
             log.exception("forge: incarnation pass failed")
             continue
         if done:
-            log.info("forge: incarnation pass: %s", [(d["name"], d["decision"], d["blob_oid"]) for d in done])
-        if not incarnation.pending_dirs(lora_dir):
+            log.info("forge: incarnation pass: %s", [(d["name"], d["decision"], d.get("audited")) for d in done])
+        if all(d.get("audited") for d in done):
             return
-    log.warning("forge: some adapters still lack their blob or audit event; retried at the next start")
+    log.warning("forge: some LoRA experts lack their audit event; retried at the next start")
 
 
 async def startup(ctx: Context) -> None:
@@ -317,3 +304,6 @@ async def shutdown(ctx: Context) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    image = ctx.state.pop(IMAGE, None)
+    if image is not None:
+        await image.close()

@@ -1,14 +1,14 @@
 """ALFRED's ``_audit_cognitive_history_`` (blueprint §5.1): is there enough new history to forge a persona?
 
-Run periodically by the kernel's autotelic loop. It counts, per persona, the cognitive cycles that ended in
-SUCCESS and hold a golden-path event of that persona (the same events BABS's curation would take) since
-the persona's last forge, and dispatches a forge run (curation first) for each persona at or above
-``settings.forge_threshold``.
+The forge service's ``history`` command; the kernel's autotelic loop asks it periodically and dispatches a
+forge run (forge ``run``, then steward ``upgrade``) for the first persona that is due. It counts, per
+persona, the cognitive cycles that ended in SUCCESS and hold a golden-path event of that persona (the same
+events BABS's curation would take) since the persona's last forge, up to ``settings.forge_threshold``.
 
-"Since the last forge" is read from the upgrade channel: every instruction, pending, running or done, says
-when a persona was last forged. Failed attempts count too, on purpose: a forge that keeps failing (a broken
-template, too little memory) must not stop the worker every autotelic period; it is retried once enough
-new history has accumulated. A persona with an instruction still pending or running is never dispatched.
+"Since the last forge" comes from the steward's ``status`` over the broker (its own record of every run,
+``last_forge``), and so does ``busy`` (a run in flight). Failed attempts count too, on purpose: a forge that
+keeps failing (a broken template, too little memory) must not stop the worker every autotelic period; it is
+retried once enough new history has accumulated. A busy persona is never due.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from batos import personas
@@ -30,10 +29,8 @@ from services.forge.curation import (
     group_cycles,
     parse_event,
 )
-from services.forge.steward import all_instructions
 
 Call = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]  # (service, command, body) -> reply
-Dispatch = Callable[[str, int], Awaitable[Any]]  # (persona, new successful cycles) -> anything
 
 QUERY_LIMIT = 10_000  # fractals per query; the counts only need to reach the threshold
 CYCLE_QUERY_CONCURRENCY = 8
@@ -44,13 +41,12 @@ class HistoryAudit:
     threshold: int
     since: dict[str, str]  # persona -> timestamp of its last forge ("" = never)
     counts: dict[str, int] = field(default_factory=dict)  # new successful golden cycles, capped at threshold
-    busy: list[str] = field(default_factory=list)  # personas with a forge pending or running
+    busy: list[str] = field(default_factory=list)  # personas with a forge running
     due: list[str] = field(default_factory=list)
-    dispatched: dict[str, Any] = field(default_factory=dict)  # persona -> dispatch result or error text
 
     def describe(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "since": self.since, "counts": self.counts, "busy": self.busy,
-                "due": self.due, "dispatched": self.dispatched}
+                "due": self.due}
 
 
 # -- pure parts ------------------------------------------------------------------------------------
@@ -61,22 +57,15 @@ def _iso(value: str) -> str:
     return normalized_timestamp(datetime.fromisoformat(value)) if value else ""
 
 
-def last_forge_times(instructions: Iterable[Mapping[str, Any]]) -> tuple[dict[str, str], list[str]]:
-    """(persona -> latest instruction time, personas with an instruction pending or running)."""
+def last_forge_times(steward_status: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """(persona -> latest forge time in the audit log's form, busy personas) from the steward's ``status``."""
     since: dict[str, str] = {}
-    busy: set[str] = set()
-    for ins in instructions:
-        persona = str(ins.get("persona") or "").upper()
-        if not persona:
-            continue
+    for persona, at in dict(steward_status.get("last_forge") or {}).items():
         try:
-            at = _iso(str(ins.get("created_at") or ""))
+            since[str(persona).upper()] = _iso(str(at or ""))
         except ValueError:
-            at = ""
-        since[persona] = max(since.get(persona, ""), at)
-        if ins.get("state") in ("pending", "running"):
-            busy.add(persona)
-    return since, sorted(busy)
+            since[str(persona).upper()] = ""
+    return since, sorted({str(p).upper() for p in steward_status.get("busy") or []})
 
 
 def golden_candidates(fractals: Iterable[Mapping[str, Any]], since: Mapping[str, str]) -> dict[str, list[str]]:
@@ -143,29 +132,13 @@ async def count_new_successes(call: Call, since: Mapping[str, str], threshold: i
     return counts
 
 
-def forge_dispatcher(call: Call, timeout: float | None = None) -> Dispatch:
-    """The default dispatch: the ``forge`` service's ``run`` (curation, script, upgrade request)."""
-    async def dispatch(persona: str, count: int) -> Any:
-        body = {"persona": persona, "reason": f"{count} new successful cycles"}
-        return await call("forge", "run", body) if timeout is None else \
-            await asyncio.wait_for(call("forge", "run", body), timeout)
-    return dispatch
-
-
-async def audit_cognitive_history(call: Call, settings: Any, *, dispatch: Dispatch | None = None,
+async def audit_cognitive_history(call: Call, threshold: int, *,
                                   persona_names: Iterable[str] | None = None) -> HistoryAudit:
-    """One audit: count, decide, and dispatch a forge for every persona that is due (one at a time: the
-    forge worker trains one adapter at a time and each run restarts it)."""
-    threshold = int(settings.forge_threshold)
-    since, busy = last_forge_times(all_instructions(Path(settings.upgrade_channel)))
+    """One audit: the steward's record, then the counts; ``due`` lists the personas to forge (the kernel
+    dispatches one at a time: the forge worker trains one adapter at a time and each run restarts it)."""
+    since, busy = last_forge_times(await call("steward", "status", {}))
     names = [p.upper() for p in (persona_names or personas.PERSONAS)]
     report = HistoryAudit(threshold=threshold, since={p: since.get(p, "") for p in names}, busy=busy)
     report.counts = await count_new_successes(call, since, threshold, [p for p in names if p not in busy])
     report.due = personas_due(report.counts, threshold, busy)
-    if dispatch is not None and report.due:
-        persona = report.due[0]  # the others are due again at the next audit, after this one's restart
-        try:
-            report.dispatched[persona] = await dispatch(persona, report.counts[persona])
-        except Exception as e:  # reported to ALFRED, not raised: the autotelic loop carries on
-            report.dispatched[persona] = {"error": f"{type(e).__name__}: {e}"}
     return report

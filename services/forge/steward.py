@@ -1,45 +1,50 @@
 """The Ship of Theseus steward (blueprint §5.3): stop the worker, run the forge, start the worker again.
 
-The upgrade channel (``var/upgrade_channel/``) is a directory; one instruction is one JSON file:
+The steward is the broker service ``steward`` (services/forge/steward_main.py). Its ``upgrade`` request
+carries the whole instruction the forge service prepared (the training script's source, its config, the
+curated dataset): the steward unpacks it into a private work directory, drives supervisord through
+batos/supervisor_rpc.py (``stop`` → the training script → our own evaluation module, so the metrics that
+decide activation never come from the generated code being judged → ``start`` in a ``finally``: the worker
+is restarted whatever happened, unchanged when training failed) and streams what happens as events on that
+request: started, stopped, stage, progress, output, stage_done, stored, restarted | restart_failed, finished,
+incarnated. The reply is the run's result.
 
-    <id>.json         pending: written by the forge handler (tmp file + rename, so never seen half-written)
-    <id>.running      the same instruction, renamed when the steward takes it, with the child's pid added
-    <id>.log.jsonl    what happened, one JSON object a line, for the kernel to relay to the console:
-                      started, stopped, stage, progress, output, restarted, finished{ok, returncode, ...}
-    done/<id>.json    the instruction with its ``result`` once handled (success or not)
+A trained and evaluated adapter is stored in the Living Image as a LoRA expert (a ZODB Blob through ZEO,
+services/forge/lora_experts.py) before the worker is started again; the restarted worker judges it and
+writes its decision there, which the steward waits for (``settings.forge_incarnation_grace``) and reports
+as ``incarnated``.
 
-The steward drives supervisord over its XML-RPC interface: ``stopProcess(program, wait=True)``, then the
-training script (and, after it, our own evaluation module, so the metrics that decide activation never
-come from the generated code being judged), then ``startProcess(program, wait=True)`` in a ``finally``:
-the worker is restarted whatever happened, unchanged when training failed, and the reason is reported.
+Private state (``settings.steward_dir``, read and written by the steward only): ``runs.jsonl``, one line per
+finished run (``status`` reports the last forge time per persona from it), ``current.json`` while a run is
+in flight, and ``runs/<id>/``, the run's work directory (removed when the run ends).
 
-Crash safety: a ``.running`` file found at start-up means a steward died mid-run. It is NOT retried: the
-likeliest killers (the OOM killer during training, a hung device) would strike again and loop with the
-worker down. The steward kills the orphaned training process group if it is still alive, reports the run as
-failed, makes sure the program is running, and moves the instruction to ``done/``. ALFRED's next audit
-dispatches a new forge once enough new history has accumulated.
+Crash safety: a ``current.json`` found at start-up means a steward died mid-run (its ``upgrade`` request
+was failed by the broker as ``worker_lost``: it is not idempotent). It is NOT retried: the likeliest killers
+(the OOM killer during training, a hung device) would strike again and loop with the worker down. The
+steward kills the orphaned training process group if it is still alive, records the run as failed, and
+makes sure the program is running. ALFRED's next audit dispatches a new forge once enough new history has
+accumulated.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import http.client
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-import xmlrpc.client
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from batos.supervisor_rpc import Supervisor, SupervisorError
 from services.forge import confine
 
 log = logging.getLogger("batos.steward")
@@ -48,8 +53,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TRAIN_TIMEOUT = 6 * 3600.0  # seconds; a CPU run of 1-3 epochs on a few hundred examples fits easily
 EVALUATION_MODULE = "services.forge.evaluation"
 OUTPUT_TAIL_LINES = 20  # the last lines of a failed step go into the reason
+DECISION_POLL_S = 0.5  # how often the steward looks for the restarted worker's decision in the image
+RECENT_RUNS = 20  # runs shown by `status`
 STEWARD_EVENTS = frozenset({"started", "stopped", "stage", "stage_done", "restarted", "restart_failed", "finished",
-                            "incarnated"})
+                            "incarnated", "stored"})
+DATASET_FILES = frozenset({"train.jsonl", "eval.jsonl"})
 
 
 # What a training run may leave in its adapter directory is data, never code: the forge and the evaluation
@@ -57,9 +65,19 @@ STEWARD_EVENTS = frozenset({"started", "stopped", "stage", "stage_done", "restar
 UNSAFE_ADAPTER_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".py", ".pyc", ".so",
                                      ".npy", ".npz", ".joblib"})
 
+Emit = Callable[..., None]  # emit(event, **data), called from the run's thread
+
 
 class ConfinementUnavailable(RuntimeError):
     """The training script must run confined and cannot be here."""
+
+
+class InstructionError(ValueError):
+    """An upgrade request that cannot be handled (missing fields, a bad id or file name)."""
+
+
+class StewardBusy(RuntimeError):
+    """Another upgrade is running: one at a time (each stops the worker)."""
 
 
 def adapter_problem(adapter: Path) -> str:
@@ -74,192 +92,49 @@ def adapter_problem(adapter: Path) -> str:
     return ""
 
 
-class InstructionError(ValueError):
-    """An instruction file that cannot be handled (unreadable, missing fields)."""
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
 
 
 @dataclass
 class Instruction:
+    """The body of ``steward.upgrade`` (forge ``run`` replies with it as ``instruction``)."""
+
     id: str
     persona: str
-    script_path: str
-    config_path: str
-    output_dir: str
+    script: str  # the training script's source
+    config: dict[str, Any]  # the config the script and the evaluation read; paths are set by the steward
+    files: dict[str, str] = field(default_factory=dict)  # train.jsonl / eval.jsonl contents
     program: str = "forge"
-    dataset: dict[str, Any] = field(default_factory=dict)  # train_path, eval_path, sha256
     origin: str = "template"  # "generated" or "template": who wrote the script
     evaluate: bool = True  # run the evaluation module after a successful training script
     timeout_s: float = DEFAULT_TRAIN_TIMEOUT
-    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    previous_expert: str | None = None  # the expert active for the persona: the evaluation's reference
+    created_at: str = field(default_factory=_now)
 
     @classmethod
     def from_dict(cls, raw: Any) -> Instruction:
         if not isinstance(raw, dict):
-            raise InstructionError("an instruction must be a JSON object")
-        missing = [k for k in ("id", "persona", "script_path", "config_path", "output_dir") if not raw.get(k)]
+            raise InstructionError("an instruction must be a map")
+        missing = [k for k in ("id", "persona", "script", "config") if not raw.get(k)]
         if missing:
             raise InstructionError(f"instruction lacks {', '.join(missing)}")
-        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw and raw[k] is not None}
         if not str(known["id"]).replace("-", "").replace("_", "").isalnum():
-            raise InstructionError(f"instruction id {known['id']!r} must be alphanumeric (it names files)")
+            raise InstructionError(f"instruction id {known['id']!r} must be alphanumeric (it names a directory)")
+        if not isinstance(known["config"], dict) or not isinstance(known.get("files", {}), dict):
+            raise InstructionError("config and files must be maps")
+        unknown = set(known.get("files", {})) - DATASET_FILES
+        if unknown:
+            raise InstructionError(f"files may hold only {sorted(DATASET_FILES)}, not {sorted(unknown)}")
         return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-def write_instruction(channel: Path, instruction: Instruction) -> Path:
-    """Publish an instruction atomically: the steward only picks up ``*.json`` names, the tmp is hidden."""
-    channel.mkdir(parents=True, exist_ok=True)
-    final = channel / f"{instruction.id}.json"
-    tmp = channel / f".{instruction.id}.json.tmp"
-    tmp.write_text(json.dumps(instruction.to_dict(), indent=1), encoding="utf-8")
-    os.replace(tmp, final)
-    return final
-
-
-def log_path(channel: Path, instruction_id: str) -> Path:
-    return channel / f"{instruction_id}.log.jsonl"
-
-
-def read_log(channel: Path, instruction_id: str) -> list[dict[str, Any]]:
-    """The status lines written so far (a partial last line is skipped: it is still being written)."""
-    path = log_path(channel, instruction_id)
-    if not path.exists():
-        return []
-    lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            lines.append(json.loads(line))
-    return lines
-
-
-async def follow_log(channel: Path, instruction_id: str, *, interval: float = 0.5, timeout: float | None = None,
-                     incarnation_grace: float = 300.0) -> AsyncIterator[dict[str, Any]]:
-    """Yield the run's status lines as they are written (for the kernel to relay to the console).
-
-    Ends after ``finished`` when the run failed; after a successful one it waits (at most
-    ``incarnation_grace`` seconds) for the restarted worker's ``incarnated`` line, which says whether the new
-    adapter was activated. ``timeout`` bounds the whole wait (TimeoutError).
-    """
-    path = log_path(channel, instruction_id)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    grace_until: float | None = None
-    offset = 0
-    pending = b""
-    while True:
-        if path.exists():
-            with open(path, "rb") as f:
-                f.seek(offset)
-                chunk = f.read()
-            offset += len(chunk)
-            pending += chunk
-            *complete, pending = pending.split(b"\n")
-            for raw in complete:
-                try:
-                    line = json.loads(raw)
-                except json.JSONDecodeError:
-                    continue
-                yield line
-                if line.get("event") == "incarnated":
-                    return
-                if line.get("event") == "finished":
-                    if not line.get("ok"):
-                        return
-                    grace_until = time.monotonic() + incarnation_grace
-        now = time.monotonic()
-        if grace_until is not None and now > grace_until:
-            return
-        if deadline is not None and now > deadline:
-            raise TimeoutError(f"forge run {instruction_id} did not finish within {timeout:g} s")
-        await asyncio.sleep(interval)
-
-
-def all_instructions(channel: Path) -> list[dict[str, Any]]:
-    """Every instruction in the channel, pending, running or done (ALFRED reads when each persona forged)."""
-    found = []
-    for pattern, state in (("*.json", "pending"), ("*.running", "running"), ("done/*.json", "done")):
-        for path in sorted(channel.glob(pattern)):
-            if path.name.startswith("."):
-                continue
-            with contextlib.suppress(OSError, json.JSONDecodeError):
-                raw = json.loads(path.read_text(encoding="utf-8"))
-                if isinstance(raw, dict):
-                    found.append({**raw, "state": state})
-    return found
-
-
-# -- supervisord --------------------------------------------------------------------------------
-
-
-class SupervisorError(RuntimeError):
-    pass
-
-
-class Supervisor:
-    """The two supervisord calls the protocol needs, over its XML-RPC interface (unix socket or http)."""
-
-    def __init__(self, url: str):
-        from supervisor.xmlrpc import SupervisorTransport  # supervisor is pinned; imported here to keep tests light
-
-        if not url.startswith(("unix://", "http://")):
-            raise SupervisorError(f"supervisor url must be unix://PATH or http://HOST:PORT, not {url!r}")
-        self.url = url
-        # supervisorctl's own arrangement: the transport knows the real address, the proxy url is nominal.
-        self._transport = SupervisorTransport(None, None, url)
-        self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=self._transport)
-
-    def _call(self, method: str, *args: Any) -> Any:
-        try:
-            return getattr(self._proxy.supervisor, method)(*args)
-        except xmlrpc.client.Fault as e:
-            raise SupervisorError(f"supervisord {method}{args}: {e.faultString}") from e
-        except (OSError, http.client.HTTPException) as e:
-            # The transport keeps one persistent connection; after a failure it is unusable
-            # ("CannotSendRequest") until dropped, so drop it and let the next call reconnect.
-            self._transport.close()
-            raise SupervisorError(f"supervisord at {self.url} unreachable: {e}") from e
-
-    def state(self, program: str) -> str:
-        return str(self._call("getProcessInfo", program)["statename"])
-
-    def stop(self, program: str) -> str:
-        try:
-            self._call("stopProcess", program, True)
-        except SupervisorError as e:
-            if "NOT_RUNNING" not in str(e):  # already stopped is what we want
-                raise
-        return self.state(program)
-
-    def start(self, program: str) -> str:
-        try:
-            self._call("startProcess", program, True)
-        except SupervisorError as e:
-            if "ALREADY_STARTED" not in str(e):
-                raise
-        return self.state(program)
-
-
-# -- the steward ----------------------------------------------------------------------------------
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
-
-
-class StatusLog:
-    """Appends status lines to ``<id>.log.jsonl``; each line is flushed at once (the kernel tails it)."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")  # kept open for the whole run
-
-    def write(self, event: str, **data: Any) -> None:
-        self._file.write(json.dumps({"event": event, "ts": _now(), **data}, default=str) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "persona": self.persona, "program": self.program, "origin": self.origin,
+                "created_at": self.created_at}
 
 
 @dataclass
@@ -269,21 +144,76 @@ class StepResult:
     reason: str = ""
 
 
+@dataclass
+class ImageOps:
+    """What the steward does in the Living Image (steward_main bridges them to ``batos.image.Image``)."""
+
+    store: Callable[[str, str, dict[str, Any]], dict[str, Any]]  # (name, adapter_dir, info) -> expert summary
+    extract: Callable[[str, str], str]  # (expert name, target dir) -> target
+    get: Callable[[str], dict[str, Any] | None]  # expert name -> summary (with its decision), or None
+
+
 class Steward:
-    def __init__(self, channel: Path, supervisor: Supervisor, *, python: str = sys.executable,
-                 own_program: str = "steward", confine_training: bool = True, hidden: list[Path] | None = None):
-        self.channel = channel
-        # Training scripts run confined (confine.py): no network, read-only world, writes only to the output
-        # and a scratch dir, secrets hidden. Default hidden: the var dir's keys (the channel lives in var/).
-        self.confine_training = confine_training
-        self.hidden = list(hidden) if hidden is not None else [channel.parent / "keys"]
+    def __init__(self, state_dir: Path, supervisor: Supervisor, *, image: ImageOps | None = None,
+                 python: str = sys.executable, own_program: str = "steward", confine_training: bool = True,
+                 hidden: list[Path] | None = None, incarnation_grace: float = 300.0):
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         self.supervisor = supervisor
+        self.image = image
+        # Training scripts run confined (confine.py): no network, read-only world, writes only to the output
+        # and a scratch dir, secrets hidden (default hidden: the var dir's keys).
+        self.confine_training = confine_training
+        self.hidden = list(hidden) if hidden is not None else [self.state_dir.parent / "keys"]
         self.python = python
         self.own_program = own_program  # never stop ourselves
+        self.incarnation_grace = incarnation_grace
+        self.current: Instruction | None = None
         self._child: subprocess.Popen[str] | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        (channel / "done").mkdir(parents=True, exist_ok=True)
+
+    # -- private state --------------------------------------------------------------------------
+
+    @property
+    def runs_file(self) -> Path:
+        return self.state_dir / "runs.jsonl"
+
+    @property
+    def current_file(self) -> Path:
+        return self.state_dir / "current.json"
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every finished run, oldest first (a partial last line, from a crash mid-write, is skipped)."""
+        if not self.runs_file.exists():
+            return []
+        out = []
+        for line in self.runs_file.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+        return out
+
+    def _record_run(self, ins: dict[str, Any], result: dict[str, Any]) -> None:
+        line = {**{k: ins.get(k) for k in ("id", "persona", "program", "origin", "created_at")},
+                "finished_at": _now(), **{k: result.get(k) for k in ("ok", "reason", "expert", "decision",
+                                                                      "seconds")}}
+        with open(self.runs_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+
+    def status(self) -> dict[str, Any]:
+        """runs (the last few), last_forge (persona -> time of its latest forge, failed ones too), busy."""
+        runs = self.runs()
+        last: dict[str, str] = {}
+        for run in runs:
+            persona = str(run.get("persona") or "").upper()
+            if persona:
+                last[persona] = max(last.get(persona, ""), str(run.get("created_at") or ""))
+        current = self.current
+        busy = [current.persona] if current is not None else []
+        if current is not None:
+            last[current.persona] = max(last.get(current.persona, ""), current.created_at)
+        return {"runs": runs[-RECENT_RUNS:], "last_forge": last, "busy": busy,
+                "current": current.describe() if current is not None else None}
 
     # -- driving ---------------------------------------------------------------------------------
 
@@ -296,88 +226,76 @@ class Steward:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    def pending(self) -> list[Path]:
-        """Instruction files, oldest first."""
-        found = []
-        for path in self.channel.glob("*.json"):
-            if not path.name.startswith("."):
-                with contextlib.suppress(FileNotFoundError):  # taken between the listing and the stat
-                    found.append((path.stat().st_mtime, path.name, path))
-        return [path for *_, path in sorted(found)]
-
-    def poll_once(self) -> int:
-        """Handle every pending instruction, oldest first; return how many were handled."""
-        handled = 0
-        for path in self.pending():
-            if self.stopping:
-                break
-            self.handle(path)
-            handled += 1
-        return handled
-
-    def run_forever(self, interval: float = 0.5) -> None:
-        """Poll until :meth:`request_stop` (call :meth:`recover` first)."""
-        while not self.stopping:
-            try:
-                self.poll_once()
-            except Exception:  # one broken instruction must not end the steward
-                log.exception("steward: poll failed")
-            self._stopping.wait(interval)
-
-    # -- one instruction ------------------------------------------------------------------------
-
-    def handle(self, path: Path) -> dict[str, Any]:
-        running = path.with_suffix(".running")
+    def run(self, ins: Instruction, emit: Emit) -> dict[str, Any]:
+        """One upgrade, start to end, from a worker thread; raises :class:`StewardBusy` when one is running."""
+        with self._lock:
+            if self.current is not None:
+                raise StewardBusy(f"the steward is running forge {self.current.id} ({self.current.persona}); "
+                                  "one upgrade at a time")
+            self.current = ins
+        work = self.state_dir / "runs" / ins.id
         try:
-            os.replace(path, running)  # claim it: a second steward's rename fails, so one handles it
-        except FileNotFoundError:
-            return {"ok": False, "reason": "taken by another steward"}
-        instruction_id = path.stem
-        status = StatusLog(log_path(self.channel, instruction_id))
-        try:
-            try:
-                instruction = Instruction.from_dict(json.loads(running.read_text(encoding="utf-8")))
-            except (json.JSONDecodeError, InstructionError) as e:
-                result = {"ok": False, "returncode": None, "reason": f"bad instruction: {e}"}
-                status.write("finished", **result)
-                self._finish(running, {"id": instruction_id}, result)
-                return result
-            result = self._run(instruction, running, status)
-            self._finish(running, instruction.to_dict(), result)
+            _write_json(self.current_file, {**ins.describe(), "work_dir": str(work)})
+            result = self._run(ins, work, emit)
+            self._record_run(ins.to_dict(), result)
             return result
         finally:
-            status.close()
+            shutil.rmtree(work, ignore_errors=True)
+            self.current_file.unlink(missing_ok=True)
+            with self._lock:
+                self.current = None
 
-    def _run(self, ins: Instruction, running: Path, status: StatusLog) -> dict[str, Any]:
+    def _unpack(self, ins: Instruction, work: Path, emit: Emit) -> dict[str, Any]:
+        """The instruction's files in the work dir; the config's paths pointed at them."""
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        config = dict(ins.config)
+        for name, text in ins.files.items():
+            (work / name).write_text(text, encoding="utf-8")
+            config[f"{name.split('.')[0]}_path"] = str(work / name)
+        script = work / ("train_generated.py" if ins.origin == "generated" else "train_template.py")
+        script.write_text(ins.script, encoding="utf-8")
+        config.update(output_dir=str(work / "adapter"), script_path=str(script), instruction_id=ins.id,
+                      previous_adapter=None)
+        if ins.previous_expert and self.image is not None:
+            try:
+                config["previous_adapter"] = self.image.extract(ins.previous_expert, str(work / "previous"))
+            except Exception as e:  # the evaluation then compares with the base model only
+                emit("output", stage="prepare", text=f"previous adapter {ins.previous_expert} not read: {e}")
+        (work / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+        return config
+
+    def _run(self, ins: Instruction, work: Path, emit: Emit) -> dict[str, Any]:
         started = time.monotonic()
-        status.write("started", id=ins.id, persona=ins.persona, program=ins.program, origin=ins.origin,
-                     script_path=ins.script_path)
-        result: dict[str, Any] = {"ok": False, "returncode": None, "adapter_dir": None, "metrics": None}
+        emit("started", id=ins.id, persona=ins.persona, program=ins.program, origin=ins.origin)
+        result: dict[str, Any] = {"ok": False, "returncode": None, "metrics": None, "expert": None}
         try:
             if ins.program == self.own_program:
                 raise SupervisorError(f"refusing to stop {ins.program!r}: that is the steward itself")
+            config = self._unpack(ins, work, emit)
             state = self.supervisor.stop(ins.program)
-            status.write("stopped", program=ins.program, state=state)
-            argv, env = self._training_command(ins, status)
-            train = self._step("train", argv, ins, running, status, env=env)
+            emit("stopped", program=ins.program, state=state)
+            argv, env = self._training_command(ins, config, emit)
+            train = self._step("train", argv, ins, emit, env=env)
             result["returncode"] = train.returncode
-            adapter = Path(ins.output_dir)
+            adapter = Path(config["output_dir"])
             if train.returncode != 0:
                 result["reason"] = train.reason or f"training script exited with {train.returncode}"
             elif not (adapter / "adapter_config.json").is_file():
-                result["reason"] = f"training script exited 0 but wrote no adapter to {adapter}"
+                result["reason"] = "training script exited 0 but wrote no adapter"
             elif problem := adapter_problem(adapter):
                 result["reason"] = f"refused the adapter the training script wrote: {problem}"
             else:
-                result["adapter_dir"] = str(adapter)
                 result["ok"] = True
                 if ins.evaluate:
-                    ev = self._step("evaluate", [self.python, "-u", "-m", EVALUATION_MODULE, ins.config_path],
-                                    ins, running, status)
+                    ev = self._step("evaluate", [self.python, "-u", "-m", EVALUATION_MODULE,
+                                                 str(work / "config.json")], ins, emit)
                     result["metrics"] = _read_json(adapter / "metrics.json")
                     if ev.returncode != 0 or result["metrics"] is None:
                         result["ok"] = False
                         result["reason"] = ev.reason or "evaluation wrote no metrics.json"
+                if result["ok"]:
+                    result.update(self._store(ins, adapter, result["metrics"], emit))
         except SupervisorError as e:
             result["reason"] = f"could not stop {ins.program}: {e}; training not run"
         except ConfinementUnavailable as e:
@@ -386,28 +304,63 @@ class Steward:
             log.exception("steward: run %s failed", ins.id)
             result["reason"] = f"{type(e).__name__}: {e}"
         finally:
-            result.update(self._restart(ins.program, status))
+            result.update(self._restart(ins.program, emit))
             result["seconds"] = round(time.monotonic() - started, 1)
             if self.stopping and not result["ok"]:
                 result["reason"] = "steward stopped during the run; " + str(result.get("reason", ""))
-            status.write("finished", **result)
+            emit("finished", **result)
+        if result["ok"] and result.get("expert"):
+            result.update(self._await_decision(str(result["expert"]), emit))
         return result
 
-    def _restart(self, program: str, status: StatusLog) -> dict[str, Any]:
+    def _store(self, ins: Instruction, adapter: Path, metrics: Any, emit: Emit) -> dict[str, Any]:
+        """The adapter into the image as an undecided LoRA expert, before the worker starts again."""
+        if self.image is None:
+            return {}
+        meta = _read_json(adapter / "training_meta.json") or {}
+        name = f"{ins.persona.lower()}_{ins.id}"
+        info = {"persona": ins.persona, "instruction_id": ins.id, "metrics": metrics, "origin": ins.origin,
+                "dataset_sha256": meta.get("dataset_sha256") or ins.config.get("dataset_sha256"),
+                "train_ids": meta.get("train_ids", []), "eval_ids": meta.get("eval_ids", []),
+                "base_model": meta.get("base_model"), "lora": meta.get("lora"), "training": meta.get("training"),
+                "steps": meta.get("steps"), "cycle_id": ins.config.get("cycle_id")}
+        expert = self.image.store(name, str(adapter), _plain(info))
+        emit("stored", expert=name, oid=expert.get("oid"), size=expert.get("size"))
+        return {"expert": name, "expert_oid": expert.get("oid"), "training_meta": meta}
+
+    def _await_decision(self, name: str, emit: Emit) -> dict[str, Any]:
+        """The restarted worker's decision on the expert (``incarnated``), or a note after the grace period."""
+        assert self.image is not None
+        deadline = time.monotonic() + self.incarnation_grace
+        while not self.stopping:
+            expert = self.image.get(name) or {}
+            if expert.get("decision") is not None:
+                outcome = {"expert": name, "decision": expert["decision"], "reason": expert.get("reason"),
+                           "persona": expert.get("persona"), "metrics": expert.get("metrics")}
+                emit("incarnated", **outcome)
+                return {"decision": expert["decision"], "decision_reason": expert.get("reason")}
+            if time.monotonic() > deadline:
+                break
+            self._stopping.wait(DECISION_POLL_S)
+        return {"decision": None, "decision_reason": f"the restarted worker did not judge {name} within "
+                                                     f"{self.incarnation_grace:g} s; see the forge worker's log"}
+
+    def _restart(self, program: str, emit: Emit) -> dict[str, Any]:
         if program == self.own_program:
             return {"restarted": False}
         try:
             state = self.supervisor.start(program)
-            status.write("restarted", program=program, state=state)
+            emit("restarted", program=program, state=state)
             return {"restarted": state == "RUNNING", "program_state": state}
         except SupervisorError as e:
-            status.write("restart_failed", program=program, reason=str(e))
+            emit("restart_failed", program=program, reason=str(e))
             return {"restarted": False, "restart_error": str(e)}
 
-    def _training_command(self, ins: Instruction, status: StatusLog) -> tuple[list[str], dict[str, str] | None]:
+    def _training_command(self, ins: Instruction, config: dict[str, Any],
+                          emit: Emit) -> tuple[list[str], dict[str, str] | None]:
         """The training step's argv and environment: confined unless confinement is off; a generated script
         is never run unconfined (the template, our own code, may be, with a warning)."""
-        argv = [self.python, "-u", ins.script_path, ins.config_path]
+        argv = [self.python, "-u", config["script_path"], str(Path(config["output_dir"]).parent / "config.json")]
         if not self.confine_training:
             return argv, None
         why = confine.available()
@@ -416,10 +369,10 @@ class Steward:
                 raise ConfinementUnavailable(f"no confinement on this host ({why}): the generated training "
                                              "script was not run")
             log.warning("steward: %s; running the template training script unconfined", why)
-            status.write("stage", stage="train", unconfined=why)
+            emit("stage", stage="train", unconfined=why)
             return argv, None
-        output = Path(ins.output_dir)
-        scratch = Path(ins.config_path).parent / "scratch"
+        output = Path(config["output_dir"])
+        scratch = output.parent / "scratch"
         for path in (output, scratch):
             path.mkdir(parents=True, exist_ok=True)
         env = {**confine.confined_env(scratch, self._env()), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
@@ -430,28 +383,29 @@ class Steward:
         return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
 
-    def _step(self, stage: str, argv: list[str], ins: Instruction, running: Path, status: StatusLog,
+    def _step(self, stage: str, argv: list[str], ins: Instruction, emit: Emit,
               env: dict[str, str] | None = None) -> StepResult:
-        """Run one child, relaying its stdout+stderr line by line; JSON lines become status events."""
+        """Run one child, relaying its stdout+stderr line by line; JSON lines become events."""
         if self.stopping:
             return StepResult(-1, [], "steward stopping")
         env = env if env is not None else self._env()
-        status.write("stage", stage=stage, argv=argv)
+        emit("stage", stage=stage, argv=argv)
         with self._lock:
             # A new session: the child and its own children form a group we can kill as one.
             self._child = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
                                            errors="replace")
             child = self._child
-        _write_json(running, {**ins.to_dict(), "child_pid": child.pid, "stage": stage})
+        # the pid and what it runs, for the next steward to kill it if this one dies (recover)
+        _write_json(self.current_file, {**ins.describe(), "child_pid": child.pid, "stage": stage,
+                                        "argv": argv[-2:]})
         timed_out = threading.Event()
         timer = threading.Timer(ins.timeout_s, lambda: (timed_out.set(), self._kill_child()))
         timer.start()
         tail: list[str] = []
         try:
-            assert child.stdout is not None
-            for line in child.stdout:
-                _relay(line.rstrip("\n"), stage, status, tail)
+            for line in child.stdout or ():
+                _relay(line.rstrip("\n"), stage, emit, tail)
             returncode = child.wait()
         finally:
             timer.cancel()
@@ -464,7 +418,7 @@ class Steward:
         if returncode != 0:
             why = f"timed out after {ins.timeout_s:.0f} s" if timed_out.is_set() else "failed"
             reason = f"{stage} {why} (exit {returncode}): " + " | ".join(tail[-5:])
-        status.write("stage_done", stage=stage, returncode=returncode)
+        emit("stage_done", stage=stage, returncode=returncode)
         return StepResult(returncode, tail, reason)
 
     def _kill_child(self) -> None:
@@ -474,38 +428,28 @@ class Steward:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.pid, signal.SIGKILL)
 
-    def _finish(self, running: Path, instruction: dict[str, Any], result: dict[str, Any]) -> None:
-        done = self.channel / "done" / f"{running.stem}.json"
-        _write_json(done, {**{k: v for k, v in instruction.items() if k not in ("child_pid", "stage")},
-                           "result": result})
-        running.unlink(missing_ok=True)
-
     # -- crash recovery ---------------------------------------------------------------------------
 
-    def recover(self) -> list[str]:
-        """Close out runs a previous steward left in progress (see the module docstring for why no retry)."""
-        recovered = []
-        for running in sorted(self.channel.glob("*.running")):
-            raw = _read_json(running) or {}
-            pid = raw.get("child_pid")
-            killed = _kill_orphan(pid, str(raw.get("script_path", ""))) if isinstance(pid, int) else False
-            status = StatusLog(log_path(self.channel, running.stem))
-            try:
-                program = str(raw.get("program") or "forge")
-                result = {"ok": False, "returncode": None, "adapter_dir": None, "metrics": None,
-                          "reason": "the steward stopped while handling this instruction (crash or restart); "
-                                    f"not retried{'; orphaned training process killed' if killed else ''}"}
-                result.update(self._restart(program, status))
-                status.write("finished", **result)
-            finally:
-                status.close()
-            self._finish(running, raw or {"id": running.stem}, result)
-            recovered.append(running.stem)
-        return recovered
+    def recover(self) -> dict[str, Any] | None:
+        """Close out the run a previous steward left in progress (see the module docstring for why no retry)."""
+        raw = _read_json(self.current_file)
+        if raw is None:
+            return None
+        pid = raw.get("child_pid")
+        marker = " ".join(map(str, raw.get("argv") or []))
+        killed = _kill_orphan(pid, marker) if isinstance(pid, int) else False
+        program = str(raw.get("program") or "forge")
+        result = {"ok": False, "reason": "the steward stopped while handling this instruction (crash or restart); "
+                                         f"not retried{'; orphaned training process killed' if killed else ''}"}
+        result.update(self._restart(program, lambda *a, **k: None))
+        self._record_run(raw, result)
+        shutil.rmtree(raw.get("work_dir") or self.state_dir / "runs" / str(raw.get("id")), ignore_errors=True)
+        self.current_file.unlink(missing_ok=True)
+        return {"id": raw.get("id"), "persona": raw.get("persona"), **result}
 
 
-def _relay(line: str, stage: str, status: StatusLog, tail: list[str]) -> None:
-    """One line of a child's output -> one status line: its JSON object (the steward's own fields win), or text."""
+def _relay(line: str, stage: str, emit: Emit, tail: list[str]) -> None:
+    """One line of a child's output -> one event: its JSON object (the steward's own fields win), or text."""
     tail.append(line)
     del tail[:-OUTPUT_TAIL_LINES]
     obj = None
@@ -515,16 +459,16 @@ def _relay(line: str, stage: str, status: StatusLog, tail: list[str]) -> None:
     if isinstance(obj, dict):
         event = str(obj.pop("event", "progress" if "step" in obj else "output"))
         if event in STEWARD_EVENTS:
-            event = f"script_{event}"  # a script cannot forge the steward's own lifecycle lines
+            event = f"script_{event}"  # a script cannot forge the steward's own lifecycle events
         obj.pop("ts", None)
         obj.setdefault("stage", stage)
-        status.write(event, **{str(k): v for k, v in obj.items()})
+        emit(event, **{str(k): v for k, v in obj.items()})
     elif line.strip():
-        status.write("output", stage=stage, text=line[:2000])
+        emit("output", stage=stage, text=line[:2000])
 
 
-def _kill_orphan(pid: int, script_path: str) -> bool:
-    """Kill a training group left by a dead steward, if that pid still runs the same script (pid reuse)."""
+def _kill_orphan(pid: int, marker: str) -> bool:
+    """Kill a training group left by a dead steward, if that pid still runs the same command (pid reuse)."""
     cmdline = ""
     for _ in range(10):  # a process caught mid-exec shows an empty cmdline for a moment
         try:
@@ -534,13 +478,18 @@ def _kill_orphan(pid: int, script_path: str) -> bool:
         if cmdline:
             break
         time.sleep(0.05)
-    if script_path and script_path not in cmdline:
+    if marker and not all(part in cmdline for part in marker.split()):
         return False
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of a value (what the image stores: plain dicts, lists, strings, numbers)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _read_json(path: Path) -> Any:

@@ -1,59 +1,110 @@
-"""``python -m services.forge.steward_main``: the steward program supervisord runs.
+"""``python -m services.forge.steward_main``: the steward program supervisord runs, the broker service ``steward``.
 
-Why polling and not the ``watchdog`` library the blueprint names: it is not installed, and a scan of one
-small directory every 0.5 s costs nothing measurable, works the same on every OS and file system
-(inotify misses events on network mounts), and needs no catch-up logic after a restart: each scan sees
-the directory as it is, so an instruction written while the steward was down is handled on the first scan.
+Commands (services/forge/steward.py does the work):
+  upgrade {id, persona, script, config, files, program?, origin?, evaluate?, timeout_s?, previous_expert?}
+      one forge run: events started, stopped, stage, progress, output, stage_done, stored, restarted,
+      finished, incarnated; the reply is the run's result. ``busy`` while another runs.
+  status {}: the runtime's status plus runs (the last few), last_forge (persona -> time), busy, current.
+
+It registers with the service key like every worker (batos.worker), so only services may call it.
 """
 
 from __future__ import annotations
 
-import argparse
+import asyncio
+import contextlib
 import logging
-import signal
-from pathlib import Path
+from datetime import UTC, datetime
+from typing import Any
 
-from batos.config import Settings, load
-from batos.worker import configure_logging
-from services.forge.steward import Steward, Supervisor
-
-POLL_INTERVAL = 0.5  # seconds between scans of the upgrade channel
+from batos.errors import ServiceError
+from batos.image import Image
+from batos.supervisor_rpc import Supervisor, url_for
+from batos.worker import Context, Request, run_services
+from proto import ErrorCode
+from services.forge import lora_experts
+from services.forge.steward import ImageOps, Instruction, InstructionError, Steward, StewardBusy
 
 log = logging.getLogger("batos.steward")
 
+STEWARD = "steward"  # ctx.state keys
+IMAGE = "steward_image"
+WATCH = "steward_stop_watch"
+# status answers while an upgrade runs; a second upgrade is refused with `busy`, never queued behind hours
+CAPACITY = 4
+OWN_PROGRAM = "steward"
 
-def supervisor_url(settings: Settings) -> str:
-    return settings.supervisor_url or f"unix://{Path(settings.var_dir) / 'supervisor.sock'}"
+
+def image_ops(image: Image, loop: asyncio.AbstractEventLoop) -> ImageOps:
+    """The steward's image work, callable from its run thread (each call a transaction on the image's pool)."""
+    def wait(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    return ImageOps(
+        store=lambda name, path, info: wait(image.transact(lora_experts.store, name, path, info)),
+        extract=lambda name, target: wait(image.read(lora_experts.extract, name, target)),
+        get=lambda name: wait(image.read(lora_experts.get, name)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.forge.steward_main", description=__doc__.split("\n")[0])
-    parser.add_argument("--channel", type=Path, help="upgrade channel directory (default: var/upgrade_channel)")
-    parser.add_argument("--supervisor-url", help="unix:///path/supervisor.sock or http://host:port")
-    parser.add_argument("--own-program", default="steward", help="this program's supervisord name")
-    args = parser.parse_args(argv)
-    settings = load()
-    configure_logging("steward", settings)
-    channel = args.channel or settings.upgrade_channel
-    url = args.supervisor_url or supervisor_url(settings)
-    steward = Steward(channel, Supervisor(url), own_program=args.own_program)
+async def handle_upgrade(req: Request) -> dict[str, Any]:
+    try:
+        ins = Instruction.from_dict(req.args)
+    except InstructionError as e:
+        raise ServiceError(ErrorCode.BAD_ARGS, str(e)) from e
+    steward: Steward = req.ctx.state[STEWARD]
 
-    def handle_signal(signum: int, _frame: object) -> None:
-        log.info("steward: %s, stopping", signal.Signals(signum).name)
+    def emit(event: str, **data: Any) -> None:
+        # stamped where it happens: the kernel derives the training rate from these times
+        req.emit_threadsafe(event, **{**data, "ts": datetime.now(UTC).isoformat()})
+
+    try:
+        return await req.run_blocking(steward.run, ins, emit)
+    except StewardBusy as e:
+        raise ServiceError(ErrorCode.BUSY, str(e)) from e
+
+
+HANDLERS = {"upgrade": handle_upgrade}
+
+
+async def status(ctx: Context) -> dict[str, Any]:
+    return ctx.state[STEWARD].status()
+
+
+async def startup(ctx: Context) -> None:
+    settings = ctx.settings
+    image = await Image(settings, pool_threads=1, do_awaken=False).open()  # lora_experts only
+    ctx.state[IMAGE] = image
+    steward = Steward(settings.steward_dir, Supervisor(url_for(settings)),
+                      image=image_ops(image, asyncio.get_running_loop()), own_program=OWN_PROGRAM,
+                      hidden=[settings.keys_dir], incarnation_grace=settings.forge_incarnation_grace)
+    ctx.state[STEWARD] = steward
+    recovered = await asyncio.to_thread(steward.recover)
+    if recovered:
+        log.warning("steward: closed out the interrupted run %s (reported failed, not retried)", recovered)
+
+    async def stop_on_signal() -> None:
+        # SIGTERM: kill a running training step now, so the program is restarted within the drain grace
+        await ctx.stopping.wait()
         steward.request_stop()
 
-    signal.signal(signal.SIGTERM, handle_signal)
-    signal.signal(signal.SIGINT, handle_signal)
-    log.info("steward: watching %s, supervisord at %s", channel, url)
-    try:
-        recovered = steward.recover()
-        if recovered:
-            log.warning("steward: closed out interrupted runs %s (reported failed, not retried)", recovered)
-        steward.run_forever(POLL_INTERVAL)
-    finally:
-        log.info("steward: stopped")
-    return 0
+    ctx.state[WATCH] = asyncio.create_task(stop_on_signal(), name="steward-stop")
+    log.info("steward: supervisord at %s, state in %s", url_for(settings), settings.steward_dir)
+
+
+async def shutdown(ctx: Context) -> None:
+    task = ctx.state.pop(WATCH, None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    image = ctx.state.pop(IMAGE, None)
+    if image is not None:
+        await image.close()
+
+
+def main() -> None:
+    run_services([(STEWARD, HANDLERS, CAPACITY)], startup=startup, shutdown=shutdown, status=status)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

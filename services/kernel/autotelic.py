@@ -7,10 +7,11 @@ audit_ingest's time budget) only while no cognitive cycle is running in this ker
 takes the model from the Architect; otherwise the deterministic template summaries are used. Each run also
 prunes finished cycles from the image's active-cycle registry (see cycle.prune_active).
 
-After a successful ingestion the loop runs ALFRED's ``_audit_cognitive_history_``
-(services.forge.history_audit): a persona with ``forge_threshold`` new successful golden cycles since its last
-forge gets a forge run dispatched (forge ``run``). A failure there is logged and reported in ``status``; it never
-ends the loop.
+After a successful ingestion the loop asks the forge service for ALFRED's ``_audit_cognitive_history_``
+(forge ``history``): a persona with ``forge_threshold`` new successful golden cycles since its last forge is
+due, and the first one due gets a forge run (forge ``run``, then steward ``upgrade``, followed in a background
+task, one at a time, its events logged). A failure there is logged and reported in ``status``; it never ends
+the loop.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import Any
 from ZODB.POSException import ConflictError
 
 from batos.config import MEMORY_BATCH_TIMEOUT
-from services.forge.history_audit import audit_cognitive_history, forge_dispatcher
 from services.kernel import cycle as records
+from services.kernel import forge_follow
 from services.kernel.audit_ingest import Progress, ingest_audit_log, llm_summarizer
 from services.kernel.env import KernelEnv
 
@@ -34,6 +35,8 @@ log = logging.getLogger("batos.kernel.autotelic")
 SUMMARY_BUDGET_S = 30.0  # LLM time per periodic run; the rest of a run's events get template summaries
 SUMMARY_TIMEOUT_S = 15.0
 FORGE_DISPATCH_TIMEOUT = 1800.0  # forge.run: curation + BRICK writing the training script, then it returns
+HISTORY_TIMEOUT = MEMORY_BATCH_TIMEOUT  # forge.history: a few memory queries per persona
+UPGRADE_TIMEOUT = 6 * 3600.0 + 600.0  # steward.upgrade: silence allowed (training emits progress as it goes)
 
 
 class Autotelic:
@@ -48,6 +51,8 @@ class Autotelic:
         self.history: dict[str, Any] | None = None  # the last history audit's report
         self.history_runs = 0
         self.history_error: str | None = None
+        self.forge_task: asyncio.Task[None] | None = None  # the forge run this loop dispatched, followed
+        self.last_forge: dict[str, Any] | None = None
 
     async def memory_call(self, command: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self.env.client.call("memory", command, body, timeout=MEMORY_BATCH_TIMEOUT)
@@ -75,10 +80,9 @@ class Autotelic:
             self.last_error = None
             return self.last
 
-    async def call(self, service: str, command: str, body: dict[str, Any]) -> dict[str, Any]:
-        """The (service, command, body) caller services.forge.history_audit takes."""
-        timeout = FORGE_DISPATCH_TIMEOUT if service == "forge" else MEMORY_BATCH_TIMEOUT
-        return await self.env.client.call(service, command, body, timeout=timeout)
+    @property
+    def forging(self) -> bool:
+        return self.forge_task is not None and not self.forge_task.done()
 
     async def audit_history(self) -> dict[str, Any]:
         """ALFRED's _audit_cognitive_history_: enough new successful cycles for a persona -> a forge run.
@@ -86,19 +90,41 @@ class Autotelic:
         The dispatch is held back while a cognitive cycle runs in this kernel: a forge run stops the forge worker
         (the llm service with it) for the length of the training, which would fail the cycle's next llm call.
         The counts are still taken, and the next period dispatches."""
-        dispatch = forge_dispatcher(self.call) if not self.env.active else None
-        report = (await audit_cognitive_history(self.call, self.env.settings, dispatch=dispatch)).describe()
-        if dispatch is None and report["due"]:
-            report["deferred"] = "cognitive cycles running; the forge is dispatched at a later period"
-        for persona, result in report["dispatched"].items():
-            if isinstance(result, dict) and "error" in result:
-                log.warning("autotelic: forge of %s not dispatched: %s", persona, result["error"])
+        report = await self.env.client.call("forge", "history", {}, timeout=HISTORY_TIMEOUT)
+        report["dispatched"] = {}
+        if report.get("due"):
+            if self.env.active:
+                report["deferred"] = "cognitive cycles running; the forge is dispatched at a later period"
+            elif self.forging:
+                report["deferred"] = "a forge run dispatched earlier is still running"
             else:
-                log.info("autotelic: forge of %s dispatched (%s)", persona, result)
+                persona = str(report["due"][0])  # the others are due again after this one's restart
+                count = (report.get("counts") or {}).get(persona)
+                self.forge_task = asyncio.create_task(self.forge(persona, count), name=f"alfred-forge-{persona}")
+                report["dispatched"][persona] = "started"
+                log.info("autotelic: forge of %s dispatched (%s new successful cycles)", persona, count)
         self.history = report
         self.history_runs += 1
         self.history_error = None
         return report
+
+    async def forge(self, persona: str, count: Any) -> None:
+        """One forge run on ALFRED's initiative: prepared by the forge service, run by the steward."""
+        async def note(event: str, **data: Any) -> None:
+            if event == "state":
+                log.info("autotelic forge of %s: %s (%s)", persona, data.get("state"), data.get("note"))
+
+        client = self.env.client
+        try:
+            prepared = await client.call("forge", "run", {"persona": persona, "reason": f"{count} new successful "
+                                                          "cycles"}, timeout=FORGE_DISPATCH_TIMEOUT)
+            outcome = await forge_follow.upgrade(client, prepared["instruction"], note, timeout=UPGRADE_TIMEOUT)
+            self.last_forge = {"persona": persona, **outcome}
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # reported in status, never raised: the autotelic loop carries on
+            self.last_forge = {"persona": persona, "error": f"{type(e).__name__}: {e}"}
+            log.warning("autotelic: forge of %s failed: %s", persona, self.last_forge["error"])
 
     async def loop(self) -> None:
         period = self.env.settings.autotelic_period
@@ -125,11 +151,12 @@ class Autotelic:
             self.task = asyncio.create_task(self.loop(), name="alfred-autotelic")
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-            self.task = None
+        for task in (self.task, self.forge_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self.task = self.forge_task = None
 
     def describe(self) -> dict[str, Any]:
         last = self.last or {}
@@ -142,4 +169,5 @@ class Autotelic:
             "last": {k: last.get(k) for k in ("created", "skipped", "malformed", "end_offset", "seconds")},
             "history_audit": {"runs": self.history_runs, "last_error": self.history_error,
                               "last": self.history},
+            "forge": {"running": self.forging, "last": self.last_forge},
         }

@@ -1,48 +1,40 @@
-"""The kernel's `forge`: ask the forge service for a run, then follow the steward's status log to the end.
+"""The kernel's `forge`: the forge service prepares a run, the steward service runs it; its events reach the console.
 
-``forge.run`` curates the persona's golden paths, has BRICK write the training script and publishes an
-instruction in the upgrade channel; it replies at once with ``instruction_id`` because the steward is about to
-stop that very process. The kernel then follows ``<upgrade_channel>/<instruction_id>.log.jsonl``
-(services.forge.steward.follow_log) and turns each line into an event for the console:
+``forge.run`` curates the persona's golden paths, has BRICK write the training script and replies with the
+steward's instruction (script, config and dataset inline). The kernel hands it to ``steward.upgrade`` over the
+broker and turns each event of that request into an event for the console:
 
     progress (train / load / evaluate)   ``progress`` {stage TRAINING | EVALUATING, done, total, rate, eta_s, ...}:
                                          the console draws a progress bar
-    started, stopped, stage, restarted,  ``state`` {state, from, note}: the run's lifecycle, one line each
+    started, stopped, stage, restarted,  ``state`` {state, from, note}: the run's lifecycle, one event each
     finished, incarnated
-    output, trained, evaluated, ...      ``log`` {text}
+    output, stored, trained, ...         ``log`` {text}
 
-It ends at a failed ``finished``, or at ``incarnated`` after a successful one (the restarted worker judged the
-adapter and says whether it activated it), or when the incarnation grace period runs out. The reply carries the
-before/after metrics (the reference the adapter had to beat -- the previous adapter, else the base model -- and
-the adapter itself) and whether the adapter was activated.
+The request ends with the steward's reply after the restarted worker judged the adapter (``incarnated``) or
+the steward's grace period ran out. The reply carries the before/after metrics (the reference the adapter had
+to beat -- the previous adapter, else the base model -- and the adapter itself) and whether the adapter was
+activated. A steward that dies during the run fails the request (the broker's ``worker_lost``: an upgrade is
+never retried); the error says what the steward does when it is back.
 
-A steward that never takes the instruction (not running) is reported after a pickup timeout with the instruction
-left pending, rather than holding the console for hours.
+This module imports nothing from other services: the steward is reached only through the broker.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from batos.errors import ServiceError
 from proto import ErrorCode
-from services.forge import steward
 from services.kernel.env import Emit
 
 PROGRESS_STAGES = {"train": "TRAINING", "load": "TRAINING", "evaluate": "EVALUATING"}
 LIFECYCLE_STATES = {"started": "STARTED", "stopped": "WORKER_STOPPED", "restarted": "WORKER_RESTARTED",
                     "incarnated": "INCARNATED"}
 PROGRESS_EXTRAS = ("loss", "learning_rate", "epoch", "model", "eval_loss", "format_valid", "examples")
-PICKUP_WARN_S = 10.0  # a first "waiting for the steward" note after this long
 LOG_TEXT_CHARS = 500
-Follow = Callable[..., AsyncIterator[dict[str, Any]]]
 
 
 @dataclass
@@ -123,29 +115,31 @@ class ForgeFollow:
         out.update({k: line[k] for k in PROGRESS_EXTRAS if line.get(k) is not None})
         return out
 
-    def outcome(self) -> dict[str, Any]:
+    def outcome(self, reply: dict[str, Any] | None = None) -> dict[str, Any]:
         """The run's result: ok, reason, metrics before/after, and whether the adapter was activated."""
-        fin = self.finished or {}
+        fin = self.finished or reply or {}
         inc = self.incarnated or {}
-        metrics = inc.get("metrics") or _brief(fin.get("metrics"))
+        metrics = _brief(inc.get("metrics") or fin.get("metrics"))
         out: dict[str, Any] = {
             "ok": bool(fin.get("ok")),
             "reason": fin.get("reason"),
             "returncode": fin.get("returncode"),
-            "adapter_dir": fin.get("adapter_dir") or inc.get("adapter_dir"),
+            "expert": fin.get("expert") or inc.get("expert"),
+            "expert_oid": (reply or {}).get("expert_oid") or fin.get("expert_oid"),
             "seconds": fin.get("seconds"),
             "restarted": fin.get("restarted"),
             "metrics": before_after(metrics),
             "activated": inc.get("decision") == "activated",
             "decision": inc.get("decision"),
             "decision_reason": inc.get("reason"),
-            "log_lines": self.lines,
+            "events": self.lines,
         }
-        if self.finished is None:
-            out["reason"] = "the status log ended before the run finished"
+        if self.finished is None and reply is None:
+            out["reason"] = "the steward's events ended before the run finished"
         elif fin.get("ok") and self.incarnated is None:
-            out["decision_reason"] = ("the restarted worker did not report the incarnation within the grace "
-                                      "period; see the forge worker's log and `audit`")
+            out["decision_reason"] = (reply or {}).get("decision_reason") or (
+                "the restarted worker did not report the incarnation within the grace period; see the forge "
+                "worker's log and `audit`")
         return out
 
 
@@ -174,13 +168,13 @@ def _brief(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _finish_note(line: dict[str, Any]) -> str:
     if line.get("ok"):
-        return f"training and evaluation done in {line.get('seconds')} s; adapter in {line.get('adapter_dir')}"
+        return f"training and evaluation done in {line.get('seconds')} s; adapter stored as {line.get('expert')}"
     return f"run failed: {line.get('reason') or 'no reason given'}"
 
 
 def _lifecycle_note(kind: str, line: dict[str, Any]) -> str:
     if kind == "started":
-        return f"steward took the instruction (script by {line.get('origin')}: {line.get('script_path')})"
+        return f"steward took the instruction (script by {line.get('origin')})"
     return f"{line.get('program')} is {line.get('state')}"
 
 
@@ -191,40 +185,35 @@ def _seconds(ts: Any) -> float | None:
         return None
 
 
-async def wait_for_pickup(channel: Path, instruction_id: str, emit: Emit, *, timeout: float,
-                          interval: float = 0.5, warn_after: float = PICKUP_WARN_S) -> None:
-    """Until the steward takes the instruction (its status log exists); unavailable after ``timeout``."""
-    log = steward.log_path(channel, instruction_id)
-    started = time.monotonic()
-    warned = False
-    while not log.exists():
-        waited = time.monotonic() - started
-        if waited > timeout:
-            raise ServiceError(ErrorCode.UNAVAILABLE,
-                               f"the steward has not taken forge instruction {instruction_id} in {timeout:g} s "
-                               f"(is the steward program running?); it stays pending in {channel}",
-                               {"instruction_id": instruction_id})
-        if not warned and waited > warn_after:
-            warned = True
-            await emit("log", instruction_id=instruction_id, level="warning",
-                       text=f"waiting for the steward to take instruction {instruction_id}")
-        await asyncio.sleep(interval)
+async def upgrade(client: Any, instruction: dict[str, Any], emit: Emit, *, timeout: float | None) -> dict[str, Any]:
+    """``steward.upgrade`` with its events relayed as console events; return :meth:`ForgeFollow.outcome`."""
+    ident = str(instruction.get("id"))
+    state = ForgeFollow(ident)
 
+    async def relay(event: dict[str, Any]) -> None:
+        converted = state.event(dict(event))
+        if converted is not None:
+            await emit(converted[0], **converted[1])
 
-async def follow_run(channel: Path, instruction_id: str, emit: Emit, *, timeout: float | None,
-                     incarnation_grace: float, pickup_timeout: float, interval: float = 0.5,
-                     follow: Follow = steward.follow_log) -> dict[str, Any]:
-    """Relay one run's status log as events; return :meth:`ForgeFollow.outcome`."""
-    await wait_for_pickup(channel, instruction_id, emit, timeout=pickup_timeout, interval=interval)
-    state = ForgeFollow(instruction_id)
     try:
-        async for line in follow(channel, instruction_id, interval=interval, timeout=timeout,
-                                 incarnation_grace=incarnation_grace):
-            event = state.event(line)
-            if event is not None:
-                await emit(event[0], **event[1])
-    except TimeoutError:
-        raise ServiceError(ErrorCode.TIMEOUT, f"forge run {instruction_id} did not finish within {timeout:g} s; "
-                                              "it may still be running (see the steward's log)",
-                           {"instruction_id": instruction_id}) from None
-    return state.outcome()
+        reply = await client.call("steward", "upgrade", instruction, on_event=relay, timeout=timeout)
+    except ServiceError as e:
+        raise explain(e, ident, state, str(instruction.get("program") or "forge")) from None
+    return state.outcome(reply)
+
+
+def explain(e: ServiceError, ident: str, state: ForgeFollow, program: str) -> ServiceError:
+    """A failed upgrade request in the Architect's words: what happened and what the system does about it."""
+    details = {**(e.details or {}), "instruction_id": ident, "state": state.state}
+    if e.code == ErrorCode.WORKER_LOST:
+        return ServiceError(e.code, f"the steward died during forge run {ident} (last state {state.state}); it is "
+                                    f"restarted by supervisord, kills the orphaned training, starts {program} again "
+                                    "and records the run as failed (never retried). Ask `forge` again to retry.",
+                            details)
+    if e.code == ErrorCode.UNAVAILABLE and state.lines == 0:
+        return ServiceError(e.code, f"no steward took forge run {ident} ({e.message}); is the steward program "
+                                    "running?", details)
+    if e.code == ErrorCode.TIMEOUT:
+        return ServiceError(e.code, f"forge run {ident} did not finish in time; it may still be running (see the "
+                                    "steward's log and its `status`)", details)
+    return ServiceError(e.code, f"forge run {ident}: {e.message}", details)

@@ -3,8 +3,8 @@
 ingest / search / inspect / stats go to the ``ingest`` and ``memory`` services; their streamed events are
 forwarded to the console that asked. status = the broker's worker table + this kernel's state. trace = a
 cycle's record in the image + its audit events (after catching the audit log up). audit = ALFRED's audit
-ingestion now, with progress events. forge = the forge service's run, events forwarded, then the steward's
-status log followed to the adapter's incarnation (forge_follow.py).
+ingestion now, with progress events. forge = the forge service's run, events forwarded, then the steward
+service's upgrade, its events relayed to the adapter's incarnation (forge_follow.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from services.kernel.env import Emit
 log = logging.getLogger("batos.kernel.relays")
 
 INGEST_TIMEOUT = 6 * 3600.0  # a whole tree on 2 cores embeds at ~25 chunks/s: hours for a big one
-FORGE_TIMEOUT = 6 * 3600.0  # LoRA training on CPU, followed through the steward's status log
+FORGE_TIMEOUT = 6 * 3600.0 + 600.0  # LoRA training on CPU (the steward's limit) + evaluation and incarnation
 FORGE_PREPARE_TIMEOUT = 1800.0  # curation + BRICK writing the training script (~a minute on 2 cores)
 FORGE_OPTIONS = ("mission_type", "epochs", "max_steps", "generate_script", "format_prompts", "logging_steps")
 VERIFY_TIMEOUT = 600.0  # verify reads every object of the image: ~1 min per 100k objects from a cold cache
@@ -184,17 +184,14 @@ def _recent_events(path: Path, n: int = RECENT_EVENTS) -> list[dict[str, Any]]:
 
 
 async def forge(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
-    """The forge service prepares the run (its events forwarded), then the steward's status log is followed to
-    the end (forge_follow.py): training progress, the worker's restart, the adapter's incarnation."""
+    """The forge service prepares the run (its events forwarded), then the steward service runs it
+    (forge_follow.py): training progress, the worker's restart, the adapter's incarnation."""
     persona = persona_arg(_first_arg(cmd, "persona"))
     env = kernel.env
     body = {"persona": persona, **{k: v for k, v in cmd.mission_brief.kwargs.items() if k in FORGE_OPTIONS}}
     reply = await env.client.call("forge", "run", body, on_event=forwarder(emit), timeout=FORGE_PREPARE_TIMEOUT)
-    instruction_id = reply.get("instruction_id")
-    if not isinstance(instruction_id, str) or not instruction_id:
-        raise ServiceError(ErrorCode.INTERNAL, f"forge.run replied without an instruction_id: {sorted(reply)}")
-    outcome = await forge_follow.follow_run(
-        Path(env.settings.upgrade_channel), instruction_id, emit, timeout=FORGE_TIMEOUT,
-        incarnation_grace=env.settings.forge_incarnation_grace,
-        pickup_timeout=env.settings.forge_pickup_timeout)
+    instruction = reply.pop("instruction", None)
+    if not isinstance(instruction, dict) or not instruction.get("id"):
+        raise ServiceError(ErrorCode.INTERNAL, f"forge.run replied without an instruction: {sorted(reply)}")
+    outcome = await forge_follow.upgrade(env.client, instruction, emit, timeout=FORGE_TIMEOUT)
     return {**reply, "persona": persona, **outcome}

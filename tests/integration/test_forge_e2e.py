@@ -1,4 +1,4 @@
-"""Issue 9 item 7: `forge BRICK` end to end on CPU with the embedded model, the whole system up.
+"""Issue 9 item 7 / issue 15 item 3: `forge BRICK` end to end on CPU with the embedded model, the whole system up.
 
 The system runs as `make up` runs it (`batos.ctl up`, supervisord, the repo's supervisord.conf) in a temp var dir,
 the autotelic loop off so nothing but this test writes memory or dispatches a forge. Then:
@@ -7,13 +7,19 @@ the autotelic loop off so nothing but this test writes memory or dispatches a fo
    wrote a missing method, sent as Table 3 events to the kernel's ``audit_event`` (the audit log's single
    writer) in the shape services/kernel/dnu.py writes them, and turned into ContextFractals by ``audit``;
 2. the kernel's ``forge`` (a raw Table 1 ``command``, for a tiny run: 2 optimizer steps, the canonical
-   template, one format prompt) curates, and the steward stops the ``forge`` program through supervisord, trains,
-   evaluates, and starts it again; the kernel follows the steward's log until the restarted worker reports the
-   adapter's incarnation;
-3. afterwards: the adapter is incarnated (a blob in memory holding its files, an ADAPTER_INCARNATION audit
-   event) and active for BRICK in the llm service exactly when its metrics.json says it beat the base model
-   (either outcome is accepted, but it must agree with the metrics); memory is what it was, object for object
-   (plus that blob); the kernel, memory_weaver, zeo and broker kept their pids the whole time.
+   template, one format prompt): the forge service curates and replies with the steward's instruction, the
+   kernel sends it to the steward service (``steward.upgrade`` over the broker), which stops the ``forge``
+   program through supervisord, trains, evaluates, stores the adapter in the Living Image as a LoRA expert (a
+   ZODB Blob through ZEO) and starts the program again; the kernel relays the steward's events until the
+   restarted worker reads the expert back from the image and decides;
+3. afterwards: the expert holds the adapter's files, an ADAPTER_INCARNATION audit event names it, and it is
+   active for BRICK in the llm service exactly when its metrics say it beat the base model (either outcome is
+   accepted, but it must agree with the metrics); memory is what it was, object for object; the kernel,
+   memory_weaver, zeo, broker and steward kept their pids the whole time; nothing was written in var/ but the
+   steward's own record and the forge's adapter cache;
+4. the fault: kill -9 of the steward during a second run's training. The kernel's `forge` fails at once with a
+   ``worker_lost`` error saying what happens next; supervisord brings the steward back, which kills the orphaned
+   training, starts the forge program again and records the run as failed (its ``status``); memory verifies clean.
 """
 
 from __future__ import annotations
@@ -21,23 +27,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
 import json
-import tarfile
+import os
+import signal
 import time
 import uuid
 import xmlrpc.client
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from batos.audit import AuditEvent, render_messages
 from batos.client import Client
-from services.forge.incarnation import MARKER, decide
-from services.forge.steward import read_log
+from batos.errors import ServiceError
+from batos.image import Image
+from services.forge import lora_experts
+from services.forge.incarnation import decide
 from tests.integration.system_fixture import Installation, installation_fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -202,20 +210,26 @@ class PidWatch:
         self._poll()
 
 
-async def wait_incarnated(adapter_dir: Path, timeout: float = 120.0) -> dict[str, Any]:
-    """The marker once the blob is stored and the audit event recorded (both follow the `incarnated` line)."""
+async def wait_audited(image: Image, name: str, timeout: float = 120.0) -> dict[str, Any]:
+    """The expert once the restarted worker recorded its audit event (after the decision the steward reported)."""
     deadline = time.monotonic() + timeout
-    marker: dict[str, Any] = {}
+    expert: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, ValueError):
-            marker = json.loads((adapter_dir / MARKER).read_text())
-            if marker.get("blob_oid") and marker.get("audited"):
-                return marker
+        expert = await image.read(lora_experts.get, name) or {}
+        if expert.get("audited"):
+            return expert
         await asyncio.sleep(0.5)
-    raise AssertionError(f"adapter {adapter_dir} not fully incarnated in {timeout} s: {marker}")
+    raise AssertionError(f"expert {name} not audited in {timeout} s: {expert}")
 
 
-# -- the test ---------------------------------------------------------------------------------------------
+def var_files(inst: Installation) -> set[str]:
+    return {str(p.relative_to(inst.var)) for p in inst.var.rglob("*") if p.is_file()}
+
+
+# -- the tests --------------------------------------------------------------------------------------------
+
+FORGE_COMMAND = {"command": "forge", "target_oid": "0",
+                 "mission_brief": {"type": "forge", "selector": "forge", "args": ["BRICK"], "kwargs": FORGE_OPTIONS}}
 
 
 async def test_forge_brick_end_to_end(installation: Installation) -> None:
@@ -228,48 +242,37 @@ async def test_forge_brick_end_to_end(installation: Installation) -> None:
         assert (await client.call("llm", "adapters", {}, timeout=30))["personas"].get("BRICK") is None
         pids = {name: int(p["pid"]) for name, p in installation.programs().items()}
         started = {name: p["start"] for name, p in installation.programs().items()}
+        files_before = var_files(installation)
 
-        # -- the forge, followed by the kernel --------------------------------------------------------------
+        # -- the forge: prepared by forge, run by the steward, relayed by the kernel ---------------------------
         events: list[dict[str, Any]] = []
 
         async def collect(event: dict[str, Any]) -> None:
-            events.append(event)
+            events.append({**event, "at": time.monotonic()})
 
-        command = {"command": "forge", "target_oid": "0",
-                   "mission_brief": {"type": "forge", "selector": "forge", "args": ["BRICK"],
-                                     "kwargs": FORGE_OPTIONS}}
         t0 = time.monotonic()
         watch = PidWatch(installation)
         with watch:
-            reply = await client.call("kernel", "command", command, on_event=collect, timeout=FORGE_TIMEOUT)
+            reply = await client.call("kernel", "command", FORGE_COMMAND, on_event=collect, timeout=FORGE_TIMEOUT)
             timings["forge_s"] = time.monotonic() - t0
             await watch.stop()
 
         # -- the run itself ----------------------------------------------------------------------------------
         assert reply["ok"] and reply["restarted"], reply
         assert reply["script"]["origin"] == "template" and reply["counts"]["train"] == seeded["curated"]["train"]
-        adapter_dir = Path(reply["adapter_dir"])
-        assert adapter_dir.parent == installation.settings.lora_dir and (adapter_dir / "adapter_config.json").is_file()
-        meta = json.loads((adapter_dir / "training_meta.json").read_text())
-        assert meta["steps"] == FORGE_OPTIONS["max_steps"] and meta["persona"] == "BRICK", meta
-        assert meta["instruction_id"] == reply["instruction_id"]
         states = [e["state"] for e in events if e.get("event") == "state"]
-        for state in ("STARTED", "WORKER_STOPPED", "TRAINING", "EVALUATING", "FINISHED", "WORKER_RESTARTED",
+        for state in ("STARTED", "WORKER_STOPPED", "TRAINING", "EVALUATING", "WORKER_RESTARTED", "FINISHED",
                       "INCARNATED"):
             assert state in states, (state, states)
+        assert states.index("WORKER_STOPPED") < states.index("TRAINING") < states.index("WORKER_RESTARTED")
         assert states[-1] == "INCARNATED", states
         train = [e for e in events if e.get("event") == "progress" and e.get("stage") == "TRAINING"
                  and e.get("total") == FORGE_OPTIONS["max_steps"]]
         assert [e["done"] for e in train][-1] == FORGE_OPTIONS["max_steps"], train
+        stored = next(e for e in events if e.get("event") == "log" and e["text"].startswith("stored: "))
+        assert reply["expert"] in stored["text"]
 
         # the steward stopped the forge program through supervisord and started it again
-        log = read_log(installation.settings.upgrade_channel, reply["instruction_id"])
-        kinds = [line["event"] for line in log]
-        stopped = next(line for line in log if line["event"] == "stopped")
-        restarted = next(line for line in log if line["event"] == "restarted")
-        assert stopped["program"] == "forge" and stopped["state"] == "STOPPED", stopped
-        assert restarted["state"] == "RUNNING", restarted
-        assert kinds.index("stopped") < kinds.index("stage") < kinds.index("finished") < kinds.index("incarnated")
         forge_seen = watch.seen["forge"]
         assert any(state != "RUNNING" for _, state in forge_seen), forge_seen
         new_forge = installation.pid("forge")
@@ -282,14 +285,24 @@ async def test_forge_brick_end_to_end(installation: Installation) -> None:
         assert {n: (now[n]["pid"], now[n]["start"]) for n in STAYING_UP} == \
             {n: (pids[n], started[n]) for n in STAYING_UP}
 
-        # -- the decision agrees with metrics.json ----------------------------------------------------------
-        metrics = json.loads((adapter_dir / "metrics.json").read_text())
+        # -- the expert in the image: its files, its metrics, the decision that agrees with them ---------------
+        image = await Image(installation.settings, pool_threads=1, do_awaken=False).open()
+        try:
+            expert = await wait_audited(image, reply["expert"])
+            restored = Path(await image.read(lora_experts.extract, reply["expert"],
+                                             str(installation.root / "restored")))
+        finally:
+            await image.close()
+        metrics = expert["metrics"]
         assert metrics["eval_examples"] == seeded["curated"]["eval"] and metrics["format_kind"] == "python", metrics
         assert metrics["base"]["eval_loss"] is not None and metrics["adapter"]["eval_loss"] is not None
-        marker = await wait_incarnated(adapter_dir)
+        assert expert["steps"] == FORGE_OPTIONS["max_steps"] and expert["persona"] == "BRICK"
+        assert expert["instruction_id"] == reply["instruction_id"] and expert["oid"] == reply["expert_oid"]
+        names = sorted(p.name for p in restored.iterdir())
+        assert "adapter_config.json" in names and "adapter_model.safetensors" in names, names
         chosen, why = decide(metrics)
-        assert marker["decision"] == ("activated" if chosen else "kept_previous"), (marker, metrics)
-        assert marker["reason"] == why and reply["decision"] == marker["decision"]
+        assert expert["decision"] == ("activated" if chosen else "kept_previous"), (expert, metrics)
+        assert expert["reason"] == why and reply["decision"] == expert["decision"]
         assert reply["activated"] is chosen
         assert reply["metrics"]["after"]["eval_loss"] == metrics["adapter"]["eval_loss"]
         assert reply["metrics"]["before"] == {"model": "base", **{k: metrics["base"][k]
@@ -298,7 +311,10 @@ async def test_forge_brick_end_to_end(installation: Installation) -> None:
         await installation.wait_worker(client, "llm", new_forge, timeout=120)
         active = (await client.call("llm", "adapters", {}, timeout=30))["personas"].get("BRICK")
         if chosen:
-            assert active is not None and Path(active["path"]) == adapter_dir, active
+            # the forge worker read it back from the image into its own cache: the same bytes
+            assert active is not None and active["meta"]["expert"] == reply["expert"], active
+            cached = Path(active["path"])
+            assert all((cached / n).read_bytes() == (restored / n).read_bytes() for n in names)
         else:
             assert active is None, active  # the previous state (the base model) stays
         said = await client.call("llm", "generate", {"persona": "BRICK", "max_tokens": 4,
@@ -306,34 +322,79 @@ async def test_forge_brick_end_to_end(installation: Installation) -> None:
                                  timeout=120)
         assert bool(said["adapter"]) is chosen, said
 
-        # -- incarnated: the blob holds the adapter's files; the audit log says so -----------------------------
-        blob = await client.call("memory", "blob_get", {"oid": marker["blob_oid"]}, timeout=60)
-        assert blob["meta"]["persona"] == "BRICK" and blob["meta"]["decision"] == marker["decision"]
-        assert blob["meta"]["dataset_sha256"] == meta["dataset_sha256"]
-        with tarfile.open(fileobj=io.BytesIO(blob["data"])) as tar:
-            stored = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
-        on_disk = {str(p.relative_to(adapter_dir)): p.read_bytes() for p in adapter_dir.rglob("*")
-                   if p.is_file() and p.name != MARKER and not p.name.startswith(".")}
-        assert stored == on_disk and "adapter_model.safetensors" in stored
         logged = [json.loads(line) for line in installation.settings.audit_log.read_text().splitlines()
                   if '"ADAPTER_INCARNATION"' in line]
-        assert [e["event_data"]["blob_oid"] for e in logged] == [marker["blob_oid"]], logged
-        assert logged[0]["event_data"]["decision"] == marker["decision"]
+        assert [e["event_data"]["blob_oid"] for e in logged] == [expert["oid"]], logged
+        assert logged[0]["event_data"]["decision"] == expert["decision"]
 
-        # -- memory: what it was, plus the adapter's blob ----------------------------------------------------
+        # -- memory: what it was, object for object ----------------------------------------------------------
         after = await memory_snapshot(client, seeded["cycles"])
-        grown = {k: after["counts"].get(k, 0) - before["counts"].get(k, 0) for k in after["counts"] | before["counts"]}
-        assert {k: v for k, v in grown.items() if v} == {"blob": 1}, (before["counts"], after["counts"])
+        assert after["counts"] == before["counts"]
         assert after["vectors"] == before["vectors"]
         assert after["chunks"] == before["chunks"]
         assert after["fractals"] == before["fractals"]
 
-    finished = next(line for line in log if line["event"] == "finished")
-    t_start = datetime.fromisoformat(log[0]["ts"])
-    timeline = ", ".join(f"{line['event']}{'/' + line['stage'] if line['event'] == 'stage' else ''} "
-                         f"+{(datetime.fromisoformat(line['ts']) - t_start).total_seconds():.0f}s"
-                         for line in log if line["event"] not in ("progress", "output"))
-    print(f"\n[forge_e2e] steward log: {timeline}")
+        # -- nothing went through files in var/: what is new is the steward's record and the forge's cache ------
+        new = {f.split("/")[0] if not f.startswith("steward/") else f for f in var_files(installation) - files_before}
+        allowed = {"steward/runs.jsonl", "lora_adapters", "blob_cache", "log", "live_image.fs.index",
+                   "live_image.fs.tmp", "live_image.fs.lock", "blobs", "metacognition.jsonl"}
+        assert new <= allowed, new - allowed
+
+    status_run = [e for e in events if e.get("event") == "state"]
+    t_start = status_run[0]["at"]
+    timeline = ", ".join(f"{e['state']} +{e['at'] - t_start:.0f}s" for e in status_run)
+    print(f"\n[forge_e2e] steward events: {timeline}")
     print(f"\n[forge_e2e] up {timings['up_s']:.0f} s, seed {timings['seed_s']:.1f} s, forge (kernel call) "
-          f"{timings['forge_s']:.1f} s (steward: stop+train+evaluate+start {finished['seconds']} s); "
-          f"decision {marker['decision']}: {marker['reason']}")
+          f"{timings['forge_s']:.1f} s (steward: stop+train+evaluate+start {reply['seconds']} s); "
+          f"decision {expert['decision']}: {expert['reason']}")
+
+
+def training_children(steward_pid: int) -> list[int]:
+    with contextlib.suppress(psutil.Error):
+        return [p.pid for p in psutil.Process(steward_pid).children(recursive=True)]
+    return []
+
+
+async def test_kill_9_of_the_steward_mid_training_is_reported_and_cleaned_up(installation: Installation) -> None:
+    """The fault: the steward dies (SIGKILL) while training runs; the console hears why; the system recovers."""
+    async with installation.client() as client:
+        steward_pid = installation.pid("steward")
+        forge_pid = installation.pid("forge")
+        killed: dict[str, Any] = {}
+
+        async def on_event(event: dict[str, Any]) -> None:
+            if event.get("event") == "state" and event.get("state") == "TRAINING" and not killed:
+                killed["children"] = training_children(steward_pid)
+                os.kill(steward_pid, signal.SIGKILL)
+                killed["at"] = time.monotonic()
+
+        with pytest.raises(ServiceError) as info:
+            await client.call("kernel", "command", FORGE_COMMAND, on_event=on_event, timeout=FORGE_TIMEOUT)
+        assert killed and killed["children"], "the steward was not killed during training"
+        assert info.value.code == "worker_lost", info.value
+        assert "the steward died during forge run" in info.value.message
+        assert "records the run as failed" in info.value.message
+        assert time.monotonic() - killed["at"] < 30  # at once, not after a timeout
+
+        # supervisord brings the steward back; it closes the run out: training killed, forge started again
+        new_steward = installation.wait_restarted("steward", steward_pid, timeout=120)
+        await installation.wait_worker(client, "steward", new_steward, timeout=120)
+        status = await client.call("steward", "status", {}, timeout=30)
+        last = status["runs"][-1]
+        assert last["ok"] is False and "not retried" in last["reason"], last
+        assert status["busy"] == [] and status["current"] is None
+        assert not [pid for pid in killed["children"] if psutil.pid_exists(pid)
+                    and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        info_forge = installation.rpc().supervisor.getProcessInfo("forge")
+        assert info_forge["statename"] == "RUNNING" and info_forge["pid"] != forge_pid
+        await installation.wait_worker(client, "llm", int(info_forge["pid"]), timeout=120)
+
+        # memory verifies clean, and no half-stored expert was left behind
+        verified = await client.call("memory", "verify", {}, timeout=300)
+        assert verified["ok"], verified
+        image = await Image(installation.settings, pool_threads=1, do_awaken=False).open()
+        try:
+            experts = await image.read(lora_experts.listing)
+        finally:
+            await image.close()
+        assert len(experts) == 1 and experts[0]["audited"]  # only the first test's

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from services.forge import confine
-from services.forge.steward import Instruction, Steward, read_log, write_instruction
+from services.forge.steward import Instruction, Steward
 
 pytestmark = [pytest.mark.skipif(bool(confine.available()), reason=confine.available() or "n/a"),
               pytest.mark.timeout(120)]
@@ -104,22 +104,23 @@ def world(tmp_path: Path):
         unix_server.close()
 
 
+def out_dir(world: dict, ident: str) -> Path:
+    """Where the steward points a run's output: its private work dir (the only writable place)."""
+    return world["var"] / "steward" / "runs" / ident / "adapter"
+
+
 def run_script(world: dict, body: str, ident: str, **kw) -> list[dict]:
-    var, run = world["var"], world["run"]
-    script = run / f"{ident}.py"
-    script.write_text(textwrap.dedent(body))
-    out = var / "lora_adapters" / f"BRICK-{ident}"
-    steward = Steward(var / "upgrade_channel", StandInSupervisor())  # hides var/keys by default
-    write_instruction(var / "upgrade_channel", Instruction(
-        id=ident, persona="BRICK", script_path=str(script), config_path=str(run / "config.json"),
-        output_dir=str(out), program="forge", evaluate=False, origin="generated", **kw))
-    assert steward.poll_once() == 1
-    return read_log(var / "upgrade_channel", ident)
+    steward = Steward(world["var"] / "steward", StandInSupervisor())  # hides var/keys by default
+    events: list[dict] = []
+    steward.run(Instruction(id=ident, persona="BRICK", script=textwrap.dedent(body), config={"persona": "BRICK"},
+                            program="forge", evaluate=False, origin="generated", **kw),
+                lambda event, **data: events.append({"event": event, **data}))
+    return events
 
 
 def test_a_generated_training_script_writes_only_its_output_and_reaches_nothing(world):
     repo = Path(__file__).resolve().parents[2]
-    body = PROBE.format(out=str(world["var"] / "lora_adapters" / "BRICK-probe1"), repo=str(repo),
+    body = PROBE.format(out=str(out_dir(world, "probe1")), repo=str(repo),
                         other=str(world["other"]), var=str(world["var"]), port=world["port"], sock=world["sock"],
                         key=str(world["var"] / "keys" / "console.key_secret"), env=SECRET_ENV)
     lines = run_script(world, body, "probe1")
@@ -144,7 +145,7 @@ def test_a_generated_training_script_writes_only_its_output_and_reaches_nothing(
 ])
 def test_an_adapter_holding_pickles_or_links_is_refused(world, body, expect):
     ident = f"bad{abs(hash(expect)) % 1000}"
-    lines = run_script(world, body.format(out=str(world["var"] / "lora_adapters" / f"BRICK-{ident}")), ident)
+    lines = run_script(world, body.format(out=str(out_dir(world, ident))), ident)
     finished = lines[-1]
     assert finished["ok"] is False and expect in finished["reason"], finished
 

@@ -1,4 +1,4 @@
-"""The forge service's run/curate/history against a fake memory: stages, files, instruction, errors."""
+"""The forge service's run/curate/history against a fake memory and steward: stages, the instruction, errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from batos import personas
 from batos.errors import ServiceError
 from batos.worker import Request
 from services.forge import handlers_forge
-from services.forge.steward import Instruction, write_instruction
+from services.forge.steward import Instruction
 from services.forge.training_script import template_source
 from tests.unit.test_forge_curation import dnu_cycle
 from tests.unit.test_forge_history_audit import FakeMemory
@@ -24,15 +24,15 @@ def settings(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    return SimpleNamespace(var_dir=tmp_path / "var", upgrade_channel=tmp_path / "var" / "upgrade_channel",
+    return SimpleNamespace(var_dir=tmp_path / "var",
                            lora_dir=tmp_path / "var" / "lora_adapters", llm_backend="hf", llm_model_path=str(model),
                            llm_dtype="auto", llm_device="auto", llm_request_timeout=5.0, forge_threshold=3,
                            forge_program="forge", forge_train_timeout=21600.0)
 
 
-def history(n=6):
+def history(n=6, steward=None):
     return FakeMemory([f for i in range(n) for f in dnu_cycle(f"m{i}", f"def m{i}(self):\n    return {i}\n",
-                                                                minute=i)])
+                                                                minute=i)], steward=steward)
 
 
 class Events:
@@ -43,28 +43,28 @@ class Events:
         self.seen.append((name, data))
 
 
-async def test_run_writes_dataset_script_and_instruction(settings):
+async def test_run_returns_the_stewards_instruction_with_everything_inline(settings):
     events = Events()
     out = await handlers_forge.prepare_forge(settings, history(), events, persona="BRICK",
                                              generate=lambda messages: "no idea, sorry", epochs=2,
-                                             previous_adapter="/prev", cycle_id="c-1")
+                                             previous_expert="brick_old", cycle_id="c-1")
     assert [d["stage"] for _, d in events.seen] == ["curation", "script", "upgrade_requested"]
     assert events.seen[0][1]["examples"] == 6 and events.seen[1][1]["origin"] == "template"
     assert "rejected" in events.seen[1][1]["reason"]
 
-    ins = json.loads((settings.upgrade_channel / f"{out['instruction_id']}.json").read_text())
-    Instruction.from_dict(ins)  # the steward can read it
+    ins = out["instruction"]
+    parsed = Instruction.from_dict(json.loads(json.dumps(ins)))  # the steward can take it as sent
+    assert parsed.id == out["instruction_id"] and parsed.previous_expert == "brick_old"
     assert ins["persona"] == "BRICK" and ins["program"] == "forge" and ins["origin"] == "template"
-    assert Path(ins["script_path"]).read_text() == template_source()
-    assert ins["output_dir"].startswith(str(settings.lora_dir / "brick_"))
-    assert out["log_path"] == str(settings.upgrade_channel / f"{out['instruction_id']}.log.jsonl")
+    assert ins["script"] == template_source() and sorted(ins["files"]) == ["eval.jsonl", "train.jsonl"]
+    assert not (settings.var_dir / "forge_runs").exists()  # nothing passed through files
 
-    config = json.loads(Path(ins["config_path"]).read_text())
+    config = ins["config"]
     assert config["base_model"] == settings.llm_model_path and config["training"]["num_train_epochs"] == 2
-    assert config["previous_adapter"] == "/prev" and config["cycle_id"] == "c-1"
-    assert config["instruction_id"] == out["instruction_id"] and config["output_dir"] == ins["output_dir"]
-    train = [json.loads(line) for line in Path(config["train_path"]).read_text().splitlines()]
-    held = Path(config["eval_path"]).read_text().splitlines()
+    assert config["cycle_id"] == "c-1" and config["instruction_id"] == out["instruction_id"]
+    assert not {"train_path", "eval_path", "output_dir"} & set(config)  # the steward sets its own paths
+    train = [json.loads(line) for line in ins["files"]["train.jsonl"].splitlines()]
+    held = ins["files"]["eval.jsonl"].splitlines()
     assert len(train) + len(held) == 6 and len(config["train_ids"]) == len(train)
     # Trained on what the model sees at inference: BRICK's persona prompt merged before the kernel's system text.
     system = train[0]["messages"][0]
@@ -77,21 +77,19 @@ async def test_generated_script_is_used_when_valid(settings):
 
     out = await handlers_forge.prepare_forge(settings, history(), Events(), persona="BRICK", generate=brick)
     assert out["script"]["origin"] == "generated"
-    assert Path(out["script_path"]).name == "train_generated.py" and Path(out["script_path"]).read_text() == GOOD
+    assert out["instruction"]["origin"] == "generated" and out["instruction"]["script"] == GOOD
 
 
 async def test_no_examples_is_rejected_and_leaves_nothing(settings):
     with pytest.raises(ServiceError) as err:
         await handlers_forge.prepare_forge(settings, history(), Events(), persona="ROBIN")
     assert err.value.code == "rejected" and "no golden-path examples for ROBIN" in err.value.message
-    assert not list((settings.var_dir / "forge_runs").glob("*")) and not settings.upgrade_channel.exists()
 
 
-async def test_pending_forge_is_busy(settings):
-    write_instruction(settings.upgrade_channel, Instruction(id="x", persona="BRICK", script_path="s",
-                                                            config_path="c", output_dir="o"))
+async def test_a_persona_the_steward_is_forging_is_busy(settings):
     with pytest.raises(ServiceError) as err:
-        await handlers_forge.prepare_forge(settings, history(), Events(), persona="BRICK")
+        await handlers_forge.prepare_forge(settings, history(steward={"busy": ["BRICK"], "last_forge": {}}),
+                                           Events(), persona="BRICK")
     assert err.value.code == "busy"
 
 
@@ -132,7 +130,10 @@ async def test_handlers(settings):
     req = FakeRequest("run", {"persona": "BRICK", "generate_script": False, "max_steps": 2}, settings, history())
     out = await handlers_forge.forge_handlers["run"](req)
     assert out["script"]["reason"] == "script generation disabled"
-    assert json.loads(Path(out["config_path"]).read_text())["training"]["max_steps"] == 2
+    assert out["instruction"]["config"]["training"]["max_steps"] == 2
 
     report = await handlers_forge.forge_handlers["history"](FakeRequest("history", {}, settings, history()))
-    assert report["busy"] == ["BRICK"] and report["due"] == []  # the run above is pending
+    assert report["due"] == ["BRICK"] and report["counts"]["BRICK"] == 3  # threshold 3, 6 successes
+    busy = history(steward={"busy": ["BRICK"], "last_forge": {"BRICK": "2025-09-01T00:00:00+00:00"}})
+    report = await handlers_forge.forge_handlers["history"](FakeRequest("history", {}, settings, busy))
+    assert report["busy"] == ["BRICK"] and report["due"] == []

@@ -1,21 +1,22 @@
 """The forge for real, on CPU: curate 8 tiny golden paths, train the embedded model with the template for 2
-steps through the steward, evaluate base vs adapter, and incarnate the result."""
+steps through the steward, evaluate base vs adapter, store it in an image as a LoRA expert, incarnate it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from batos.config import load
-from services.forge import handlers_forge, incarnation
-from services.forge.steward import Steward, read_log
+from services.forge import handlers_forge, incarnation, lora_experts
+from services.forge.steward import Instruction, Steward
+from services.forge.steward_main import image_ops
 from tests.unit.test_forge_curation import dnu_cycle
 from tests.unit.test_forge_handlers import Events
 from tests.unit.test_forge_history_audit import FakeMemory
-from tests.unit.test_forge_incarnation import FakeSystem
+from tests.unit.test_forge_incarnation import FakeSystem, image  # noqa: F401  (the image fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ class StubSupervisor:
         return "RUNNING"
 
 
-async def test_template_trains_evaluates_and_incarnates(tmp_path, monkeypatch):
+async def test_template_trains_evaluates_and_incarnates(tmp_path, monkeypatch, image):  # noqa: F811
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     settings = load(var_dir=tmp_path / "var", llm_backend="embedded", llm_device="cpu")
     memory = FakeMemory([f for i in range(8) for f in dnu_cycle(
@@ -46,11 +47,12 @@ async def test_template_trains_evaluates_and_incarnates(tmp_path, monkeypatch):
     assert out["script"]["origin"] == "template"
 
     supervisor = StubSupervisor()
-    steward = Steward(settings.upgrade_channel, supervisor)
-    assert steward.poll_once() == 1
-    lines = read_log(settings.upgrade_channel, out["instruction_id"])
-    finished = lines[-1]
-    assert finished["event"] == "finished", lines[-5:]
+    steward = Steward(settings.steward_dir, supervisor, image=image_ops(image, asyncio.get_running_loop()),
+                      incarnation_grace=0.1)  # nobody decides here: the incarnation below does
+    lines: list[dict] = []
+    result = await asyncio.to_thread(steward.run, Instruction.from_dict(out["instruction"]),
+                                     lambda event, **data: lines.append({"event": event, **data}))
+    finished = next(line for line in lines if line["event"] == "finished")
     assert finished["ok"] is True, finished.get("reason")
     assert supervisor.calls == [("stop", "forge"), ("start", "forge")]
 
@@ -60,21 +62,21 @@ async def test_template_trains_evaluates_and_incarnates(tmp_path, monkeypatch):
     assert [p["step"] for p in train_steps] == [1, 2] and all(p["total"] == 2 for p in train_steps)
     assert any(line["event"] == "progress" and line.get("model") == "adapter" for line in lines)
 
-    adapter = Path(out["output_dir"])
-    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
-    meta = json.loads((adapter / "training_meta.json").read_text())
+    meta = result["training_meta"]
     assert meta["steps"] == 2 and meta["dataset_sha256"] == out["dataset"]["sha256"] and meta["device"] == "cpu"
     assert meta["dtype"] == "float32" and meta["lora"]["r"] == 16 and meta["instruction_id"] == out["instruction_id"]
-    metrics = json.loads((adapter / "metrics.json").read_text())
+    metrics = result["metrics"]
     assert metrics == finished["metrics"] and metrics["eval_examples"] >= 1 and metrics["format_kind"] == "python"
     for model in ("base", "adapter"):
         assert metrics[model]["eval_loss"] > 0 and 0 <= metrics[model]["format_valid"] <= 1
     print("\nforge metrics:", json.dumps({k: metrics[k] for k in ("base", "adapter")}, default=str),
           "train seconds:", meta["seconds"], "eval seconds:", metrics["seconds"])
 
-    system = FakeSystem()
-    (report,) = await incarnation.incarnate_lora_experts(settings.lora_dir, system.deps())
+    stored = await image.read(lora_experts.get, result["expert"])
+    assert stored["decision"] is None and stored["train_ids"] == meta["train_ids"]
+    system = FakeSystem(image, tmp_path / "cache")
+    (report,) = await incarnation.incarnate_lora_experts(system.deps())
     chosen, _ = incarnation.decide(metrics)
     assert report["decision"] == (incarnation.ACTIVATED if chosen else incarnation.KEPT_PREVIOUS)
-    assert system.blobs and system.blobs[0][1]["train_ids"] == meta["train_ids"]
-    assert os.path.getsize(adapter / "adapter_model.safetensors") < len(system.blobs[0][0])
+    local = Path(await incarnation.materialize(result["expert"], system.deps()))
+    assert (local / "adapter_config.json").is_file() and (local / "adapter_model.safetensors").is_file()

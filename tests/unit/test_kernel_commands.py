@@ -122,15 +122,15 @@ async def test_status_shows_the_worker_table_and_the_kernel(kernel, client):
     assert out["kernel"]["instance"] == "kernel-test" and out["kernel"]["active_cycles"] == []
 
 
-async def test_forge_relays_with_a_checked_persona(kernel, client, settings):
-    # (following the steward's status log is tested in test_kernel_forge_relay.py)
-    from services.forge.steward import log_path
-
-    settings.upgrade_channel.mkdir(parents=True)
-    log_path(settings.upgrade_channel, "b1").write_text('{"event": "finished", "ok": false, "reason": "no"}\n')
-    client.handlers[("forge", "run")] = lambda body, ev: {"persona": body["persona"], "instruction_id": "b1"}
+async def test_forge_relays_with_a_checked_persona(kernel, client):
+    # (the relay of the steward's events is tested in test_kernel_forge_relay.py)
+    instruction = {"id": "b1", "persona": "BRICK", "script": "x", "config": {}}
+    client.handlers[("forge", "run")] = lambda body, ev: {"persona": body["persona"], "instruction_id": "b1",
+                                                          "instruction": instruction}
+    client.handlers[("steward", "upgrade")] = lambda body, ev: {"ok": False, "reason": "no"}
     out = await commands.dispatch(kernel, Events(), commands.from_console("forge", {"persona": "brick"}))
     assert out["persona"] == "BRICK" and out["instruction_id"] == "b1" and out["ok"] is False
+    assert out["reason"] == "no"
     with pytest.raises(ServiceError, match="unknown persona"):
         await commands.dispatch(kernel, Events(), commands.from_console("forge", {"persona": "NOBODY"}))
 

@@ -1,8 +1,9 @@
-"""Kernel: `audit_event` (other processes' Table 3 events), the `forge` relay following the steward's status log
-(a fake log file written while the relay reads it), and ALFRED's history audit in the autotelic loop."""
+"""Kernel: `audit_event` (other processes' Table 3 events), the `forge` relay of the steward's `upgrade` events (a
+fake steward on the fake broker client), and ALFRED's history audit in the autotelic loop."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 from pathlib import Path
@@ -12,12 +13,10 @@ import pytest
 
 from batos.errors import ServiceError
 from services.forge.incarnation import audit_event as incarnation_event
-from services.forge.steward import log_path
-from services.kernel import commands, forge_follow, handlers
+from services.kernel import commands, handlers
 from services.kernel.audit_event import record_event
 from services.kernel.autotelic import Autotelic
 from services.kernel.kernel import Kernel
-from tests.unit.test_forge_history_audit import FakeMemory, cycles
 from tests.unit.test_kernel_cycle import *  # noqa: F403  (the kernel test kit: fixtures)
 from tests.unit.test_kernel_cycle import Events, new_run
 
@@ -89,7 +88,7 @@ async def test_the_audit_event_handler_needs_an_event(kernel):
 METRICS = {"base": {"eval_loss": 1.9, "format_valid": 0.25, "perplexity": 6.7},
            "previous": None, "adapter": {"eval_loss": 1.4, "format_valid": 0.5}, "eval_examples": 4}
 RUN = [
-    {"event": "started", "id": "r1", "persona": "BRICK", "origin": "template", "script_path": "/s.py"},
+    {"event": "started", "id": "r1", "persona": "BRICK", "origin": "template", "program": "forge"},
     {"event": "stopped", "program": "forge", "state": "STOPPED"},
     {"event": "stage", "stage": "train", "argv": ["python", "/s.py"]},
     {"event": "progress", "stage": "load", "step": 0, "total": -1, "model": "/m"},
@@ -97,54 +96,58 @@ RUN = [
     {"event": "progress", "stage": "train", "step": 1, "total": 4, "eta_s": 3.0},
     {"event": "progress", "stage": "train", "step": 2, "total": 4, "loss": 1.7, "eta_s": 2.0},
     {"event": "progress", "stage": "train", "step": 4, "total": 4, "eta_s": 0.0},
-    {"event": "trained", "stage": "train", "adapter_dir": "/lora/brick_1", "steps": 4},
+    {"event": "trained", "stage": "train", "steps": 4},
     {"event": "stage_done", "stage": "train", "returncode": 0},
     {"event": "stage", "stage": "evaluate", "argv": ["python", "-m", "services.forge.evaluation"]},
     {"event": "progress", "stage": "evaluate", "step": 2, "total": 2, "model": "adapter", "eval_loss": 1.4},
     {"event": "stage_done", "stage": "evaluate", "returncode": 0},
+    {"event": "stored", "expert": "brick_r1", "oid": "3f", "size": 4096},
     {"event": "restarted", "program": "forge", "state": "RUNNING"},
-    {"event": "finished", "ok": True, "returncode": 0, "adapter_dir": "/lora/brick_1", "metrics": METRICS,
+    {"event": "finished", "ok": True, "returncode": 0, "expert": "brick_r1", "metrics": METRICS,
      "restarted": True, "seconds": 12.5},
 ]
-INCARNATED = {"event": "incarnated", "id": "r1", "persona": "BRICK", "adapter_dir": "/lora/brick_1",
-              "decision": "activated", "reason": "eval loss 1.4000 < base 1.9000",
-              "metrics": {"base": {"eval_loss": 1.9, "format_valid": 0.25}, "previous": None,
-                          "adapter": {"eval_loss": 1.4, "format_valid": 0.5}}}
+INCARNATED = {"event": "incarnated", "expert": "brick_r1", "persona": "BRICK",
+              "decision": "activated", "reason": "eval loss 1.4000 < base 1.9000", "metrics": METRICS}
+INSTRUCTION = {"id": "r1", "persona": "BRICK", "script": "print()", "config": {"persona": "BRICK"},
+               "files": {"train.jsonl": "{}\n"}, "program": "forge"}
 
 
-async def write_log(path: Path, lines: list[dict[str, Any]], delay: float = 0.01) -> None:
-    """The steward's writer: one flushed line at a time, timestamps one second apart."""
-    await asyncio.sleep(0.05)
-    with open(path, "a") as f:
-        for i, line in enumerate(lines):
-            f.write(json.dumps({**line, "ts": f"2025-09-02T10:00:{i:02d}+00:00"}) + "\n")
-            f.flush()
-            await asyncio.sleep(delay)
-
-
-def fake_forge(client, settings, lines: list[dict[str, Any]], calls: list[dict[str, Any]]):
+def fake_steward(client, events: list[dict[str, Any]], reply: dict[str, Any] | Exception, calls: list[dict[str, Any]]):
+    """forge.run replies with the instruction; steward.upgrade streams ``events`` (timestamps one second apart)."""
     async def run(body: dict[str, Any], on_event: Any) -> dict[str, Any]:
-        calls.append(body)
-        await on_event({"event": "progress", "stage": "curation", "done": 1, "total": 3})
-        channel = Path(settings.upgrade_channel)
-        channel.mkdir(parents=True, exist_ok=True)
-        asyncio.get_running_loop().create_task(write_log(log_path(channel, "r1"), lines))
-        return {"instruction_id": "r1", "log_path": str(log_path(channel, "r1")), "counts": {"train": 3}}
+        calls.append(("forge", body))
+        if on_event is not None:  # the autotelic loop does not follow the preparation
+            await on_event({"event": "progress", "stage": "curation", "done": 1, "total": 3})
+        return {"instruction_id": "r1", "instruction": INSTRUCTION, "counts": {"train": 3}}
+
+    async def upgrade(body: dict[str, Any], on_event: Any) -> dict[str, Any]:
+        calls.append(("steward", body))
+        for i, event in enumerate(events):
+            await on_event({**event, "ts": f"2025-09-02T10:00:{i:02d}+00:00"})
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     client.handlers[("forge", "run")] = run
+    client.handlers[("steward", "upgrade")] = upgrade
 
 
-async def test_forge_follows_the_status_log_to_the_incarnation(kernel, client, settings):
-    calls: list[dict[str, Any]] = []
-    fake_forge(client, settings, [*RUN, INCARNATED], calls)
+OK_REPLY = {"ok": True, "returncode": 0, "expert": "brick_r1", "expert_oid": "3f", "metrics": METRICS,
+            "restarted": True, "seconds": 12.5, "decision": "activated", "decision_reason": "eval loss 1.4000 < base"}
+
+
+async def test_forge_relays_the_stewards_events_to_the_incarnation(kernel, client):
+    calls: list[Any] = []
+    fake_steward(client, [*RUN, INCARNATED], OK_REPLY, calls)
     events = Events()
     cmd = commands.parse({"command": "forge", "target_oid": "0",
                           "mission_brief": {"type": "forge", "selector": "forge", "args": ["brick"],
                                             "kwargs": {"max_steps": 4, "ignored": True}}})
     out = await commands.dispatch(kernel, events, cmd)
-    assert calls == [{"persona": "BRICK", "max_steps": 4}]
+    # forge prepared it; the kernel handed the instruction, untouched, to the steward
+    assert calls == [("forge", {"persona": "BRICK", "max_steps": 4}), ("steward", INSTRUCTION)]
 
-    # the forge's own events first, then the status log as events
+    # the forge's own events first, then the steward's as console events
     assert events.items[0] == ("progress", {"stage": "curation", "done": 1, "total": 3})
     states = [(d["from"], d["state"]) for d in events.of("state")]
     assert states == [("REQUESTED", "STARTED"), ("STARTED", "WORKER_STOPPED"), ("WORKER_STOPPED", "TRAINING"),
@@ -157,23 +160,22 @@ async def test_forge_follows_the_status_log_to_the_incarnation(kernel, client, s
     assert "rate" not in bars[1] and bars[3]["rate"] == 1.5  # train steps 1 -> 4 in 2 s (the load is not counted)
     logs = [d["text"] for d in events.of("log")]
     assert "loading weights" in logs and any(t.startswith("trained: ") for t in logs)
-    assert "train step exited with 0" in logs
+    assert "train step exited with 0" in logs and any(t.startswith("stored: ") for t in logs)
 
-    assert out["instruction_id"] == "r1" and out["counts"] == {"train": 3}
+    assert out["instruction_id"] == "r1" and out["counts"] == {"train": 3} and "instruction" not in out
     assert out["ok"] is True and out["activated"] is True and out["decision"] == "activated"
     assert out["metrics"]["before"] == {"model": "base", "eval_loss": 1.9, "format_valid": 0.25}
     assert out["metrics"]["after"] == {"model": "adapter", "eval_loss": 1.4, "format_valid": 0.5}
-    assert out["adapter_dir"] == "/lora/brick_1" and out["log_lines"] == len(RUN) + 1
+    assert out["expert"] == "brick_r1" and out["expert_oid"] == "3f" and out["events"] == len(RUN) + 1
 
 
-async def test_a_failed_run_ends_at_finished_with_its_reason(kernel, client, settings):
+async def test_a_failed_run_ends_at_finished_with_its_reason(kernel, client):
     failed = [*RUN[:3], {"event": "output", "stage": "train", "text": "RuntimeError: out of memory"},
               {"event": "stage_done", "stage": "train", "returncode": 1},
               {"event": "restarted", "program": "forge", "state": "RUNNING"},
               {"event": "finished", "ok": False, "returncode": 1, "reason": "train failed (exit 1): out of memory",
-               "metrics": None, "restarted": True},
-              INCARNATED]  # after a failed finish nothing more is read
-    fake_forge(client, settings, failed, [])
+               "metrics": None, "restarted": True}]
+    fake_steward(client, failed, {**failed[-1], "event": None}, [])
     events = Events()
     out = await commands.dispatch(kernel, events, commands.from_console("forge", {"persona": "BRICK"}))
     assert events.of("state")[-1]["state"] == "FAILED"
@@ -182,74 +184,98 @@ async def test_a_failed_run_ends_at_finished_with_its_reason(kernel, client, set
     assert out["reason"] == "train failed (exit 1): out of memory" and out["metrics"] is None
 
 
-async def test_a_worker_that_never_reports_incarnation_ends_after_the_grace(tmp_path):
-    await write_log(log_path(tmp_path, "r1"), RUN, delay=0)
-    out = await asyncio.wait_for(forge_follow.follow_run(tmp_path, "r1", Events(), timeout=30, incarnation_grace=0.2,
-                                                         pickup_timeout=5, interval=0.01), 10)
+async def test_a_worker_that_never_reports_incarnation_says_so(kernel, client):
+    reply = {**OK_REPLY, "decision": None, "decision_reason": "the restarted worker did not judge brick_r1 within 1 s"}
+    fake_steward(client, RUN, reply, [])
+    out = await commands.dispatch(kernel, Events(), commands.from_console("forge", {"persona": "BRICK"}))
     assert out["ok"] is True and out["activated"] is False and out["decision"] is None
-    assert out["metrics"]["after"] == {"model": "adapter", "eval_loss": 1.4, "format_valid": 0.5}  # metrics.json
-    assert "did not report the incarnation" in out["decision_reason"]
+    assert out["metrics"]["after"]["eval_loss"] == 1.4  # from the finished event's metrics
+    assert "did not judge brick_r1" in out["decision_reason"]
 
 
-async def test_a_steward_that_never_takes_the_instruction_is_reported(tmp_path):
-    events = Events()
-    with pytest.raises(ServiceError, match="has not taken forge instruction r9") as info:
-        await forge_follow.follow_run(tmp_path, "r9", events, timeout=30, incarnation_grace=1, pickup_timeout=0.2,
-                                      interval=0.02)
-    assert info.value.code == "unavailable" and info.value.details == {"instruction_id": "r9"}
-
-
-async def test_the_pickup_wait_warns_once(tmp_path):
-    events = Events()
-    with pytest.raises(ServiceError):
-        await forge_follow.wait_for_pickup(tmp_path, "r9", events, timeout=0.3, interval=0.02, warn_after=0.05)
-    assert [d["text"] for d in events.of("log")] == ["waiting for the steward to take instruction r9"]
+@pytest.mark.parametrize(("error", "says"), [
+    (ServiceError("worker_lost", "the steward worker handling this request died"), "the steward died during forge "
+                                                                                     "run r1 (last state TRAINING)"),
+    (ServiceError("unavailable", "no steward worker registered within 45 s"), None),
+    (ServiceError("busy", "the steward is running forge r0"), "forge run r1: the steward is running forge r0"),
+])
+async def test_a_failed_upgrade_is_explained(kernel, client, error, says):
+    events_before_death = RUN[:3] if error.code == "worker_lost" else []
+    fake_steward(client, events_before_death, error, [])
+    with pytest.raises(ServiceError) as info:
+        await commands.dispatch(kernel, Events(), commands.from_console("forge", {"persona": "BRICK"}))
+    assert info.value.code == error.code and info.value.details["instruction_id"] == "r1"
+    if error.code == "unavailable":
+        assert "is the steward program running?" in info.value.message
+    else:
+        assert says in info.value.message
+    if error.code == "worker_lost":
+        assert "records the run as failed" in info.value.message
 
 
 async def test_a_forge_reply_without_an_instruction_is_an_internal_error(kernel, client):
     client.handlers[("forge", "run")] = lambda body, ev: {"persona": body["persona"]}
-    with pytest.raises(ServiceError, match="without an instruction_id") as info:
+    with pytest.raises(ServiceError, match="without an instruction") as info:
         await commands.dispatch(kernel, Events(), commands.from_console("forge", {"persona": "ROBIN"}))
     assert info.value.code == "internal"
 
 
-async def test_a_run_past_its_time_is_a_timeout_naming_the_instruction(tmp_path):
-    log_path(tmp_path, "r2").write_text(json.dumps({"event": "started"}) + "\n")
-    with pytest.raises(ServiceError, match=r"did not finish within 0\.1 s") as info:
-        await forge_follow.follow_run(tmp_path, "r2", Events(), timeout=0.1, incarnation_grace=1, pickup_timeout=1,
-                                      interval=0.02)
-    assert info.value.code == "timeout"
+def test_the_kernel_imports_nothing_from_other_services():
+    """Services share nothing but the broker and ZEO: no module of services/kernel imports another service."""
+    kernel_dir = Path(__file__).resolve().parents[2] / "services" / "kernel"
+    found = []
+    for path in sorted(kernel_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            found += [(path.name, n) for n in names
+                      if n.startswith("services.") and not n.startswith("services.kernel")]
+    assert len(list(kernel_dir.glob("*.py"))) > 10
+    assert found == []
 
 
 # -- the autotelic loop's history audit ---------------------------------------------------------------------
 
 
-def history_memory(client, n_success: int) -> FakeMemory:
-    memory = FakeMemory(cycles(n_success))
+def forge_history(client, report: dict[str, Any]) -> list[Any]:
+    calls: list[Any] = []
 
-    async def query(body: dict[str, Any], on_event: Any) -> dict[str, Any]:
-        return await memory("memory", "query_fractals", body)
+    async def history(body: dict[str, Any], on_event: Any) -> dict[str, Any]:
+        return dict(report)
 
-    client.handlers[("memory", "query_fractals")] = query
-    return memory
+    client.handlers[("forge", "history")] = history
+    return calls
 
 
-async def test_the_history_audit_dispatches_a_forge_when_a_persona_is_due(env, client, settings):
-    env.settings = settings.model_copy(update={"forge_threshold": 3})
-    history_memory(client, 4)
-    client.handlers[("forge", "run")] = lambda body, ev: {"instruction_id": "brick-1", "persona": body["persona"]}
+async def test_the_history_audit_dispatches_a_forge_when_a_persona_is_due(env, client):
+    forge_history(client, {"due": ["BRICK"], "counts": {"BRICK": 3}, "busy": []})
+    calls: list[Any] = []
+    fake_steward(client, [*RUN, INCARNATED], OK_REPLY, calls)
     loop = Autotelic(env)
     report = await loop.audit_history()
-    assert report["due"] == ["BRICK"] and report["counts"]["BRICK"] == 3
-    assert report["dispatched"] == {"BRICK": {"instruction_id": "brick-1", "persona": "BRICK"}}
-    assert [b for s, c, b in client.calls if (s, c) == ("forge", "run")] == [
-        {"persona": "BRICK", "reason": "3 new successful cycles"}]
-    assert loop.describe()["history_audit"]["runs"] == 1
+    assert report["due"] == ["BRICK"] and report["dispatched"] == {"BRICK": "started"}
+    await loop.forge_task  # followed in the background: the loop goes on meanwhile
+    assert calls == [("forge", {"persona": "BRICK", "reason": "3 new successful cycles"}), ("steward", INSTRUCTION)]
+    assert loop.last_forge["ok"] is True and loop.last_forge["decision"] == "activated"
+    described = loop.describe()
+    assert described["history_audit"]["runs"] == 1 and described["forge"]["last"]["persona"] == "BRICK"
+    assert described["forge"]["running"] is False
 
 
-async def test_the_dispatch_waits_while_a_cycle_runs(env, client, settings):
-    env.settings = settings.model_copy(update={"forge_threshold": 2})
-    history_memory(client, 2)
+async def test_a_steward_dying_mid_forge_is_reported_not_raised(env, client):
+    forge_history(client, {"due": ["BRICK"], "counts": {"BRICK": 3}, "busy": []})
+    fake_steward(client, RUN[:2], ServiceError("worker_lost", "died"), [])
+    loop = Autotelic(env)
+    await loop.audit_history()
+    await loop.forge_task
+    assert "the steward died during forge run r1" in loop.last_forge["error"]
+
+
+async def test_the_dispatch_waits_while_a_cycle_runs(env, client):
+    forge_history(client, {"due": ["BRICK"], "counts": {"BRICK": 2}, "busy": []})
     run = new_run(env, Events())
     await run.begin()  # a cycle in flight in this kernel
     report = await Autotelic(env).audit_history()
@@ -266,11 +292,11 @@ async def test_a_failing_history_audit_never_ends_the_loop(env, client, settings
 
     def flaky(body: dict[str, Any], on_event: Any) -> dict[str, Any]:
         calls["n"] += 1
-        if calls["n"] <= 4:  # the first history audit's queries fail
-            raise ServiceError("unavailable", "memory restarting")
-        return {"fractals": []}
+        if calls["n"] <= 1:  # the first history audit fails (the forge worker restarting)
+            raise ServiceError("unavailable", "forge restarting")
+        return {"due": [], "counts": {}, "busy": []}
 
-    client.handlers[("memory", "query_fractals")] = flaky
+    client.handlers[("forge", "history")] = flaky
     loop = Autotelic(env)
     loop.start()
     try:
