@@ -174,3 +174,17 @@ def test_recover_closes_out_a_run_a_dead_steward_left(tmp_path):
     assert sup.calls == [("start", "forge")] and not work.exists() and not s.current_file.exists()
     assert s.runs()[-1]["id"] == "crash1" and s.runs()[-1]["ok"] is False
     assert s.recover() is None  # nothing left
+
+
+def test_only_service_keys_reach_the_steward():
+    """The steward's commands are internal: a console key is refused; a key must be listed to serve it."""
+    from broker.roles import Access, Grant
+    from proto.roles import Role
+
+    access = Access({"svc": Grant(Role.SERVICE, frozenset({"*"})), "mem": Grant(Role.SERVICE, frozenset({"memory"}))})
+    for command in ("upgrade", "status"):
+        assert "internal to BAT OS" in access.may_request(Role.CONSOLE, "steward", command)
+        assert access.may_request(Role.SERVICE, "steward", command) is None
+    assert access.may_serve(Role.SERVICE, "steward", "svc") is None  # the local workers' key (the steward's)
+    assert "may not serve 'steward'" in access.may_serve(Role.SERVICE, "steward", "mem")
+    assert "console key" in access.may_serve(Role.CONSOLE, "steward", "someone")
