@@ -4,7 +4,9 @@ The worker is this module run as a program (``python -m tests.integration.test_c
 the production worker runtime with small handlers that stream like the kernel does (state,
 reasoning steps, tokens, progress), slowly enough for output to arrive while a line is typed.
 Consoles run as real processes: scripted ones with ``-c``/``--json``, interactive ones in a
-pseudo-terminal driven by pexpect.
+pseudo-terminal driven by pexpect. The stand-in serves only the terminal's mechanics (typing while output
+streams, broker restarts, cancel): several consoles at once, and `watch`, are tested against the real kernel
+in test_watch_live.py.
 """
 
 from __future__ import annotations
@@ -128,19 +130,6 @@ async def test_text_mode_and_error_exit_status(kernel_system, tmp_path):
     assert "error [unknown_command]" in out and "does not understand 'audit'" in out
     rc, out, err = await run_console(kernel_system, tmp_path, "-c", "inspect nothex")
     assert rc == 2 and "bad OID" in out
-
-
-async def test_several_consoles_each_see_only_their_own_events(kernel_system, tmp_path):
-    questions = [f"question-{i}" for i in range(3)]
-    results = await asyncio.gather(*(run_console(kernel_system, tmp_path, "--json", "-c", f"ask {q}")
-                                     for q in questions))
-    for q, (rc, out, err) in zip(questions, results, strict=True):
-        assert rc == 0, err
-        objs = [json.loads(line) for line in out.splitlines()]
-        text = " ".join(o["body"].get("text", "") for o in objs if o["kind"] == "event")
-        assert q in text
-        assert not any(other in text for other in questions if other != q)
-        assert len({o["id"] for o in objs}) == 1  # one request's messages, nothing else
 
 
 async def test_interrupted_script_cancels_and_exits_130(kernel_system, tmp_path):

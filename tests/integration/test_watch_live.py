@@ -1,0 +1,305 @@
+"""Many consoles, one live system: real consoles (``batos-console`` processes) against the real kernel, with
+broker, ZEO, memory, ingest and forge (the llm service, SmolLM2-135M) as real processes.
+
+One console watches while others ask and ingest: the watcher sees every cycle's states, thoughts and answer as
+they happen (before the asker has its reply), `watch CYCLE_ID` from a third console attaches to a cycle in
+flight (what it did so far, then live, nothing lost or doubled at the seam), several consoles asking at once
+each get only their own cycle, a worker's restart is seen, and watchers that stall or die never hold up the
+work. The kernel runs with small budgets (one ReAct step, 24 answer tokens) so a cycle takes seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+import zmq.asyncio
+
+import proto
+from batos.client import Client
+from tests.conftest import System
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
+
+PY = sys.executable
+KERNEL_ENV = {
+    "BATOS_REACT_MAX_STEPS": "1",
+    "BATOS_ANSWER_BUDGET_TOKENS": "500",
+    "BATOS_ANSWER_MAX_TOKENS": "24",
+    "BATOS_CYCLE_TIMEOUT": "300",
+    "BATOS_AUTOTELIC_PERIOD": "3600",  # no background LLM summaries competing with the cycles under test
+    "BATOS_WATCH_WORKER_POLL_S": "0.5",
+    "BATOS_KERNEL_INSTANCE": "kernel-watch-test",
+}
+SERVICES = {"kernel": 1, "memory": 1, "ingest": 1, "llm": 1, "forge": 1}
+FILES = {
+    "geometry.py": '"""Shapes."""\nimport math\n\n\ndef area_of_circle(radius):\n'
+                   '    """The area of a circle."""\n    return math.pi * radius ** 2\n',
+    "inventory.py": '"""Stock keeping."""\n\n\ndef restock(stock, item, count):\n'
+                    '    """Add count units of item."""\n    stock[item] = stock.get(item, 0) + count\n'
+                    '    return stock\n',
+}
+TERMINAL = ("COMPLETE", "FAILED")
+_ARRIVAL = itertools.count()  # one order of arrival across every console this module reads
+
+
+@dataclass
+class Live:
+    system: System
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    root = tmp_path_factory.mktemp("watch_live")
+    tree = root / "src"
+    tree.mkdir()
+    for name, text in FILES.items():
+        (tree / name).write_text(text)
+    system = System(root)
+    try:
+        system.start_broker()
+        system.start_zeo()
+        system.start_service("memory")
+        system.start_service("ingest", BATOS_INGEST_ROOTS=str(root))
+        system.start_service("forge")
+        system.start_service("kernel", **KERNEL_ENV)
+
+        async def ready() -> None:
+            async with Client(system.settings, identity="watch-live-setup") as client:
+                await client.wait_for_broker(20)
+                await system.wait_registered(client, SERVICES, timeout=300)
+                await client.call("kernel", "ingest", {"path": str(tree)}, timeout=300)
+
+        asyncio.run(ready())
+        yield Live(system, root)
+    finally:
+        system.stop_all()
+
+
+# -- consoles as processes -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Console:
+    """A ``batos-console --json`` process; its stdout objects collected as they arrive, in arrival order."""
+
+    proc: asyncio.subprocess.Process
+    objs: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    reader: asyncio.Task | None = None
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            self.objs.append((next(_ARRIVAL), json.loads(line)))
+            self.changed.set()
+
+    async def until(self, match: Callable[[dict[str, Any]], bool], timeout: float = 180) -> tuple[int, dict]:
+        async with asyncio.timeout(timeout):
+            while True:
+                for seq, obj in self.objs:
+                    if match(obj):
+                        return seq, obj
+                if self.reader is not None and self.reader.done():
+                    raise AssertionError(f"the console ended first: {self.objs[-3:]}")
+                self.changed.clear()
+                await self.changed.wait()
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        return [o["body"] for _, o in self.objs
+                if o["kind"] == "event" and (name is None or o["body"]["event"] == name)]
+
+    async def finish(self, timeout: float = 180) -> int:
+        await asyncio.wait_for(self.proc.wait(), timeout)
+        if self.reader is not None:
+            await self.reader
+        return self.proc.returncode or 0
+
+    async def interrupt(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return await self.finish(30)
+
+
+async def console(live: Live, *args: str, stdin: bool = False) -> Console:
+    proc = await asyncio.create_subprocess_exec(
+        PY, "-m", "services.console", "--endpoint", live.system.endpoint, "--json", *args,
+        env=live.system.env(), stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    c = Console(proc)
+    c.reader = asyncio.create_task(c._read())
+    return c
+
+
+async def watcher(live: Live, *ident: str) -> Console:
+    c = await console(live, "-c", " ".join(("watch", *ident)))
+    await c.until(lambda o: o["kind"] == "event" and o["body"]["event"] == "watching")
+    return c
+
+
+def event(name: str, **match: Any) -> Callable[[dict[str, Any]], bool]:
+    return lambda o: (o["kind"] == "event" and o["body"]["event"] == name
+                      and all(o["body"].get(k) == v for k, v in match.items()))
+
+
+def reply(o: dict[str, Any]) -> bool:
+    return o["kind"] in ("reply", "error")
+
+
+def states(events: list[dict[str, Any]], cycle_id: str) -> list[str]:
+    return [e["state"] for e in events if e["event"] == "state" and e.get("cycle_id") == cycle_id]
+
+
+# -- the tests ---------------------------------------------------------------------------------------------
+
+
+async def test_one_console_asks_another_watches_it_live(live):
+    w = await watcher(live)
+    question = "how is the area of a circle computed?"
+    asker = await console(live, "-c", f"ask {question}")
+    assert await asker.finish() == 0
+    _, answered = await asker.until(reply)
+    cycle_id = answered["body"]["cycle_id"]
+    end = (await w.until(event("end", command="ask")))[1]["body"]
+
+    begin = next(e for e in w.events("begin") if e["activity"] == end["activity"])
+    assert begin["about"] == question and len(begin["by"]) == 8
+    asked = asker.events()
+    # every state the asker saw, the watcher saw, in the same order, tagged with the one activity
+    assert states(w.events(), cycle_id) == states(asked, cycle_id) == \
+        ["IDLE", "DECOMPOSING", "REASONING", "SYNTHESIZING", "VALIDATING", "COMPLETE"]
+    assert {e["activity"] for e in w.events() if e.get("cycle_id") == cycle_id} == {begin["activity"]}
+    assert [e["text"] for e in w.events("token") if e["cycle_id"] == cycle_id] == \
+        [e["text"] for e in asked if e["event"] == "token"]
+    assert end["ok"] is True and end["status"] == answered["body"]["status"]
+    # live, not after: the watcher had the cycle's REASONING before the asker had its COMPLETE
+    seen_reasoning, _ = await w.until(event("state", cycle_id=cycle_id, state="REASONING"))
+    asker_complete, _ = await asker.until(event("state", cycle_id=cycle_id, state="COMPLETE"))
+    assert seen_reasoning < asker_complete
+    assert await w.interrupt() == 130
+
+
+async def test_watch_cycle_id_attaches_mid_cycle_from_another_console(live):
+    late = await console(live, stdin=True)  # started and waiting for its line before the cycle begins
+    asker = await console(live, "-c", "ask what does restock do with the count?")
+    _, first = await asker.until(event("state", state="IDLE"))
+    cycle_id = first["body"]["cycle_id"]
+    assert late.proc.stdin is not None
+    late.proc.stdin.write(f"watch {cycle_id[:8]}\n".encode())  # the short id every console shows
+    late.proc.stdin.close()
+    assert await late.finish() == 0 and await asker.finish() == 0
+
+    _, hello = await late.until(event("watching"))
+    assert hello["body"]["target"]["id"] == cycle_id
+    seen = late.events()
+    replayed = [e for e in seen if e.get("replay")]
+    followed = [e for e in seen if e["event"] not in ("watching", "keepalive") and not e.get("replay")]
+    assert replayed and replayed[0]["state"] == "IDLE"  # what it did before the attach, from its start
+    assert followed, "nothing arrived live: the cycle ended before the attach?"
+    # nothing lost, nothing twice at the seam between replay and live
+    assert states(seen, cycle_id) == states(asker.events(), cycle_id)
+    _, final = await late.until(reply)
+    assert final["kind"] == "reply" and final["body"]["watched"] == cycle_id
+    assert final["body"]["state"] == states(asker.events(), cycle_id)[-1] in TERMINAL
+
+
+async def test_several_consoles_at_once_each_get_only_their_own_cycle(live):
+    """Issue 15 item 8: against the real kernel (this used a stand-in kernel before)."""
+    w = await watcher(live)
+    questions = [f"what does {name} return, case {i}?" for i, name in enumerate(("area_of_circle", "restock",
+                                                                                 "area_of_circle"))]
+    askers = await asyncio.gather(*(console(live, "-c", f"ask {q}") for q in questions))
+    assert [await a.finish() for a in askers] == [0, 0, 0]
+    cycles = []
+    for a in askers:
+        ids = {o["id"] for _, o in a.objs}
+        assert len(ids) == 1  # one request's messages, nothing else
+        _, answered = await a.until(reply)
+        cycle_id = answered["body"]["cycle_id"]
+        assert {e.get("cycle_id") for e in a.events() if e["event"] != "token"} == {cycle_id}
+        cycles.append(cycle_id)
+    assert len(set(cycles)) == 3
+    # the watcher saw all three, and which question each cycle answered: the one its console asked
+    for q, cycle_id in zip(questions, cycles, strict=True):
+        _, begin = await w.until(event("begin", about=q))
+        _, state = await w.until(event("state", cycle_id=cycle_id))
+        assert state["body"]["activity"] == begin["body"]["activity"]
+    assert await w.interrupt() == 130
+
+
+async def test_an_ingest_started_elsewhere_and_a_worker_restart_are_watched(live):
+    tree = live.root / "more"
+    tree.mkdir()
+    for i in range(6):
+        (tree / f"mod{i}.py").write_text(f'"""Module {i}."""\n\n\ndef f{i}(x):\n    return x + {i}\n')
+    w = await watcher(live)
+    ingester = await console(live, "-c", f"ingest {tree}")
+    assert await ingester.finish() == 0
+    _, done = await ingester.until(reply)
+    end = (await w.until(event("end", command="ingest")))[1]["body"]
+    begin = next(e for e in w.events("begin") if e["activity"] == end["activity"])
+    assert begin["about"] == str(tree)
+    progress = [e for e in w.events("progress") if e["activity"] == end["activity"]]
+    assert progress and progress == [{**e, "activity": end["activity"], "command": "ingest"}
+                                     for e in ingester.events("progress")]
+    assert end["ok"] is True and end["files"] == done["body"]["files"] == 6
+
+    # the ingest worker is killed and another takes its place: the watcher is told both
+    old = next(p for p in live.system.procs if p.name == "ingest" and p.alive())
+    old.kill()
+    await w.until(event("worker", change="gone", service="ingest", pid=old.pid), timeout=60)
+    new = live.system.start_service("ingest", BATOS_INGEST_ROOTS=str(live.root))
+    await w.until(event("worker", change="joined", service="ingest", pid=new.pid), timeout=120)
+    assert await w.interrupt() == 130
+
+
+async def watchers_now(client: Client) -> int:
+    """How many watch the kernel, this one included (its hello says), then it goes away."""
+    call = await client.start_call("kernel", "watch", {})
+    try:
+        async for env in call.events():
+            if env.kind == proto.Kind.EVENT and env.body.get("event") == "watching":
+                return int(env.body["watchers"])
+        raise AssertionError("the watch ended before its hello")
+    finally:
+        await client.cancel(call.id)
+        client.pending.pop(call.id, None)
+
+
+async def test_watchers_that_stall_or_die_never_hold_up_the_work(live):
+    ctx = zmq.asyncio.Context.instance()
+    stalled = ctx.socket(zmq.DEALER)  # a console that asks to watch and then never reads again
+    stalled.setsockopt(zmq.LINGER, 0)
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    stalled.setsockopt(zmq.RCVBUF, 4096)
+    stalled.connect(live.system.endpoint)
+    try:
+        await stalled.send(proto.encode(proto.request("kernel", "watch", {})))
+        doomed = await watcher(live)  # a console that dies while watching
+        async with Client(live.system.settings, identity="watch-live-probe") as client:
+            before = await watchers_now(client)
+            assert before >= 3  # the stalled one, the doomed one, this probe
+            doomed.proc.kill()
+            await doomed.finish()
+            asker = await console(live, "-c", "ask what does area_of_circle return?")
+            assert await asker.finish() == 0  # the work went on
+            _, answered = await asker.until(reply)
+            assert answered["kind"] == "reply" and answered["body"]["status"] in ("SUCCESS", "SUCCESS_DEGRADED")
+            # the dead console's watch was ended by the first event that could not reach it
+            async with asyncio.timeout(60):
+                while await watchers_now(client) != before - 1:
+                    await asyncio.sleep(0.2)
+    finally:
+        with contextlib.suppress(zmq.ZMQError):
+            stalled.close(0)
