@@ -303,3 +303,31 @@ async def test_watchers_that_stall_or_die_never_hold_up_the_work(live):
     finally:
         with contextlib.suppress(zmq.ZMQError):
             stalled.close(0)
+
+
+async def test_the_interactive_console_watches_until_ctrl_c(live, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    env = live.system.env(HOME=str(tmp_path), PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm-256color")
+    env.pop("NO_COLOR", None)
+    child = pexpect.spawn(PY, ["-m", "services.console", "--endpoint", live.system.endpoint,
+                               "--history", str(tmp_path / "history")],
+                          env=env, dimensions=(40, 200), encoding="utf-8", timeout=60)
+    child.logfile_read = open(tmp_path / "console.pty.log", "w")
+    try:
+        await asyncio.to_thread(child.expect, "batos>")
+        child.send("watch\r")
+        await asyncio.to_thread(child.expect, "watching kernel-watch-test")
+        ingester = await console(live, "-c", f"ingest {live.root / 'src'}")  # another console's work
+        assert await ingester.finish() == 0
+        await asyncio.to_thread(child.expect, r"ingest [0-9a-f]{8} │ .*started.* by console [0-9a-f]{8}")
+        await asyncio.to_thread(child.expect, r"ingest [0-9a-f]{8} │ .*done")
+        child.send("\x03")  # Ctrl-C ends the watch, not the console
+        await asyncio.to_thread(child.expect, r"cancelling \[1\]")
+        await asyncio.to_thread(child.expect, "watch stopped")
+        child.send("quit\r")
+        await asyncio.to_thread(child.expect, pexpect.EOF)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+        child.logfile_read.close()
+    assert child.exitstatus == 0
