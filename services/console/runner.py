@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from batos import paging
 from batos.client import Client, PendingCall
 from proto import ErrorCode, Kind
 from services.console.commands import Request
@@ -107,8 +108,9 @@ class Runner:
                         return self._fail(handle, str(b.get("code", ErrorCode.INTERNAL)), str(b.get("message", "")),
                                           b.get("details") if isinstance(b.get("details"), dict) else None)
                     else:
-                        self._safe(self.view.reply, handle, env.body)
-                        return Outcome(True, env.body)
+                        body = await self._rest_of_pages(req, env.body)
+                        self._safe(self.view.reply, handle, body)
+                        return Outcome(True, body)
             return self._fail(handle, ErrorCode.INTERNAL, "the request ended without a reply")
         except TimeoutError:
             await self._send_cancel(entry)
@@ -129,6 +131,13 @@ class Runner:
             return self._fail(handle, ErrorCode.INTERNAL,
                               f"the request could not be sent or its answer could not be read ({e or 'no detail'}); "
                               "the console is still running")
+
+    async def _rest_of_pages(self, req: Request, first: dict[str, Any]) -> dict[str, Any]:
+        """A paged reply (search, trace: batos.paging) arrives whole: the next pages are asked for here."""
+        if not first.get("next"):
+            return first
+        return await paging.follow(first, lambda after: self.client.call(
+            req.service, req.command, {**req.body, "after": after}, idempotent=True))
 
     async def cancel(self, which: str = "") -> list[int]:
         """Cancel request ``which`` (its tag) or every one in flight; the tags cancelled."""

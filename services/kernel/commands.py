@@ -83,12 +83,13 @@ def from_console(command: str, args: dict[str, Any]) -> Table1Command:
             kw = {k: args[k] for k in ("max_chunk_tokens",) if args.get(k) is not None}
             return table1("ingest", args=[_need(args, "path", str)], kwargs=kw)
         case "search":
-            kw = {k: args[k] for k in ("k", "level", "filters", "within") if args.get(k) is not None}
+            kw = {k: args[k] for k in ("k", "level", "filters", "within", "after") if args.get(k) is not None}
             return table1("search", args=[_need(args, "text", str)], kwargs=kw)
         case "inspect":
             return table1("inspect", target_oid=_need(args, "oid", str))
         case "trace":
-            return table1("trace", args=[_need(args, "cycle_id", str)])
+            kw = {"after": args["after"]} if args.get("after") is not None else {}  # a page cursor (batos.paging)
+            return table1("trace", args=[_need(args, "cycle_id", str)], kwargs=kw)
         case "forge":
             return table1("forge", args=[_need(args, "persona", str)])
         case "stats" | "status" | "audit":

@@ -18,18 +18,29 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from batos import paging
 from batos.audit import AuditEvent, EventType, Status
 
 MemoryCall = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 TRACE_LIMIT = 10_000  # events per cycle: far above any real cycle (a few dozen), a guard, not a page size
 GOLDEN_LIMIT = 1_000  # successful cycles examined per golden_paths call
+PAGE_ITEMS = 1_000  # fractals asked for per page; memory also bounds a page in bytes (batos.paging)
+
+
+async def query_all(memory_call: MemoryCall, query: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+    """Up to ``limit`` fractals matching ``query``, following memory's pages (each within the frame limit)."""
+    async def page(after: str | None) -> dict[str, Any]:
+        body = {**query, "limit": min(PAGE_ITEMS, limit)}
+        return await memory_call("query_fractals", body if after is None else {**body, "after": after})
+
+    return await paging.collect(page, "fractals", limit)
 
 
 async def trace_cycle(memory_call: MemoryCall, cycle_id: str) -> list[AuditEvent]:
     """Every ingested event of one cycle, in time order (ties keep memory's order, which is log order)."""
-    reply = await memory_call("query_fractals", {"cycle_id": cycle_id, "limit": TRACE_LIMIT})
-    events = [AuditEvent.model_validate_json(f["full_json"]) for f in reply.get("fractals", [])]
+    fractals = await query_all(memory_call, {"cycle_id": cycle_id}, TRACE_LIMIT)
+    events = [AuditEvent.model_validate_json(f["full_json"]) for f in fractals]
     return sorted(events, key=lambda e: e.timestamp)
 
 
@@ -53,10 +64,10 @@ async def golden_paths(memory_call: MemoryCall, persona: str, mission_type: str 
     """SUCCESS cycles (of ``mission_type``, or any) in which ``persona`` acted, with their inputs and outputs."""
     cycle_ids: dict[str, None] = {}  # ordered set
     for event_type in (EventType.CYCLE_END, EventType.STATE_TRANSITION):
-        query: dict[str, Any] = {"event_type": str(event_type), "status": str(Status.SUCCESS), "limit": limit}
+        query: dict[str, Any] = {"event_type": str(event_type), "status": str(Status.SUCCESS)}
         if mission_type is not None:
             query["mission_type"] = mission_type
-        for fractal in (await memory_call("query_fractals", query)).get("fractals", []):
+        for fractal in await query_all(memory_call, query, limit):
             cycle_ids.setdefault(fractal["meta"]["cycle_id"], None)
     paths = []
     for cycle_id in list(cycle_ids)[:limit]:

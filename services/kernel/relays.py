@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from batos import personas
+from batos import paging, personas
 from batos.config import MEMORY_TIMEOUT
 from batos.errors import ServiceError
 from proto import ErrorCode, Table1Command
@@ -83,7 +83,8 @@ async def search(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     k = kw.get("k", 8)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 100:
         raise ServiceError(ErrorCode.BAD_ARGS, f"search: k must be a whole number from 1 to 100, not {k!r}")
-    body = {"text": text, "k": k, **{n: kw[n] for n in ("level", "filters", "within") if n in kw}}
+    # `after`: a page cursor from memory's previous reply (batos.paging); the reply's `next` goes back as is
+    body = {"text": text, "k": k, **{n: kw[n] for n in ("level", "filters", "within", "after") if n in kw}}
     return await kernel.env.client.call("memory", "search", body, on_event=forwarder(emit), timeout=MEMORY_TIMEOUT)
 
 
@@ -145,7 +146,11 @@ async def trace(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
         events = [_trimmed(e.model_dump(mode="json")) for e in found]
     except ServiceError as e:
         notes.append(f"audit events unavailable ({e.code}: {e.message}); the image's record is shown")
-    return {"cycle": record, "events": events, "notes": notes}
+    # a long trace in pages (batos.paging): `after` is the offset the previous page's `next` gave
+    start = paging.offset_cursor(cmd.mission_brief.kwargs.get("after"), len(events))
+    page, more = paging.take_page(events[start:], paging.page_budget(kernel.env.settings.max_frame_bytes),
+                                  max(1, len(events)))
+    return {"cycle": record, "events": page, "notes": notes, "next": str(start + len(page)) if more else None}
 
 
 def _trimmed(event: dict[str, Any]) -> dict[str, Any]:

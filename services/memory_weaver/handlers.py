@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from batos import paging
 from batos.errors import ServiceError
 from proto import ErrorCode
 
 from . import verify
+from .payloads import MAX_K
 from .weaver import MemoryWeaver
 
 Handler = Callable[[Any], Awaitable[dict[str, Any]]]
@@ -39,6 +41,25 @@ def _cancellable(name: str) -> Handler:
     return handle
 
 
+def _page_bytes(req: Any) -> int:
+    return paging.page_budget(int(req.ctx.settings.max_frame_bytes))
+
+
+async def handle_query_fractals(req: Any) -> dict[str, Any]:
+    """One page of fractals and ``next`` (batos.paging): a 10,000-event history never outgrows a message."""
+    return await _weaver(req).query_fractals(req.args, _page_bytes(req))
+
+
+async def handle_search(req: Any) -> dict[str, Any]:
+    """``search`` in pages: the ``k`` best hits are ranked as before; the reply holds those from ``after`` (an
+    offset cursor) that fit one page, and ``next``. Every page re-ranks the same query (milliseconds)."""
+    body = dict(req.args) if isinstance(req.args, dict) else req.args
+    start = paging.offset_cursor(body.pop("after", None), MAX_K) if isinstance(body, dict) else 0
+    hits = (await _weaver(req).search(body))["hits"]
+    page, more = paging.take_page(hits[start:], _page_bytes(req), len(hits))
+    return {"hits": page, "next": str(start + len(page)) if more else None}
+
+
 HANDLERS: dict[str, Handler] = {
     "replace_file": _cancellable("replace_file"),
     "replace_files": _cancellable("replace_files"),
@@ -46,7 +67,7 @@ HANDLERS: dict[str, Handler] = {
     "create_fractals": _cancellable("create_fractals"),
     "file_hashes": _plain("file_hashes"),
     "delete_file": _plain("delete_file"),
-    "search": _plain("search"),
+    "search": handle_search,
     "get": _plain("get"),
     "inspect": _plain("get"),
     "children": _plain("children"),
@@ -54,6 +75,6 @@ HANDLERS: dict[str, Handler] = {
     "blob_put": _plain("blob_put"),
     "blob_get": _plain("blob_get"),
     "audit_offset": _plain("audit_offset"),
-    "query_fractals": _plain("query_fractals"),
+    "query_fractals": handle_query_fractals,
     "verify": lambda req: verify.run(_weaver(req), req.args),  # invariants; {"repair": true} fixes them
 }

@@ -127,7 +127,8 @@ class QueryFractals(msgspec.Struct, forbid_unknown_fields=True):
     event_type: str | None = None
     since: str | None = None
     until: str | None = None
-    limit: int = 100
+    limit: int = 100  # fractals in one page (a page is also bounded in bytes: batos.paging)
+    after: str | None = None  # a previous page's `next` cursor: the page after it
 
 
 class BlobPut(msgspec.Struct, forbid_unknown_fields=True):

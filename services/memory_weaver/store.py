@@ -22,6 +22,7 @@ prototypes, so the kernel can send them messages like any other object.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -34,6 +35,7 @@ from BTrees.LOBTree import LOBTree
 from BTrees.OOBTree import OOBTree, OOTreeSet
 from ZODB.blob import Blob
 
+from batos import paging
 from batos.errors import ServiceError
 from batos.uvm import UvmObject, parse_oid, prototype_of
 from proto import ErrorCode
@@ -501,31 +503,57 @@ def audit_offset(root: Any, path: str) -> int:
     return int(memory(root).offsets.get(path, 0))
 
 
-def query_fractals(root: Any, q: Any) -> list[dict[str, Any]]:
+def query_fractals(root: Any, q: Any, page_bytes: int = paging.PAGE_BYTES) -> dict[str, Any]:
+    """One page of the fractals matching ``q`` in (timestamp, event id) order, and the ``next`` cursor (None on
+    the last page). A cursor is the last returned key: fractals are never deleted, so a page that follows it is
+    exact even while new events are ingested."""
+    page, more = paging.take_page(_fractals_matching(root, q), page_bytes, q.limit)
+    next_cursor = _fractal_cursor(page[-1]) if more else None
+    return {"fractals": page, "next": next_cursor}
+
+
+def _fractal_cursor(rendered: dict[str, Any]) -> str:
+    return json.dumps([rendered["meta"].get("timestamp") or "", rendered["event_id"]])
+
+
+def _parse_fractal_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        ts, event_id = json.loads(cursor)
+        if isinstance(ts, str) and isinstance(event_id, str):
+            return ts, event_id
+    except (ValueError, TypeError):
+        pass
+    raise ServiceError(ErrorCode.BAD_ARGS, "`after` is not a cursor this query returned")
+
+
+def _fractals_matching(root: Any, q: Any) -> Iterable[dict[str, Any]]:
     mem = memory(root)
+    after = _parse_fractal_cursor(q.after) if q.after is not None else None
     if q.cycle_id is not None:
         found = members(mem.fractals_by_cycle, q.cycle_id)
-        objs = sorted((mem.objects[o] for o in found if o in mem.objects),
-                      key=lambda f: ((f.get_slot("meta") or {}).get("timestamp") or "", f.get_slot("event_id")))
+        objs: Iterable[Any] = sorted((mem.objects[o] for o in found if o in mem.objects),
+                                     key=lambda f: ((f.get_slot("meta") or {}).get("timestamp") or "",
+                                                    f.get_slot("event_id")))
+    elif after is not None:
+        hi = (q.until + "\uffff",) if q.until else None
+        objs = mem.fractals_by_time.values(min=after, max=hi, excludemin=True)
     else:
         lo = (q.since,) if q.since else None
         hi = (q.until + "\uffff",) if q.until else None
         objs = mem.fractals_by_time.values(min=lo, max=hi)
-    out = []
     wanted = {k: getattr(q, k) for k in ("mission_type", "persona", "status", "event_type") if getattr(q, k)}
     for f in objs:
         meta = f.get_slot("meta") or {}
         ts = meta.get("timestamp") or ""
+        if after is not None and (ts, f.get_slot("event_id")) <= after:
+            continue
         if (q.since and ts < q.since) or (q.until and ts > q.until):
             continue
         if any(meta.get(k) != v for k, v in wanted.items()):
             continue
-        out.append({"oid": format(oid_int(f), "x"), "summary": f.get_slot("summary"),
-                    "full_json": read_blob(f.get_slot("full_content_blob")).decode("utf-8"), "meta": dict(meta),
-                    "event_id": f.get_slot("event_id")})
-        if len(out) >= q.limit:
-            break
-    return out
+        yield {"oid": format(oid_int(f), "x"), "summary": f.get_slot("summary"),
+               "full_json": read_blob(f.get_slot("full_content_blob")).decode("utf-8"), "meta": dict(meta),
+               "event_id": f.get_slot("event_id")}
 
 
 def blob_put(root: Any, conn: Any, data: bytes, meta: dict[str, Any]) -> str:

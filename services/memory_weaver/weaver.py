@@ -19,6 +19,7 @@ import numpy as np
 from ZODB.POSException import ConflictError
 from ZODB.utils import p64
 
+from batos import paging
 from batos.errors import ServiceError
 from batos.image import Image, Lane
 from proto import ErrorCode
@@ -281,9 +282,10 @@ class MemoryWeaver:
         path = _str_arg(body, "path")
         return {"value": await self.image.read(lambda root, conn: store.audit_offset(root, path))}
 
-    async def query_fractals(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def query_fractals(self, body: dict[str, Any], page_bytes: int = paging.PAGE_BYTES) -> dict[str, Any]:
+        """One page (batos.paging): ``fractals`` and ``next``, the cursor to send back as ``after``."""
         q = P.parse(P.QueryFractals, body)
-        return {"fractals": await self.image.read(lambda root, conn: store.query_fractals(root, q))}
+        return await self.image.read(lambda root, conn: store.query_fractals(root, q, page_bytes))
 
 
 def _str_arg(body: dict[str, Any], name: str) -> str:

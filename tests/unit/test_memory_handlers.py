@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from batos.config import load
 from batos.errors import ServiceError
 from services.memory_weaver.handlers import HANDLERS
 from services.memory_weaver.weaver import MemoryWeaver
@@ -18,7 +19,8 @@ CONTRACT = {"replace_file", "create_chunks", "file_hashes", "delete_file", "sear
 
 
 def request(state, command, args):
-    return SimpleNamespace(command=command, args=args, ctx=SimpleNamespace(state=state), cancelled=threading.Event())
+    return SimpleNamespace(command=command, args=args, ctx=SimpleNamespace(state=state, settings=load()),
+                           cancelled=threading.Event())
 
 
 def test_every_contract_command_has_a_handler():
