@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from batos.client import Client  # noqa: E402
+from bench import qa_profile  # noqa: E402
 from bench.qa_questions import CODEBASES, QUESTIONS, Question  # noqa: E402
 from tests import conftest  # noqa: E402
 
@@ -210,10 +211,17 @@ def named(text: str, golds: list[Gold]) -> bool:
     return any(re.search(rf"(?<![\w]){re.escape(g.name)}(?![\w])", text) for g in golds)
 
 
-async def ask(client: Client, question: str, timeout: float) -> tuple[dict[str, Any], float, str]:
+async def ask(client: Client, question: str, timeout: float,
+              trace: list[tuple[float, dict[str, Any]]] | None = None) -> tuple[dict[str, Any], float, str]:
+    """``trace``: if given, every event of the ask is appended with its client-side time since the start."""
     started = time.monotonic()
+
+    def seen(event: dict[str, Any]) -> None:
+        if trace is not None:
+            trace.append((time.monotonic() - started, event))
+
     try:
-        reply = await client.call("kernel", "ask", {"question": question}, timeout=timeout)
+        reply = await client.call("kernel", "ask", {"question": question}, timeout=timeout, on_event=seen)
         return reply, time.monotonic() - started, ""
     except Exception as e:  # a failed cycle is a result, not the end of the benchmark
         return {}, time.monotonic() - started, f"{type(e).__name__}: {getattr(e, 'message', e)}"
@@ -239,7 +247,8 @@ async def search_top(client: Client, question: str, golds: list[Gold], k: int = 
 
 
 async def run_questions(system: TreeSystem, questions: list[tuple[Question, list[Gold]]], label: str,
-                        timeout: float, with_search: bool, verbose: bool) -> list[dict[str, Any]]:
+                        timeout: float, with_search: bool, verbose: bool,
+                        profile: bool = False) -> list[dict[str, Any]]:
     rows = []
     async with Client(system.settings, identity=f"qa-{label}") as client:
         for i, (qn, golds) in enumerate(questions, 1):
@@ -247,8 +256,14 @@ async def run_questions(system: TreeSystem, questions: list[tuple[Question, list
                                    "gold": [f"{g.rel}:{g.qualname}:{g.start}-{g.end}" for g in golds]}
             if with_search:
                 row["search"] = await search_top(client, qn.text, golds)
-            reply, seconds, error = await ask(client, qn.text, timeout)
+            trace: list[tuple[float, dict[str, Any]]] = []
+            offset = qa_profile.log_size(system.var / "log" / "forge.log")
+            pids = {p.name: p.popen.pid for p in system.procs if p.popen is not None}
+            cpu = qa_profile.cpu_seconds(pids)
+            reply, seconds, error = await ask(client, qn.text, timeout, trace)
+            cpu = qa_profile.cpu_used(cpu, qa_profile.cpu_seconds(pids))
             row.update(score_ask(reply, golds, seconds, error))
+            row["profile"] = qa_profile.profile(trace, reply, seconds, system.var, offset, cpu)
             row["answer"] = str(reply.get("answer") or "")[:1500]
             row["citations"] = [c.get("where") for c in reply.get("citations") or []]
             rows.append(row)
@@ -256,6 +271,8 @@ async def run_questions(system: TreeSystem, questions: list[tuple[Question, list
                 print(f"[{label} {i}/{len(questions)}] {row['status']:<16} cited={row['cited']!s:<5} "
                       f"first={row['first']!s:<5} named={row['named']!s:<5} {row['seconds']:>6.1f}s  {qn.text}"
                       + (f"  ERROR {row['error'][:200]}" if row["error"] else ""), flush=True)
+                if profile:
+                    print(qa_profile.describe(row["profile"]), flush=True)
     return rows
 
 
@@ -267,6 +284,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {"n": 0}
     n = len(rows)
     secs = [r["seconds"] for r in rows if not r["error"]]
+    cpus = [sum(r["profile"]["cpu_s"].values()) for r in rows if not r["error"] and r.get("profile")]
     return {"n": len(rows), "cited": sum(r["cited"] for r in rows) / n, "first": sum(r["first"] for r in rows) / n,
             "named": sum(r["named"] for r in rows) / n,
             "named_body": sum(r.get("named_body", r["named"]) for r in rows) / n,
@@ -275,6 +293,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "errors": sum(bool(r["error"]) for r in rows),
             "ungrounded_success": sum(r["ungrounded"] for r in rows),
             "median_s": statistics.median(secs) if secs else float("nan"),
+            # CPU seconds of all the system's processes during the ask: comparable across machine loads
+            "median_cpu_s": statistics.median(cpus) if cpus else None,
             "search_top5": sum(r["search"]["top5"] for r in rows if "search" in r) / n if "search" in rows[0] else None,
             "search_top1": sum(r["search"]["top1"] for r in rows if "search" in r) / n if "search" in rows[0] else None}
 
@@ -308,6 +328,9 @@ def table(now: dict[str, Any], base: dict[str, Any] | None) -> str:
     lines.append(f"| errors | - | {f(b.get('errors'))} | {f(now['errors'])} | - | 0 |")
     lines.append(f"| median ask seconds | - | {f(b.get('median_s'))} | {f(now['median_s'])} | "
                  f"{ratio(now['median_s'], b.get('median_s'))} | <= {TARGETS['median_s']:.0f} |")
+    if now.get("median_cpu_s") is not None:
+        lines.append(f"| median ask CPU-seconds (all processes) | - | {f(b.get('median_cpu_s'))} | "
+                     f"{f(now['median_cpu_s'])} | {ratio(now['median_cpu_s'], b.get('median_cpu_s'))} | - |")
     return "\n".join(lines)
 
 
@@ -332,7 +355,7 @@ async def bench(label: str, tree: Path, work: Path, src: Path, names: list[str],
         up_s = time.monotonic() - started
         ingested = await ingest(system, src, names)
         print(f"[{label}] up in {up_s:.0f} s; ingested {json.dumps(ingested)}", flush=True)
-        rows = await run_questions(system, questions, label, a.timeout, with_search, not a.quiet)
+        rows = await run_questions(system, questions, label, a.timeout, with_search, not a.quiet, a.profile)
         return {"rows": rows, "summary": summary(rows), "ingest": ingested, "up_s": round(up_s, 1)}
     finally:
         system.stop_all()
@@ -374,6 +397,7 @@ async def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900.0, help="per ask, seconds")
     p.add_argument("--json", type=Path, help="write every row and the summaries here")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print where each ask's seconds went (bench/qa_profile.py)")
     p.add_argument("--readme", nargs="?", const=README_QUESTION, metavar="QUESTION",
                    help="instead: ingest this repository and ask the README's question (or QUESTION)")
     a = p.parse_args(argv)

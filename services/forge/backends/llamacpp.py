@@ -98,6 +98,9 @@ class LlamaCppBackend(Backend):
                 n_batch=PREFILL_CHUNK,
                 n_threads=self.threads,
                 n_threads_batch=self.threads,
+                # ~13% more prompt tokens per CPU-second on this CPU (Qwen 0.5B, 1,000 tokens: 77 vs 67), and a
+                # prompt is most of an `ask`'s time; llama-cpp-python's default (False) turns it off explicitly
+                flash_attn=True,
                 verbose=False,
             )
         except (ValueError, RuntimeError) as e:
@@ -122,6 +125,7 @@ class LlamaCppBackend(Backend):
         self._adapters: dict[str, _Adapter] = {}
         self._applied: str | None = None  # the persona whose adapter the KV cache was computed with
         self._lock = threading.Lock()
+        self.last_reused = 0
         log.info("loaded %s with llama.cpp (%d threads, n_ctx %d) in %.2f s", self.model_name, self.threads,
                  self._context, self.load_s)  # fmt: skip
 
@@ -225,6 +229,8 @@ class LlamaCppBackend(Backend):
             send(stop.feed(decoder.decode(b"", final=True)) + stop.finish())
         end = last_at or time.monotonic()
         ttft = (first_at or end) - started
+        log.info("generate %s: prompt %d tokens (%d reused from the KV cache), %d generated, TTFT %.2f s, "
+                 "total %.2f s, %s", persona, len(prompt), self.last_reused, completion, ttft, end - started, reason)
         return GenerationResult(
             text=stop.text,
             prompt_tokens=len(prompt),
@@ -257,6 +263,7 @@ class LlamaCppBackend(Backend):
                 common = 0
                 llm.reset()
             llm.n_tokens = common
+        self.last_reused = common  # what the KV cache already held of this prompt (reported, logged)
         for i in range(common, len(prompt), PREFILL_CHUNK):
             reason = interrupted()
             if reason is not None:
