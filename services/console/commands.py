@@ -92,6 +92,7 @@ class Request:
     service: str = KERNEL
     label: str = ""  # the console command it came from (for display and timeouts)
     idempotent: bool = False  # safe to run again: the broker re-sends it to a restarted worker
+    resumable: bool = False  # lost with the broker, it is sent again once the broker is back (watch)
 
     @property
     def long_running(self) -> bool:
@@ -300,7 +301,8 @@ def _watch(rest: str, cwd: Path) -> Request:
     if len(words) > 1 or (words and not re.fullmatch(r"[0-9a-fA-F-]{4,64}", words[0])):
         raise CommandError(f"usage: {SPECS['watch'].usage} (an id is hex, as shown by watch, ask or status)")
     # idempotent: watching has no effect, so a kernel restart re-sends it to the new kernel and it goes on
-    return Request("watch", {"id": words[0].lower()} if words else {}, label="watch", idempotent=True)
+    return Request("watch", {"id": words[0].lower()} if words else {}, label="watch", idempotent=True,
+                   resumable=True)
 
 
 def _verify(rest: str, cwd: Path) -> Request:

@@ -150,6 +150,10 @@ class TextView:
             if code == "cancelled":  # how a watch is meant to end: not an error
                 self._line(handle, [("class:notice", "watch stopped")])
                 return
+            if code == "unavailable":  # the runner sends it again once the broker is back
+                self._line(handle, [("class:warning", f"watch interrupted: {message}; it resumes when the broker "
+                                                      "answers again")])
+                return
         for frags in format_error(code, message, details):
             self._line(handle, frags)
 

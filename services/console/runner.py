@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from batos import paging
 from batos.client import Client, PendingCall
+from batos.errors import ServiceError
 from proto import ErrorCode, Kind
 from services.console.commands import Request
 from services.console.render import Handle
@@ -26,6 +27,8 @@ LONG_TIMEOUT_MARGIN = 60.0
 CANCEL_GRACE = 5.0
 # A quiet `watch` sends this now and then so that no one on the way times it out; it is never shown.
 KEEPALIVE = "keepalive"
+# How often a resumable request (watch) asks whether the broker is back.
+RESUME_INTERVAL = 1.0
 
 
 class View(Protocol):
@@ -78,15 +81,44 @@ class Runner:
         self.inflight[handle.tag] = entry
         self.view.begin(handle)
         try:
-            return await self._run(req, entry)
+            outcome = await self._run(req, entry)
+            # a watch lost with the broker (it restarted, or is away) is sent again once the broker answers
+            while req.resumable and outcome.code == ErrorCode.UNAVAILABLE and not entry.cancel_requested:
+                self._forget_call(entry)
+                resumed = await self._await_broker(entry)
+                if resumed is not None:
+                    return resumed
+                self._safe(self.view.notice, f"[{handle.tag}] the broker answers again: resuming {handle.label}")
+                outcome = await self._run(req, entry, check_connected=False)  # the ping was answered just now
+            return outcome
         finally:
             self.inflight.pop(handle.tag, None)
-            if entry.call is not None:
-                self.client.pending.pop(entry.call.id, None)  # PendingCall has no close(); see report
+            self._forget_call(entry)
 
-    async def _run(self, req: Request, entry: Inflight) -> Outcome:
+    def _forget_call(self, entry: Inflight) -> None:
+        if entry.call is not None:
+            self.client.pending.pop(entry.call.id, None)  # PendingCall has no close(); see report
+            entry.call = None
+
+    async def _await_broker(self, entry: Inflight) -> Outcome | None:
+        """Until the broker answers a ping (None), or the request is cancelled here (its outcome)."""
+        try:
+            while True:
+                with contextlib.suppress(ServiceError):
+                    await self.client.ping(timeout=RESUME_INTERVAL)
+                    return None
+                await asyncio.sleep(RESUME_INTERVAL)
+        except asyncio.CancelledError:
+            if not entry.gave_up:  # the console is closing
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return self._fail(entry.handle, ErrorCode.CANCELLED, "cancelled while waiting for the broker")
+
+    async def _run(self, req: Request, entry: Inflight, *, check_connected: bool = True) -> Outcome:
         handle = entry.handle
-        if self.is_connected is not None and self.is_connected() is False:
+        if check_connected and self.is_connected is not None and self.is_connected() is False:
             return self._fail(handle, ErrorCode.UNAVAILABLE,
                               f"not connected to the broker at {self.endpoint} (retrying in the background); "
                               "the request was not sent")

@@ -32,6 +32,7 @@ class WatchLines:
         self.partial: dict[str, str] = {}  # activity -> streamed text not yet ended by a newline
         self.progress_at: dict[tuple[str, str], float] = {}
         self.hellos = 0
+        self.kernel_pid: Any = None
 
     def lines(self, body: dict[str, Any]) -> list[Fragments]:
         name = str(body.get("event", ""))
@@ -95,9 +96,10 @@ class WatchLines:
 
     def _hello(self, data: dict[str, Any]) -> list[Fragments]:
         self.hellos += 1
+        pid, self.kernel_pid = self.kernel_pid, data.get("pid")
         where = f"{data.get('kernel') or 'the kernel'} (pid {data.get('pid', '?')})"
         if self.hellos > 1:
-            head = f"the kernel restarted: watching {where} again"
+            head = f"{'the kernel restarted: ' if pid != data.get('pid') else ''}watching {where} again"
         elif isinstance(data.get("target"), dict):
             t = data["target"]
             state = f", now {t['state']}" if t.get("state") else ""

@@ -331,3 +331,19 @@ async def test_the_interactive_console_watches_until_ctrl_c(live, tmp_path):
             child.terminate(force=True)
         child.logfile_read.close()
     assert child.exitstatus == 0
+
+
+async def test_a_watch_goes_on_across_a_kernel_restart(live):
+    """Last: it replaces the kernel. A watch is idempotent, so the broker gives it to the new kernel."""
+    w = await watcher(live)
+    first = w.events("watching")[0]
+    old = next(p for p in live.system.procs if p.name == "kernel" and p.alive())
+    assert first["pid"] == old.pid
+    old.kill()
+    new = live.system.start_service("kernel", **KERNEL_ENV)
+    _, again = await w.until(event("watching", pid=new.pid), timeout=120)
+    assert again["body"]["kernel"] == first["kernel"]
+    ingester = await console(live, "-c", f"ingest {live.root / 'src'}")  # and it still sees what others do
+    assert await ingester.finish() == 0
+    await w.until(event("end", command="ingest"))
+    assert await w.interrupt() == 130

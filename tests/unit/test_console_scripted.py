@@ -299,3 +299,44 @@ async def test_watch_is_sent_idempotent_and_its_keepalives_are_never_shown():
     assert [o["body"].get("event") for o in objects(out)] == ["watching", "state", None]
     rc, out, _ = await script("watch c1c1", FakeClient(kernel), json_mode=False)
     assert "keepalive" not in out and out.splitlines()[-1] == "watch of cycle c1 (ask) ended: COMPLETE"
+
+
+async def test_a_watch_lost_with_the_broker_is_sent_again_when_it_answers():
+    calls = []
+
+    async def flaky(req: Envelope, emit: Emit) -> None:
+        calls.append(req.command)
+        if len(calls) == 1:  # what the client says when a broker restart lost the request
+            emit(proto.error_for(req, ErrorCode.UNAVAILABLE, "the broker restarted while this request was in flight"))
+            return
+        await kernel(req, emit)
+
+    client = FakeClient(flaky)
+    rc, out, err = await script("watch c1c1", client, json_mode=False)
+    assert rc == EXIT_OK and calls == ["watch", "watch"] and client.idempotent == [True, True]
+    assert out.splitlines()[0].startswith("watch interrupted: the broker restarted")
+    assert "resuming watch" in err
+    assert out.splitlines()[-1] == "watch of cycle c1 (ask) ended: COMPLETE"
+    # what is not resumable fails as before
+    client = FakeClient(flaky)
+    calls.clear()
+    rc, out, _ = await script("ask q", client, json_mode=False)
+    assert rc == EXIT_ERROR and calls == ["ask"] and "error [unavailable]" in out
+
+
+async def test_a_watch_waiting_for_the_broker_is_cancelled_at_once(monkeypatch):
+    monkeypatch.setattr(runner_mod, "RESUME_INTERVAL", 0.01)
+
+    async def lost(req: Envelope, emit: Emit) -> None:
+        emit(proto.error_for(req, ErrorCode.UNAVAILABLE, "lost the connection to the broker"))
+
+    client = FakeClient(lost, broker_up=False)
+    view = _NullView()
+    runner = Runner(client, view)
+    task = asyncio.create_task(runner.run(Request("watch", label="watch", idempotent=True, resumable=True)))
+    while not view.errors:  # the first try failed; now it waits for the broker
+        await asyncio.sleep(0.01)
+    assert await runner.cancel("all") == [1]
+    outcome = await asyncio.wait_for(task, 2)
+    assert outcome.code == "cancelled" and "waiting for the broker" in outcome.message and runner.inflight == {}
+    assert len(client.sent) == 1
