@@ -16,7 +16,7 @@ import time
 import xmlrpc.client
 from pathlib import Path
 
-from batos import supervisor_rpc
+from batos import supervisor_rpc, transport
 from batos.client import Client
 from batos.config import REPO_ROOT, Settings, load
 from batos.errors import ServiceError
@@ -117,6 +117,9 @@ def up(settings: Settings) -> int:
                 print(" ready.\n")
                 print("Every program is RUNNING and every service has registered with the broker.")
                 print(f"  broker: {settings.broker_endpoint}   logs: {settings.log_dir}")
+                exposed = transport.exposure_warning(settings.broker_endpoint, settings.curve_enabled)
+                if exposed:
+                    print(f"  WARNING: {exposed}")
                 print("  attach a console:   make console      (or .venv/bin/batos-console)")
                 print("  one command:        .venv/bin/batos-console -c status")
                 print("  see everything:     make status       stop: make down")

@@ -20,7 +20,7 @@ rest and hands them out one per reply, which is correct flow control but not wha
 
 Targets (issue 2): throughput >= 0.8x the bare relay; p99 < 2 ms at 1,000 requests/s from 10 clients.
 
-    .venv/bin/python bench/broker.py [--seconds 3] [--repeats 3] [--window 64] [--json out.json]
+    .venv/bin/python bench/broker.py [--seconds 3] [--repeats 3] [--window 64] [--transport tcp|ipc] [--json out.json]
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ _ids = itertools.count()  # request ids unique across measurements (the broker r
 _rounds = itertools.count()  # fresh client identities per measurement
 
 
-def free_endpoint() -> str:
+def free_endpoint(transport: str = "tcp", tmp: str = "") -> str:
+    if transport == "ipc":  # a socket in the target's own private temp dir, as BAT OS's default var/broker.sock
+        return f"ipc://{tmp}/relay.sock"
     s = zmq.Context.instance().socket(zmq.ROUTER)
     port = s.bind_to_random_port("tcp://127.0.0.1")
     s.close(0)
@@ -66,9 +68,10 @@ def cpu_seconds(pid: int) -> float:
 class Target:
     """One system under test: its processes, its endpoint, and what a good answer looks like."""
 
-    def __init__(self, kind: str, capacity: int = 64):
+    def __init__(self, kind: str, capacity: int = 64, transport: str = "tcp"):
         self.kind = kind
         self.capacity = capacity
+        self.transport = transport
         self.procs: list[subprocess.Popen] = []
         self.tmp = tempfile.mkdtemp(prefix="batos-bench-")
         # the bare worker echoes the request itself; BAT OS answers with a reply envelope
@@ -77,7 +80,7 @@ class Target:
     def start(self) -> Target:
         py = sys.executable
         if self.kind == "bare":
-            self.endpoint = free_endpoint()
+            self.endpoint = free_endpoint(self.transport, self.tmp)
             self.procs.append(subprocess.Popen([py, str(REPO / "bench/bare_relay.py"), "relay", self.endpoint]))
             time.sleep(0.3)
             self.procs.append(subprocess.Popen([py, str(REPO / "bench/bare_relay.py"), "worker", self.endpoint]))
@@ -87,7 +90,8 @@ class Target:
                "BATOS_LOG_LEVEL": "WARNING"}
         endpoint_file = Path(self.tmp) / "broker.endpoint"
         self.procs.append(subprocess.Popen([py, "-m", "broker"], cwd=REPO,
-                                           env={**env, "BATOS_BROKER_ENDPOINT": "tcp://127.0.0.1:*"}))
+                                           env={**env, "BATOS_BROKER_ENDPOINT": "" if self.transport == "ipc"
+                                                else "tcp://127.0.0.1:*"}))
         deadline = time.monotonic() + 20
         while not endpoint_file.exists():
             if time.monotonic() > deadline:
@@ -274,12 +278,14 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=64, help="outstanding requests per client when pipelining")
     ap.add_argument("--capacity", type=int, help="concurrent requests the BAT OS worker admits (default 10 x window)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--transport", choices=("tcp", "ipc"), default="tcp",
+                    help="both systems on loopback TCP, or on unix sockets (ipc://, BAT OS's default since issue 13)")
     args = ap.parse_args()
     args.capacity = args.capacity or 10 * args.window
     targets: dict[str, Target] = {}
     try:
         for kind in SYSTEMS:
-            targets[kind] = Target(kind, args.capacity).start()
+            targets[kind] = Target(kind, args.capacity, args.transport).start()
         load0 = os.getloadavg()[0]
         results = measure(targets, args)
         load1 = os.getloadavg()[0]
