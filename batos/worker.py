@@ -194,14 +194,13 @@ class ServiceWorker:
         self._outbox_room.set()
         self._pump_scheduled = False
         self._rearm_scheduled = False
-        self._reconnecting = False
+        self._registering = False
         self.waiting: set[str] = set()  # requests whose handler waits on another service
         self._beat_scheduled = False
 
     # -- connection ---------------------------------------------------------------------------
 
     def connect(self) -> None:
-        self._reconnecting = False
         self._close_socket()
         sock = zmq.Socket(self.zctx, zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -214,6 +213,11 @@ class ServiceWorker:
         self.sock = sock
         self._fd = sock.FD
         self.loop.add_reader(self._fd, self._pump)
+        self._register()
+
+    def _register(self) -> None:
+        """READY: the service, and what it still runs (a new broker adopts them, the same one keeps them)."""
+        self._registering = False
         self.last_broker_msg = time.monotonic()
         # what it still runs: a new broker adopts them, the same broker keeps routing them
         holding = [{"id": rid, "command": req.command, "client": req._client_frame}
@@ -388,12 +392,13 @@ class ServiceWorker:
                     if req._started:  # a task cancelled before its first step would never run _serve
                         task.cancel()
             case Kind.DISCONNECT:
-                # A new broker answers each message of ours with one: re-register once. Not now: _pump is still
-                # reading the old socket; and not again, or the broker would see the fresh connection close.
-                if not self._reconnecting:
+                # A new broker answers each message of ours with one: re-register once per burst, on this same
+                # connection. A fresh socket would race the broker's notice that the old connection closed (its
+                # descriptor reused by the new one): the broker would drop the worker it had just registered.
+                if not self._registering:
                     log.info("%s: broker asked us to re-register", self.service)
-                    self._reconnecting = True
-                    self.loop.call_soon(self.connect)
+                    self._registering = True
+                    self.loop.call_soon(self._register)
             case Kind.ERROR:
                 log.warning("%s: broker error: %s", self.service, env.body)
             case _:

@@ -397,7 +397,10 @@ class Broker:
             self.reply_error(client, env, ErrorCode.BAD_ARGS, f"request id {env.id} is already in flight")
             return
         control = proto.is_control(env.service, env.command)
-        queue = (self.control_queues if control else self.queues).setdefault(env.service, deque())
+        queues = self.control_queues if control else self.queues
+        queue = queues.get(env.service)
+        if queue is None:  # (not setdefault: that builds a deque per request)
+            queue = queues[env.service] = deque()
         now = time.monotonic()
         state = self.clients.get(client)
         if state is None:
@@ -525,9 +528,10 @@ class Broker:
     # -- dispatch ---------------------------------------------------------------------------
 
     def dispatch(self, service: str) -> None:
-        control = self.control_queues.get(service)
-        if control:
-            self._dispatch(control, service, self.least_busy)
+        if self.control_queues:  # no lookup until a control request was ever queued; they go before work
+            control = self.control_queues.get(service)
+            if control:
+                self._dispatch(control, service, self.least_busy)
         queue = self.queues.get(service)
         if queue:
             self._dispatch(queue, service, self.least_loaded)
@@ -569,11 +573,13 @@ class Broker:
         return best
 
     def release(self, worker: Worker, req_id: str, pending: Pending) -> None:
-        if req_id in worker.inflight:
-            worker.inflight.discard(req_id)
+        inflight = worker.inflight
+        if req_id in inflight:
+            inflight.remove(req_id)
             if pending.control:
                 worker.control -= 1
-            worker.waiting = min(worker.waiting, len(worker.inflight) - worker.control)
+            if worker.waiting:  # its next heartbeat says how many still wait; never more than it holds
+                worker.waiting = min(worker.waiting, len(inflight) - worker.control)
 
     def remove_worker(self, worker: Worker) -> None:
         if self.workers.get(worker.identity) is worker:

@@ -149,13 +149,16 @@ class CycleRun:
         """An ``llm`` call, its time counted as LLM time, audited as LLM_CALL; tokens forwarded if streamed."""
         async def forward(event: dict[str, Any]) -> None:
             if event.get("event") == "token":
-                await self.emit("token", text=event.get("text", ""))
+                if stream:
+                    await self.emit("token", text=event.get("text", ""))
+            elif event.get("event") == "retrying":  # the llm worker restarted: the step runs again, tokens so far void
+                await self.emit("step_restarted", state=self.state, command=command, reason=event.get("message", ""))
 
         started = time.monotonic()
         prompt = (audit_prompt or _render_messages(body.get("messages", [])))[:_PROMPT_AUDIT_CHARS]
         try:
             reply = await self.env.client.call("llm", command, {"persona": persona, **body},
-                                               on_event=forward if stream else None,
+                                               on_event=forward,
                                                timeout=self.env.settings.llm_request_timeout)
         except ServiceError as e:
             await self.audit("LLM_CALL", status="FAILURE", persona=persona, command=command, llm_prompt=prompt,
