@@ -3,7 +3,9 @@
 The server runs in its own process on a socket this test bound (tests/integration/llama_server.py), so
 the port is never raced for. Covered: streamed generation, stop strings, the constrained action (the
 server takes a schema only in its own ``json_object`` form: the backend falls back to it), cancellation
-mid-stream, and the same through the llm service (a forge worker with ``BATOS_LLM_BACKEND=openai``).
+mid-stream, the same through the llm service (a forge worker with ``BATOS_LLM_BACKEND=openai``), and the
+kernel's own cycles over it: an `ask` (streamed answer, grounded or the stated degraded reply) and a `send`
+whose method BRICK writes through the server (persisted only if it ran, else a clear refusal).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from batos import models, personas
+from batos.errors import ServiceError
 from services.forge.backends.base import CANCELLED, LENGTH, GenerationParams
 from services.forge.backends.openai_compat import OpenAICompatBackend
 from services.forge.structured import DEFAULT_ACTIONS, run_action
@@ -127,3 +130,71 @@ async def test_the_llm_service_over_the_real_server(server_url, system, client):
     assert action["valid"] and action["action"]["action"] in DEFAULT_ACTIONS
     status = await client.call("llm", "status", {})
     assert status["llm"]["ready"] and status["llm"]["backend"] == "openai" and status["llm"]["url"] == server_url
+
+
+# -- the kernel's cycles over the real server -----------------------------------------------------------------
+
+SOURCE = '''"""Stock keeping for a small shop."""
+
+
+def restock(stock, item, count):
+    """Add count units of item to the stock mapping."""
+    stock[item] = stock.get(item, 0) + count
+    return stock
+'''
+KERNEL_ENV = {  # small budgets: a 135M model on one thread answers in seconds (as in test_kernel_live.py)
+    "BATOS_REACT_MAX_STEPS": "1", "BATOS_ANSWER_BUDGET_TOKENS": "500", "BATOS_ANSWER_MAX_TOKENS": "24",
+    "BATOS_BRICK_MAX_TOKENS": "80", "BATOS_SANDBOX_TIMEOUT": "3", "BATOS_CYCLE_TIMEOUT": "240",
+    "BATOS_AUTOTELIC_PERIOD": "3600",
+}
+ASK_STATES = ["IDLE", "DECOMPOSING", "REASONING", "SYNTHESIZING", "VALIDATING", "COMPLETE"]
+
+
+@pytest.mark.timeout(240)
+async def test_ask_and_send_through_the_kernel_over_the_real_server(server_url, system, client, tmp_path):
+    tree = tmp_path / "src"
+    tree.mkdir()
+    (tree / "inventory.py").write_text(SOURCE)
+    openai = {"BATOS_LLM_BACKEND": "openai", "BATOS_OPENAI_URL": server_url, "BATOS_OPENAI_MODEL": ALIAS}
+    system.start_zeo()
+    system.start_service("memory")
+    system.start_service("ingest", BATOS_INGEST_ROOTS=str(tmp_path))
+    system.start_service("forge", **openai)
+    system.start_service("kernel", **KERNEL_ENV)
+    await system.wait_registered(client, {"kernel": 1, "memory": 1, "ingest": 1, "llm": 1}, timeout=180)
+    ingested = await client.call("kernel", "ingest", {"path": str(tree)}, timeout=180)
+    assert ingested["files"] == 1 and not ingested["errors"]
+
+    events: list[dict] = []
+    reply = await client.call("kernel", "ask", {"question": "How is an item restocked?"},
+                              on_event=events.append, timeout=180)  # fmt: skip
+    states = [e["state"] for e in events if e.get("event") == "state"]
+    tokens = "".join(e["text"] for e in events if e.get("event") == "token")
+    assert states == ASK_STATES and tokens  # the answer streamed from the server through forge and kernel
+    assert reply["status"] in ("SUCCESS", "SUCCESS_DEGRADED") and reply["timing"]["llm_calls"] >= 1
+    assert reply["citations"] and all(c["file_path"] == str(tree / "inventory.py") for c in reply["citations"])
+    assert all(c["where"] in reply["answer"] for c in reply["citations"])
+    if reply["status"] == "SUCCESS":  # grounded: the model's streamed words are the answer's prose
+        assert reply["model_text"].strip() and reply["model_text"].strip() in tokens
+        assert all(c["ok"] for c in reply["validation"] if c["attempt"] == max(v["attempt"] for v in
+                                                                               reply["validation"]))
+    else:  # the stated degraded reply: why, and the evidence itself
+        assert reply["reason"] and reply["notes"]
+
+    target = reply["citations"][0]["oid"]  # a chunk object in the image: BRICK's method goes on it
+    sent_events: list[dict] = []
+    try:
+        sent = await client.call("kernel", "send", {"oid": target, "selector": "word_count", "args": ["a b c"]},
+                                 on_event=sent_events.append, timeout=180)  # fmt: skip
+    except ServiceError as e:  # BRICK's method did not run on the call: refused, with a FAILED cycle
+        assert e.code in ("rejected", "sandbox", "unavailable"), (e.code, e.message)
+        assert "FAILED in" in e.message or e.code == "unavailable"
+        obj = await client.call("kernel", "inspect", {"oid": target})
+        assert "word_count" not in obj["methods"]
+    else:  # it ran in the sandbox on the call's arguments: persisted, with the source the server generated
+        assert sent["generated"] is True and "def word_count(self" in sent["method_source"]
+        obj = await client.call("kernel", "inspect", {"oid": target})
+        assert "word_count" in obj["methods"]
+    assert any(e.get("event") == "token" for e in sent_events)  # BRICK's method streamed through the server too
+    status = await client.call("llm", "status", {})
+    assert status["llm"]["backend"] == "openai" and status["llm"]["url"] == server_url
