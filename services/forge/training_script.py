@@ -203,20 +203,49 @@ class ForgeConfigError(ValueError):
     """The configured backend gives nothing to fine-tune, or a parameter is out of range."""
 
 
-def resolve_base_model(settings: Any) -> dict[str, str]:
-    """The weights to fine-tune: those the llm service serves, so the adapter fits the model it will ride on."""
-    backend = settings.llm_backend
-    if backend == "embedded":
-        from batos.models import embedded_llm_checkpoint
+def resolve_base_model(settings: Any) -> dict[str, Any]:
+    """The weights to fine-tune: those the llm service serves, so the adapter fits the model it will ride on.
 
-        path = str(embedded_llm_checkpoint(settings))
+    Embedded backend: the served GGUF's transformers form (batos.models.training_checkpoint, dequantized
+    once and cached), or SmolLM2-135M's when the served model has none (``model`` names which). The
+    ``serve_*`` keys tell the evaluation to judge the adapter on the runtime that will serve it.
+    """
+    backend = settings.llm_backend
+    serving: dict[str, Any] = {"serve_runtime": "transformers"}
+    if backend == "embedded":
+        from batos import models
+
+        try:
+            spec = models.trained_spec(settings)
+            path = str(models.training_checkpoint(settings))
+            serving = {"model": spec.key, **serving_runtime(settings, spec)}
+        except models.ModelNotAvailable as e:
+            raise ForgeConfigError(str(e)) from e
     elif settings.llm_model_path:
         path = settings.llm_model_path
     else:
         raise ForgeConfigError(f"llm_backend {backend!r} has no local weights to fine-tune; set llm_model_path")
     if not (Path(path) / "config.json").is_file():
         raise ForgeConfigError(f"base model {path} is not a local transformers checkpoint (no config.json)")
-    return {"base_model": path, "dtype": settings.llm_dtype, "device": settings.llm_device}
+    return {"base_model": path, "dtype": settings.llm_dtype, "device": settings.llm_device, **serving}
+
+
+def serving_runtime(settings: Any, trained: Any) -> dict[str, Any]:
+    """How the embedded llm service will run an adapter trained on ``trained`` (a batos.models.LLMSpec).
+
+    llama.cpp (with the adapter as a GGUF LoRA on the served GGUF) when it serves that very model; else the
+    transformers checkpoint itself, as the fallback backend does.
+    """
+    import importlib.util
+
+    from batos import models
+
+    if settings.llm_model != trained.key or settings.llm_runtime == "transformers":
+        return {"serve_runtime": "transformers"}
+    if importlib.util.find_spec("llama_cpp") is None:  # not imported: the forge worker does not need it
+        return {"serve_runtime": "transformers"}
+    return {"serve_runtime": "llamacpp", "serve_gguf": str(models.llm_gguf_path(settings)),
+            "threads": int(getattr(settings, "llm_threads", 1) or 1)}
 
 
 def build_config(

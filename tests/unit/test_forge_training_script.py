@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -143,7 +142,8 @@ def test_resolve_base_model(tmp_path):
     model.mkdir()
     (model / "config.json").write_text("{}")
     hf = SimpleNamespace(llm_backend="hf", llm_model_path=str(model), llm_dtype="bfloat16", llm_device="cuda")
-    assert ts.resolve_base_model(hf) == {"base_model": str(model), "dtype": "bfloat16", "device": "cuda"}
+    assert ts.resolve_base_model(hf) == {"base_model": str(model), "dtype": "bfloat16", "device": "cuda",
+                                         "serve_runtime": "transformers"}
     with pytest.raises(ForgeConfigError, match="no local weights"):
         ts.resolve_base_model(SimpleNamespace(llm_backend="openai", llm_model_path="", llm_dtype="auto",
                                               llm_device="auto"))
@@ -152,12 +152,36 @@ def test_resolve_base_model(tmp_path):
                                               llm_device="auto"))
 
 
-def test_resolve_embedded_base_model(monkeypatch, tmp_path):
-    import batos.models
+@pytest.mark.parametrize(("served", "trained", "on_llamacpp"), [
+    ("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b", True),  # the default: its HF form, judged on llama.cpp
+    ("smollm2-135m", "smollm2-135m", True),
+    ("qwen2.5-coder-1.5b", "smollm2-135m", False),  # no HF form: the 135M model, judged on transformers
+])  # fmt: skip
+def test_resolve_embedded_base_model(monkeypatch, tmp_path, served, trained, on_llamacpp):
+    import importlib.util
 
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text("{}")
-    monkeypatch.setattr(batos.models, "embedded_llm_checkpoint", lambda settings: Path(ckpt))
-    embedded = SimpleNamespace(llm_backend="embedded", llm_model_path="", llm_dtype="auto", llm_device="auto")
-    assert ts.resolve_base_model(embedded)["base_model"] == str(ckpt)
+    import batos.models
+    from batos.config import load
+
+    made = []
+
+    def checkpoint(settings, spec, log=None):  # stands in for the one-time GGUF dequantization
+        made.append(spec.key)
+        path = tmp_path / spec.hf_dirname
+        path.mkdir(exist_ok=True)
+        (path / "config.json").write_text("{}")
+        return path
+
+    monkeypatch.setattr(batos.models, "llm_checkpoint", checkpoint)
+    monkeypatch.setattr(batos.models, "llm_gguf_path", lambda settings, log=None: tmp_path / "served.gguf")
+    settings = load(llm_model=served, llm_backend="embedded", llm_runtime="auto", cache_dir=tmp_path)
+    base = ts.resolve_base_model(settings)
+    assert made == [trained] and base["model"] == trained
+    assert base["base_model"] == str(tmp_path / batos.models.LLM_MODELS[trained].hf_dirname)
+    if on_llamacpp and importlib.util.find_spec("llama_cpp") is not None:
+        assert base["serve_runtime"] == "llamacpp" and base["serve_gguf"] == str(tmp_path / "served.gguf")
+    else:
+        assert base["serve_runtime"] == "transformers" and "serve_gguf" not in base
+    forced = ts.resolve_base_model(load(llm_model=served, llm_backend="embedded", llm_runtime="transformers",
+                                        cache_dir=tmp_path))  # fmt: skip
+    assert forced["serve_runtime"] == "transformers"

@@ -1,8 +1,10 @@
 """A forge adapter (PEFT LoRA on the SmolLM2 checkpoint) converted to a GGUF LoRA and applied by llama.cpp per persona.
 
 The adapter here is made, not trained (random B matrices, so it visibly changes the output in a few
-tokens); training it for real is the forge's end-to-end test (tests/integration/test_forge_e2e.py).
+tokens); training it for real is the forge's end-to-end test (tests/unit/test_forge_train_slow.py).
 """
+
+import json
 
 import pytest
 
@@ -14,6 +16,7 @@ from services.forge.backends.base import BackendError, GenerationParams
 pytest.importorskip("llama_cpp")
 from services.forge.backends import gguf_lora
 from services.forge.backends.gguf_lora import gguf_lora_for
+from tests.unit.random_lora import random_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -23,22 +26,8 @@ if not (runtime_install.tools_dir() / "convert_lora_to_gguf.py").is_file():
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(models.embedded_llm_checkpoint(config.load())))
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                      task_type="CAUSAL_LM")  # fmt: skip
-    peft = get_peft_model(base, lora)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    out = tmp_path_factory.mktemp("adapter") / "brick_test"
-    peft.save_pretrained(str(out))
-    return out
+    checkpoint = models.embedded_llm_checkpoint(config.load())
+    return random_adapter(checkpoint, tmp_path_factory.mktemp("adapter") / "brick_test")
 
 
 def chat(persona: str) -> list[dict[str, str]]:
@@ -71,7 +60,49 @@ def test_the_adapter_applies_to_its_persona_only_and_can_be_removed(adapter_dir,
         backend.close()
 
 
-def test_an_adapter_for_another_model_is_refused(adapter_dir):
+def test_the_gguf_lora_moves_the_logits_as_the_peft_adapter_does(adapter_dir, tmp_path, monkeypatch):
+    """llama.cpp with the converted LoRA vs PEFT on the checkpoint, on the same tokens: fails if llama.cpp
+    ignores the adapter (no change) or applies it wrongly (a change unlike PEFT's)."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setattr(gguf_lora, "cache_dir", lambda: tmp_path / "gguf_lora")
+    checkpoint = models.embedded_llm_checkpoint(config.load())
+    ids = AutoTokenizer.from_pretrained(str(checkpoint))("def add(a, b):\n    return a + b\n")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(str(checkpoint))
+    with torch.no_grad():
+        hf_base = base(torch.tensor([ids])).logits[0].numpy()
+        hf_lora = PeftModel.from_pretrained(base, str(adapter_dir))(torch.tensor([ids])).logits[0].numpy()
+
+    def llama_logits(lora: str | None) -> np.ndarray:
+        llm = Llama(model_path=str(models.embedded_gguf_path()), n_ctx=64, logits_all=True, lora_path=lora,
+                    n_threads=1, verbose=False)  # fmt: skip
+        try:
+            llm.eval(ids)
+            return np.array(llm.scores[: len(ids)])
+        finally:
+            llm.close()
+
+    cpp_base = llama_logits(None)
+    cpp_lora = llama_logits(str(gguf_lora_for(adapter_dir, str(checkpoint))))
+    hf_delta, cpp_delta = hf_lora - hf_base, cpp_lora - cpp_base
+    assert np.abs(cpp_delta).mean() > 0.5 * np.abs(hf_delta).mean()  # the adapter is applied, at its scale
+    assert np.corrcoef(hf_delta.ravel(), cpp_delta.ravel())[0, 1] > 0.9  # and does what PEFT's does
+    # the base logits agree too (the checkpoint is the GGUF dequantized): the comparison above is fair
+    assert np.corrcoef(hf_base.ravel(), cpp_base.ravel())[0, 1] > 0.95
+
+
+def test_an_adapter_for_another_model_is_refused(adapter_dir, tmp_path):
     with pytest.raises(BackendError) as err:
         gguf_lora_for(adapter_dir, None)  # the served model has no transformers form the forge trained
     assert err.value.code == proto.ErrorCode.BAD_ARGS and "cannot take its adapters" in err.value.message
+    other = tmp_path / "other-model"  # a checkpoint of another shape (e.g. Qwen's): refused before converting
+    other.mkdir()
+    cfg = json.loads((models.embedded_llm_checkpoint(config.load()) / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "hidden_size": 896, "model_type": "qwen2"}))
+    with pytest.raises(BackendError) as err:
+        gguf_lora_for(adapter_dir, str(other))
+    assert err.value.code == proto.ErrorCode.BAD_ARGS and "does not fit this model" in err.value.message

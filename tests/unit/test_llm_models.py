@@ -1,6 +1,7 @@
 """batos.models: where the packaged models are, and the one-time GGUF -> safetensors conversion."""
 
 import json
+import shutil
 import threading
 import time
 
@@ -34,7 +35,8 @@ def test_prepare_is_quick_and_says_so_when_the_checkpoint_exists(tmp_path):
     assert time.monotonic() - started < 1.0
     assert lines[0] == f"embedded LLM: ready at {target}"
     assert lines[1].startswith("llm model smollm2-135m (SmolLM2-135M-Instruct): ")  # served from its package
-    assert lines[2].startswith("embedder: ")
+    assert lines[2] == f"forge: trains SmolLM2-135M-Instruct at {target} (0.0 s)"
+    assert lines[3].startswith("embedder: ")
     assert models.embedded_llm_checkpoint(settings) == target
 
 
@@ -44,6 +46,67 @@ def test_cli_paths(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert f"checkpoint: {tmp_path / models.EMBEDDED_LLM_DIRNAME} (ready=False)" in out
     assert "gguf: " in out and "embedder: " in out
+
+
+def test_the_forge_trains_the_served_model_where_it_has_a_transformers_form(tmp_path):
+    for served, trained in (("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b"), ("smollm2-135m", "smollm2-135m"),
+                            ("qwen2.5-coder-1.5b", "smollm2-135m")):
+        settings = config.load(cache_dir=tmp_path, llm_model=served)
+        assert models.trained_spec(settings).key == trained
+        expected = tmp_path / models.LLM_MODELS[served].hf_dirname if served == trained else None
+        assert models.training_checkpoint_dir(settings) == expected
+    assert models.training_checkpoint_dir(config.load(cache_dir=tmp_path, llm_model="smollm2-135m")) == (
+        models.embedded_checkpoint_dir(config.load(cache_dir=tmp_path)))  # the checkpoint it always had
+
+
+def _fake_checkpoint(path, stamp=None):
+    path.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (path / name).write_text("{}")
+    if stamp is not None:
+        (path / models.SOURCE_STAMP).write_text(json.dumps(stamp))
+    return path
+
+
+def test_a_checkpoint_made_from_other_weights_is_made_again(tmp_path, monkeypatch):
+    """The stamp names the GGUF (sha256) a checkpoint was dequantized from: another one is never used."""
+    spec = models.LLM_MODELS["qwen2.5-coder-0.5b"]
+    settings = config.load(cache_dir=tmp_path, llm_model=spec.key)
+    converted = []
+
+    def convert(gguf, spec, target, log):
+        converted.append(gguf.name)
+        shutil.rmtree(target, ignore_errors=True)
+        _fake_checkpoint(target, {"gguf_sha256": spec.sha256})
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(models, "_spec_gguf_path", lambda settings, spec, log: tmp_path / spec.gguf)
+    target = tmp_path / spec.hf_dirname
+    _fake_checkpoint(target, {"gguf_sha256": "0" * 64})
+    assert models.training_checkpoint(settings) == target and converted == [spec.gguf]
+    assert models.training_checkpoint(settings) == target and converted == [spec.gguf]  # now it matches
+    shutil.rmtree(target)
+    _fake_checkpoint(target)  # no stamp at all: not known to be this model's
+    assert models.training_checkpoint(settings) == target and len(converted) == 2
+
+
+def test_an_unstamped_smollm2_checkpoint_is_adopted_not_replaced(tmp_path, monkeypatch):
+    """Checkpoints made before stamps existed stay in place (running processes read them)."""
+    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("converted again"))
+    target = _fake_checkpoint(tmp_path / models.EMBEDDED_LLM_DIRNAME)
+    assert models.embedded_llm_checkpoint(config.load(cache_dir=tmp_path)) == target
+    stamp = json.loads((target / models.SOURCE_STAMP).read_text())
+    assert stamp["gguf_sha256"] == models.LLM_MODELS["smollm2-135m"].sha256 and stamp["adopted"] is True
+
+
+def test_a_gguf_with_another_sha256_is_refused_before_converting(tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF not the pinned weights")
+    with pytest.raises(models.ModelNotAvailable, match="sha256"):
+        models._convert_gguf(gguf, models.LLM_MODELS["qwen2.5-coder-0.5b"], tmp_path / "out", print)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(models.ModelNotAvailable, match="no transformers form"):
+        models.llm_checkpoint(config.load(cache_dir=tmp_path), models.LLM_MODELS["qwen2.5-coder-1.5b"])
 
 
 @pytest.mark.slow

@@ -74,8 +74,8 @@ def _embedded(settings: Settings) -> Backend:
                 model_name=spec.display,
                 context_tokens=settings.llm_context_tokens,
                 threads=settings.llm_threads,
-                # adapters are trained on this checkpoint (the forge); they fit only the same model
-                base_checkpoint=models.embedded_checkpoint_dir(settings) if spec.hf_checkpoint else None,
+                # adapters are trained on this model's HF form (the forge); they fit only the same model
+                base_checkpoint=models.training_checkpoint_dir(settings),
             )
         from services.forge.backends.local import LocalBackend
 

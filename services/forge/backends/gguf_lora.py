@@ -1,5 +1,8 @@
 """A forge adapter (PEFT LoRA on the transformers checkpoint) as a GGUF LoRA that llama.cpp can apply.
 
+The forge trains the served model's transformers form (batos.models.training_checkpoint: the served GGUF
+dequantized once), so the adapter's tensors fit the GGUF that llama.cpp runs, quantized or not.
+
 The conversion is llama.cpp's own ``convert_lora_to_gguf.py`` (with its ``gguf-py``), unpacked from the
 llama-cpp-python sdist by batos/runtime_install.py: it maps PEFT tensor names onto GGUF ones for every
 architecture llama.cpp knows, which a hand-written mapping would not. It runs in a subprocess (it imports
@@ -39,6 +42,29 @@ def cache_dir() -> Path:
     return Path(load().cache_dir) / "gguf_lora"
 
 
+# What makes two checkpoints the same network for a LoRA: its tensors' names and shapes follow from these.
+_SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "vocab_size")
+
+
+def check_same_model(adapter_dir: Path, base_checkpoint: Path) -> None:
+    """Refuse, with both names, an adapter trained on another network than the served model's HF form.
+
+    llama.cpp would refuse it too, but only as "cannot load", after a conversion against the wrong base.
+    An adapter whose training base is gone (moved cache) is let through to llama.cpp's own shape checks.
+    """
+    trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not trained_on or not (Path(trained_on) / "config.json").is_file():
+        return
+    if Path(trained_on).resolve() == base_checkpoint.resolve():
+        return
+    ours, theirs = (json.loads((Path(d) / "config.json").read_text()) for d in (base_checkpoint, trained_on))
+    if any(ours.get(k) != theirs.get(k) for k in _SHAPE_KEYS):
+        raise BackendError(proto.ErrorCode.BAD_ARGS,
+                           f"{adapter_dir.name} was trained on {trained_on}, not on the served model's "
+                           f"{base_checkpoint}: its LoRA does not fit this model")
+
+
 def gguf_lora_for(adapter_dir: Path, base_checkpoint: str | None) -> Path:
     """The GGUF LoRA of a PEFT adapter directory (converted once); BackendError when it cannot be made."""
     from batos import runtime_install
@@ -53,9 +79,10 @@ def gguf_lora_for(adapter_dir: Path, base_checkpoint: str | None) -> Path:
     if base_checkpoint is None:
         raise BackendError(
             proto.ErrorCode.BAD_ARGS,
-            "the forge trains SmolLM2-135M; the served model is another one and cannot take its adapters "
-            "(BATOS_LLM_MODEL=smollm2-135m serves adapters)",
+            "the served model has no transformers form, so the forge trains SmolLM2-135M and this model "
+            "cannot take its adapters (models that do: BATOS_LLM_MODEL=qwen2.5-coder-0.5b or smollm2-135m)",
         )
+    check_same_model(adapter_dir, Path(base_checkpoint))
     tools = runtime_install.tools_dir()
     script = tools / "convert_lora_to_gguf.py"
     if not script.is_file():
