@@ -12,7 +12,6 @@ It registers with the service key like every worker (batos.worker), so only serv
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -92,11 +91,8 @@ async def startup(ctx: Context) -> None:
 
 
 async def shutdown(ctx: Context) -> None:
-    task = ctx.state.pop(WATCH, None)
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    # the stop watch has finished by now: serve() sets ctx.stopping before the drain that precedes this hook
+    ctx.state.pop(WATCH, None)
     image = ctx.state.pop(IMAGE, None)
     if image is not None:
         await image.close()
