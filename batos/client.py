@@ -146,7 +146,7 @@ class Client:
     # -- calls --------------------------------------------------------------------------------
 
     async def start_call(self, service: str, command: str, body: dict[str, Any] | None = None,
-                         *, idempotent: bool = False) -> PendingCall:
+                         *, idempotent: bool | None = None) -> PendingCall:
         await self.start()
         if self.broker_boot_id is None and service != proto.Service.BROKER:
             # learn which broker incarnation will hold this request, to notice if it restarts
@@ -164,7 +164,7 @@ class Client:
 
     async def call(self, service: str, command: str, body: dict[str, Any] | None = None, *,
                    on_event: EventCallback | None = None, timeout: float | None = 60.0,
-                   total_timeout: float | None = None, idempotent: bool = False) -> dict[str, Any]:
+                   total_timeout: float | None = None, idempotent: bool | None = None) -> dict[str, Any]:
         """One request and its answer. ``timeout``: the longest silence (no reply, no event) allowed;
         every event restarts it. ``total_timeout``: an optional cap on the whole call."""
         loop = asyncio.get_running_loop()

@@ -329,16 +329,17 @@ def is_control(service: str, command: str) -> bool:
 
 
 def request(
-    service: str, command: str, body: dict[str, Any] | None = None, *, idempotent: bool = False, id: str = ""
+    service: str, command: str, body: dict[str, Any] | None = None, *, idempotent: bool | None = None, id: str = ""
 ) -> Envelope:
-    """``idempotent``: the caller vouches for a command proto does not list (an extension service's)."""
+    """``idempotent``: None = what :data:`RETRY_SAFE` says; a caller may vouch for a command proto does not
+    list (an extension service's), or opt out."""
     return Envelope(
         v=PROTOCOL_VERSION,
         id=id or new_id(),
         kind=Kind.REQUEST,
         service=service,
         command=command,
-        idempotent=idempotent or retry_safe(service, command),
+        idempotent=retry_safe(service, command) if idempotent is None else idempotent,
         body=body or {},
     )
 

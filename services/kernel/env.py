@@ -19,7 +19,8 @@ class AuditSink(Protocol):
 
 class ServiceCaller(Protocol):
     async def call(self, service: str, command: str, body: dict[str, Any] | None = None, *,
-                   on_event: Any = None, timeout: float | None = 60.0, idempotent: bool = False) -> dict[str, Any]: ...
+                   on_event: Any = None, timeout: float | None = 60.0,
+                   idempotent: bool | None = None) -> dict[str, Any]: ...
 
 
 def instance_name(settings: Settings) -> str:

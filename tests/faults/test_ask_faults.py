@@ -108,11 +108,12 @@ def assert_answered(reply: dict[str, Any], events: list[dict]) -> None:
 
 
 async def test_baseline_ask(installation: Installation, tree: Path) -> None:
-    started = time.monotonic()
     async with installation.client() as client:
-        reply = await client.call("kernel", "ask", {"question": QUESTION}, timeout=ASK_TIMEOUT)
-    TIMINGS["ask, no fault"] = round(time.monotonic() - started, 1)
-    assert reply["status"] in ("SUCCESS", "SUCCESS_DEGRADED"), reply
+        for label in ("ask, no fault (first)", "ask, no fault"):
+            started = time.monotonic()
+            reply = await client.call("kernel", "ask", {"question": QUESTION}, timeout=ASK_TIMEOUT)
+            TIMINGS[label] = round(time.monotonic() - started, 1)
+            assert reply["status"] in ("SUCCESS", "SUCCESS_DEGRADED"), reply
 
 
 async def test_ask_survives_kill_9_of_the_forge_worker(installation: Installation, tree: Path) -> None:

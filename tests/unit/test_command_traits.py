@@ -27,6 +27,7 @@ def test_requests_carry_retry_safety_from_the_table() -> None:
     assert not proto.request("memory", "blob_put").idempotent  # a new blob each time
     assert not proto.request("forge", "run").idempotent
     assert proto.request("echo", "slow", idempotent=True).idempotent  # an extension's caller may vouch
+    assert not proto.request("memory", "replace_files", idempotent=False).idempotent  # or opt out
 
 
 def test_control_commands_are_cheap_ones() -> None:
