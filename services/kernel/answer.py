@@ -22,6 +22,7 @@ Genesis's meta-prompt (kind ``meta_prompt``) is not an answer: it is only checke
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,12 +31,15 @@ from services.kernel import degenerate, grounding
 from services.kernel.react import Evidence, ReactResult
 from services.kernel.run import CycleRun
 
-ANSWER_TOKENS_CAP = 100  # two or three sentences and a Sources line (measured: 50-110 tokens); each costs time
-RETRY_TOKENS_CAP = 80  # the retry asks for one or two sentences
+# Each generated token costs ~0.1 CPU-second here (Qwen 0.5B): as much as ten prompt tokens.
+ANSWER_TOKENS_CAP = 80  # Sources and Function lines, one or two sentences (measured: 56-63 tokens when it stops)
+RETRY_TOKENS_CAP = 60  # the retry asks for one sentence
 ANSWER_PIECES = 4  # evidence pieces an answer prompt holds at most: the model uses the first few, prefill is time
 # Prose only (never code): a 135M model at temperature 0 falls into loops that a mild penalty breaks.
 ANSWER_REPETITION_PENALTY = 1.1
-STOP = ["\nQuestion:", "\nEvidence:"]  # a small model goes on to invent the next prompt
+# A small model goes on to invent the next prompt, or starts the form over for another piece ("\n\nSources: [E2]
+# \nFunction: ..." after its answer: Qwen 0.5B, 50 of its 100 tokens on csv); the form's own Sources line is first.
+STOP = ["\nQuestion:", "\nEvidence:", "\n\nSources:"]
 RETRY_K = 2  # pieces of evidence a retry keeps (plus any the first answer cited correctly)
 EXTRACT_K = ANSWER_PIECES  # an extractive answer shows the evidence the model was shown
 SUCCESS = "SUCCESS"
@@ -43,7 +47,8 @@ DEGRADED = "SUCCESS_DEGRADED"
 
 INSTRUCTIONS = {
     "answer": ("You answer a developer's question about a codebase using only the evidence below. Each piece of "
-               "evidence is labelled [E1], [E2], ... with its file, line numbers and code."),
+               "evidence is labelled [E1], [E2], ... with its file, lines and the name of its function or class, "
+               "then its code."),
     "meta_prompt": ("Using the context below about BAT OS's own code, write a prompt for a second assistant. "
                     "The prompt must ask it to explain to the Architect what BAT OS is and how it works: "
                     "its processes, its object model, how a cognitive cycle reasons and how it improves "
@@ -52,12 +57,16 @@ INSTRUCTIONS = {
 # The Sources line comes FIRST: Qwen2.5-Coder-0.5B, asked for "Answer: ... [E1]\nSources: [E1]", wrote its
 # prose and stopped (or ran out of tokens) before any label, 3 answers of 3 rejected as "cites no evidence label";
 # asked for the labels first, it wrote them 3 of 3 (bench/RESULTS.md, 2026-12-06).
-ASK = ("Answer in two or three sentences. Name the function or class that does it, exactly as written in the "
-       "evidence. First write the labels of the evidence you use, then the answer. Reply in this form:\n"
-       "Sources: [E1]\nAnswer: <the answer>")
+# The Function line comes next: told in prose to "name the function", the same model named its class or nothing
+# (the gold named in its prose 0 of 5 on csv); given a line of the form for it, it copies the qualified name that
+# the evidence header shows (bench/RESULTS.md, issue 16 section).
+ASK = ("First write the labels of the evidence you use, then the name of the function that does it, as written "
+       "after its label, then the answer in one or two sentences. Reply in this form:\n"
+       "Sources: [E1]\nFunction: <name>\nAnswer: <the answer>")
 FIRM = ("Your previous answer was rejected: {reason}. Use ONLY names that appear in the evidence above and do not "
-        "invent any. First write the labels of the evidence you use, then one or two sentences. Reply in this "
-        "form:\nSources: [E1]\nAnswer: <the answer>")
+        "invent any. First write the labels of the evidence you use, then the name of the function that does it, "
+        "as written after its label, then one sentence. Reply in this form:\n"
+        "Sources: [E1]\nFunction: <name>\nAnswer: <the answer>")
 
 
 @dataclass
@@ -118,6 +127,37 @@ def evidence_list(summaries: list[Evidence], chunks: list[Evidence]) -> str:
     return "\n".join(lines) if lines else "(nothing was retrieved)"
 
 
+def qualified_name(e: Evidence) -> str:
+    """``Class.method`` as the chunk's metadata places it (enclosing scopes, then its own name)."""
+    parents = [str(p) for p in e.metadata.get("parent_nodes") or [] if p]
+    name = str(e.metadata.get("node_name") or "")
+    return ".".join([*parents, name] if name else parents)
+
+
+def path_root(chunks: list[Evidence]) -> str:
+    """The directory prefix the evidence blocks leave out of their paths: above the deepest directory all the
+    retrieved chunks share, so ``/tmp/x/src/csv/csv.py`` shows as ``csv/csv.py`` (fewer prompt tokens, and a path
+    the Architect recognises). Computed over every retrieved chunk, so a retry's blocks render as the first ones."""
+    paths = [e.file_path for e in chunks if e.file_path]
+    if not paths or not all(os.path.isabs(p) for p in paths):
+        return ""
+    dirs = sorted({os.path.dirname(p) for p in paths})
+    common = os.path.commonpath(dirs)
+    root = os.path.dirname(common) if len(dirs) == 1 else common
+    return "" if root in ("", "/") else root.rstrip("/") + "/"
+
+
+def evidence_block(e: Evidence, root: str = "") -> str:
+    """One piece of an answer prompt: ``[E1] csv/csv.py:107-127 DictReader.__next__`` and its code.
+
+    No line-number prefixes (they were 30-50% of the code's tokens with Qwen's tokenizer, and the answer cites
+    labels, not lines); the qualified name in the header is the name the answer is asked to use."""
+    path = e.file_path[len(root):] if root and e.file_path.startswith(root) else e.file_path
+    where = f"{path}:{e.start_line}-{e.end_line}" if e.start_line is not None else (path or e.oid)
+    name = qualified_name(e)
+    return f"[{e.label}] {where}" + (f" {name}" if name else "") + f"\n```python\n{e.text.rstrip()}\n```"
+
+
 def relabel(chunks: list[Evidence]) -> list[Evidence]:
     """Copies labelled E1..En in the given (best-first) order: the labels the answer prompt and reply use."""
     return [dataclasses.replace(e, label=f"E{i}") for i, e in enumerate(chunks, 1)]
@@ -135,11 +175,14 @@ async def _generate(run: CycleRun, prompt: str, persona: str, max_tokens: int, k
 
 
 async def _assemble(run: CycleRun, question: str, summaries: list[Evidence], chunks: list[Evidence], *,
-                    persona: str, kind: str, extra: str, ask: str) -> Any:
-    from services.kernel.governor import assemble
+                    persona: str, kind: str, extra: str, ask: str, retrieved: list[Evidence] | None = None) -> Any:
+    from services.kernel.governor import assemble, chunk_block
 
     budget = run.env.settings.answer_budget_tokens
-    assembled = assemble(INSTRUCTIONS[kind], question, summaries, chunks, budget, extra=extra, ask=ask)
+    root = path_root(retrieved or chunks)
+    render = (lambda e: evidence_block(e, root)) if kind == "answer" else chunk_block
+    assembled = assemble(INSTRUCTIONS[kind], question, summaries, chunks, budget, extra=extra, ask=ask,
+                         render=render)
     await run.audit("PROMPT_BUDGET", status="SUCCESS", persona=persona, budget_tokens=budget,
                     used_tokens=assembled.used_tokens, sections=assembled.sections,
                     summary_ids=[e.oid for e in assembled.summaries],
@@ -165,7 +208,7 @@ async def write(run: CycleRun, question: str, evidence: ReactResult, *, persona:
         return draft  # nothing to ground an answer in: VALIDATING says so without asking the model
     pieces = retrieved[:ANSWER_PIECES] if kind == "answer" else retrieved
     assembled = await _assemble(run, question, summaries, pieces, persona=persona, kind=kind, extra=extra,
-                                ask=ASK if kind == "answer" else "")
+                                ask=ASK if kind == "answer" else "", retrieved=retrieved)
     reply = await _generate(run, assembled.prompt, persona, max_tokens, kind)
     draft.text = str(reply.get("text") or "")
     draft.summaries, draft.chunks = assembled.summaries, assembled.chunks
@@ -192,13 +235,19 @@ def label_texts(chunks: list[Evidence]) -> dict[str, list[str]]:
 _ANSWER_PREFIX = re.compile(r"^\s*(?:\**answer\**\s*:\**\s*)", re.I)
 _LEADING_SOURCES = re.compile(r"^\s*\**sources?\**\s*:\**[^\n]*\n", re.I)  # the form asks for it first
 _SOURCES = re.compile(r"^\s*\**sources?\**\s*:.*$", re.I | re.M | re.S)
+_FUNCTION_LINE = re.compile(r"^\s*\**function\**\s*:\**[ \t]*([^\n]*)(?:\n|$)", re.I)  # the form's second line
 
 
 def clean(text: str) -> str:
     """The model's prose: its Sources line(s) (first, as asked, or after the answer) and its 'Answer:' prefix
-    removed (the reply lists the sources)."""
-    body = _ANSWER_PREFIX.sub("", _LEADING_SOURCES.sub("", text.strip() + "\n", count=1).strip())
-    return _SOURCES.sub("", body).strip()
+    removed (the reply lists the sources); its ``Function:`` line leads the answer as `` `name`: ``."""
+    body = _LEADING_SOURCES.sub("", text.strip() + "\n", count=1).strip()
+    m = _FUNCTION_LINE.match(body)
+    name = ""
+    if m:
+        name, body = m.group(1).strip().strip("`*").strip(), body[m.end():]
+    body = _SOURCES.sub("", _ANSWER_PREFIX.sub("", body.strip())).strip()
+    return f"`{name}`: {body}" if name and body else f"`{name}`" if name else body
 
 
 def first_sentence(text: str) -> str:
@@ -227,7 +276,8 @@ async def validate(run: CycleRun, draft: Draft, result: ReactResult, *, kind: st
         await run.audit("ANSWER_REJECTED", status="FAILURE", persona=draft.persona, reason=verdict.reason,
                         checks=verdict.record(), attempt=1)
         assembled = await _assemble(run, draft.question, [], chunks, persona=draft.persona, kind=kind,
-                                    extra=draft.extra, ask=FIRM.format(reason=verdict.reason))
+                                    extra=draft.extra, ask=FIRM.format(reason=verdict.reason),
+                                    retrieved=draft.retrieved)
         reply = await _generate(run, assembled.prompt, draft.persona, min(draft.max_tokens, RETRY_TOKENS_CAP), kind)
         text = str(reply.get("text") or "")
         verdict = grounding.check(text, label_texts(assembled.chunks), draft.question)

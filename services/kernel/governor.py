@@ -16,6 +16,7 @@ the first pieces and their labels, so everything up to the first piece it leaves
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from batos import tokens
@@ -73,8 +74,9 @@ def _layout(system: str, question: str, summaries: str, chunks: str) -> str:
 
 
 def assemble(instruction: str, question: str, summaries: list[Evidence], chunks: list[Evidence], budget: int,
-             *, extra: str = "", ask: str = "") -> Assembled:
-    """``ask``: the request after the question (the answer's form); it belongs to the question's fixed section."""
+             *, extra: str = "", ask: str = "", render: Callable[[Evidence], str] = chunk_block) -> Assembled:
+    """``ask``: the request after the question (the answer's form); it belongs to the question's fixed section.
+    ``render``: how a chunk is laid out (answer.py renders its own, shorter evidence blocks)."""
     system = SEPARATOR.join(p for p in (instruction, extra) if p)
     question_part = f"Question: {question}" + (f"{SEPARATOR}{ask}" if ask else "")
     by_oid = {e.oid: e for e in (*summaries, *chunks)}
@@ -83,7 +85,7 @@ def assemble(instruction: str, question: str, summaries: list[Evidence], chunks:
         chosen = tokens.assemble_prompt_with_budget(
             budget, system=system, question=question_part,
             summaries=[tokens.Piece(e.oid, summary_block(e)) for e in summaries],
-            chunks=[tokens.Piece(e.oid, chunk_block(e)) for e in chunks],
+            chunks=[tokens.Piece(e.oid, render(e)) for e in chunks],
             reserve=min(reserve, budget), summary_share=SUMMARY_SHARE, separator="\n")
         prompt = _layout(chosen.system, chosen.question, chosen.summaries_text, chosen.chunks_text)
         used = tokens.count(prompt)

@@ -6,6 +6,8 @@
   identifiers  every code identifier the answer names -- dotted names (``a.b``), `code spans`, call-like
                tokens ``foo(``, snake_case and camelCase words -- occurs in the evidence it cites or in the
                question (the leading parts of a dotted name may come from any evidence shown, or a file path);
+               a name found only in a piece it was shown but did not cite adds that piece to its citations (a
+               small model cites [E1] and names E2's function: the name is real, the citation incomplete);
   names code   it names at least one code identifier (checked as above): an answer that names nothing says
                nothing that can be verified;
   not a loop   the answer's prose (its Answer:/Sources: form left out) is not empty or a repetition loop
@@ -28,7 +30,7 @@ from services.kernel import degenerate
 _LABEL = re.compile(r"\[\s*((?:E\d+\s*,?\s*)+)\]")
 _SOURCES_LINE = re.compile(r"^\s*Sources?\s*:(.*)$", re.I | re.M)
 _BARE_LABEL = re.compile(r"\bE\d+\b")
-_FORM_WORD = re.compile(r"^\s*\**(?:answer|sources?)\**\s*:\**", re.I | re.M)
+_FORM_WORD = re.compile(r"^\s*\**(?:answer|sources?|function)\**\s*:\**", re.I | re.M)
 _SPAN = re.compile(r"`([^`\n]{1,120})`")
 _END = r"(?!\w|\.\w)"  # a sentence's full stop may follow a name
 _DOTTED = re.compile(r"(?<![\w.])[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+(?![\w(]|\.\w)")
@@ -115,6 +117,11 @@ def inferred_labels(text: str, labels: dict[str, list[str]], question: str) -> l
     asked = _words([question])
     # a dunder (``__init__``) names no particular code: it cannot stand for a citation
     names = [n for n in identifiers(text) if n.split(".")[-1] not in asked and not n.split(".")[-1].startswith("__")]
+    return holders(names, labels)
+
+
+def holders(names: list[str], labels: dict[str, list[str]]) -> list[str]:
+    """For each name, the label of the piece defining it (else the first containing it); [] if any is nowhere."""
     out: list[str] = []
     for name in names:
         last = name.split(".")[-1]
@@ -147,8 +154,14 @@ def check(text: str, labels: dict[str, list[str]], question: str) -> Verdict:
     cited_words = _words([question, *(t for c in cited for t in labels[c])]) if cited else shown_words
     named = identifiers(text)
     missing = [n for n in named if not occurs(n, cited_words, shown_words)]
+    completed = holders(missing, {c: t for c, t in labels.items() if c not in cited}) if cited and missing else []
+    if completed:  # each name it uses is in a piece it was shown but did not cite: that piece is cited too
+        cited = [*cited, *completed]
+        cited_words = _words([question, *(t for c in cited for t in labels[c])])
+        missing = [n for n in named if not occurs(n, cited_words, shown_words)]
     checks.append(Check("identifiers", not missing,
-                        f"names {', '.join(missing[:5])} not found in the evidence it cites" if missing else ""))
+                        f"names {', '.join(missing[:5])} not found in the evidence it cites" if missing else
+                        f"the names it uses also cite {', '.join(completed)}" if completed else ""))
     # an answer naming no code at all passes the check above vacuously: "the field names are taken from the first
     # row" restates the question and cannot be verified against anything (Qwen 0.5B, bench/RESULTS.md 2026-12-06)
     checks.append(Check("names code", bool(named),

@@ -142,8 +142,9 @@ async def test_a_grounded_answer_succeeds_and_cites_only_the_evidence_it_used(ke
     assert [c["label"] for c in out["also_retrieved"]] == ["E2", "E3", "E4"]
     assert out["answer"].endswith("Sources:\n[E1] batos/uvm.py:1-9 (f0)")
     prompt = gen.seen[0]["messages"][0]["content"]
-    # labelled, line-numbered evidence, then the question, then the fixed answer form
-    assert "[E1] batos/uvm.py:1-9 (f0)\n```python\n1| def lookup_slot0(obj):" in prompt
+    # labelled evidence (its qualified name in the header, the code without line numbers), then the question,
+    # then the fixed answer form
+    assert "[E1] batos/uvm.py:1-9 f0\n```python\ndef lookup_slot0(obj):" in prompt
     assert prompt.index("Evidence:") < prompt.index("Question: how does lookup work?") < prompt.index("Sources: [E1]")
     assert prompt.rstrip().endswith("Answer:") and "Overview" not in prompt  # an answer's room goes to code
     assert gen.seen[0]["max_tokens"] <= answer.ANSWER_TOKENS_CAP and gen.seen[0]["stop"]
@@ -233,7 +234,8 @@ LABELS = answer.label_texts([
     ("`reap_workers` drops the worker from the waiting list.", "labels", "cites no evidence label"),
     ("Its `__init__()` sets the fields.", "labels", "cites no evidence label"),  # a dunder cites nothing
     ("It calls `reap_dead_worker` [E1].", "identifiers", "reap_dead_worker"),
-    ("It calls lookup() and purge_workers() [E1].", "identifiers", "lookup"),  # lookup is only in E2
+    ("It calls lookup() and purge_workers() [E1].", None, "also cite E2"),  # lookup is only in E2: cited too
+    ("It calls lookup() and reap_workers() [E1].", "identifiers", "reap_workers"),  # nowhere: nothing completes it
     ("It uses heartbeatExpiry [E1, E2].", "identifiers", "heartbeatExpiry"),
     ("worker worker worker worker worker worker worker worker [E1]", "not a loop", "repetition loop"),
 ])
@@ -242,7 +244,12 @@ def test_each_grounding_check_fails_and_passes(text, failed, why):
     assert verdict.ok is (failed is None)
     failing = [c.name for c in verdict.checks if not c.ok]
     assert failing == [] if failed is None else failed in failing
-    assert why in verdict.reason
+    assert why in (verdict.reason if failed else " ".join(c.detail for c in verdict.checks))
+
+
+def test_a_name_from_a_piece_shown_but_not_cited_adds_that_piece_to_the_citations():
+    verdict = grounding.check("Sources: [E1]\nAnswer: `purge_workers` runs after Registry.lookup().", LABELS, "how?")
+    assert verdict.ok and verdict.cited == ["E1", "E2"]
 
 
 # What Qwen2.5-Coder-0.5B wrote (bench/qa.py on csv, 2026-12-06): asked for "Answer: ... [E1]\nSources: [E1]" it
@@ -255,7 +262,7 @@ def test_each_grounding_check_fails_and_passes(text, failed, why):
     ("Sources: [E1]\nAnswer: The worker is dropped from the waiting list.", "names code", "names no function"),
     ("Sources: [E1]\nAnswer: It uses `len` and zip() on the list.", "names code", "names no function"),  # builtins
     ("Sources: [E1]\nAnswer: It calls `reap_dead_worker` on the broker.", "identifiers", "reap_dead_worker"),
-    ("Sources: [E1]\nAnswer: It calls lookup() first.", "identifiers", "lookup"),  # lookup is only in E2
+    ("Sources: [E1]\nAnswer: It calls lookup() first.", None, ""),  # lookup is only in E2: E2 is cited too
     ("Sources: [E9]\nAnswer: The worker is dropped.", "labels", "not shown: E9"),
     ("Sources: [E1]", "not a loop", "empty"),  # labels and nothing said: no SUCCESS
     ("Sources: [E1]\nAnswer:", "not a loop", "empty"),
@@ -272,9 +279,29 @@ def test_the_labels_first_form_is_read_and_still_checked(text, failed, why):
 
 def test_the_answer_form_the_prompt_asks_for_passes_and_cleans_to_the_prose():
     for form in (answer.ASK, answer.FIRM.format(reason="x")):
-        reply = form[form.index("Sources: [E1]"):].replace("<the answer>", "`purge_workers` drops it.")
-        assert grounding.check(reply, LABELS, "how?").ok
-        assert answer.clean(reply) == "`purge_workers` drops it."
+        reply = form[form.index("Sources: [E1]"):].replace("<the answer>", "it drops the worker.")
+        named = reply.replace("<name>", "Broker.purge_workers")
+        assert grounding.check(named, LABELS, "how?").ok
+        assert answer.clean(named) == "`Broker.purge_workers`: it drops the worker."
+        echoed = grounding.check(reply, LABELS, "how?")  # the form's placeholders copied: nothing verifiable
+        assert not echoed.ok and "names no function" in echoed.reason
+
+
+@pytest.mark.parametrize(("text", "prose"), [
+    ("Sources: [E1]\nFunction: `DictWriter._dict_to_list`\nAnswer: It raises.",
+     "`DictWriter._dict_to_list`: It raises."),
+    ("Sources: [E1]\n**Function:** DictWriter._dict_to_list\n**Answer:** It raises.",
+     "`DictWriter._dict_to_list`: It raises."),
+    ("Sources: [E1]\nFunction: _dict_to_list\n", "`_dict_to_list`"),
+    ("Sources: [E1]\nAnswer: It raises.", "It raises."),
+])
+def test_clean_leads_with_the_function_line(text, prose):
+    assert answer.clean(text) == prose
+
+
+def test_a_form_with_only_its_words_says_nothing():
+    verdict = grounding.check("Sources: [E1]\nFunction:\nAnswer:", LABELS, "how?")
+    assert not verdict.ok and "empty" in verdict.reason
 
 
 @pytest.mark.parametrize(("text", "prose"), [
@@ -374,3 +401,26 @@ async def test_an_unusable_meta_prompt_falls_back_to_the_stated_template(kernel,
 def test_template_meta_prompt_names_the_files_cycle_one_found():
     reply = {"evidence": [{"where": "batos/uvm.py:1-9"}, {"where": "batos/uvm.py:11-19"}, {"where": "x.py"}]}
     assert "batos/uvm.py, x.py" in genesis.template_meta_prompt(reply)
+
+
+# -- the answer prompt's evidence blocks (issue 16: fewer prompt tokens, the name to use in the header) ----------
+
+
+def test_an_evidence_block_has_the_qualified_name_and_the_code_without_line_numbers():
+    e = ev_code("E1", "def __next__(self):\n    return row\n", node_name="__next__", parent_nodes=["DictReader"])
+    e.metadata.update(file_path="/tmp/x/src/csv/csv.py", start_line=107, end_line=108)
+    block = answer.evidence_block(e, answer.path_root([e]))
+    assert block == "[E1] csv/csv.py:107-108 DictReader.__next__\n```python\ndef __next__(self):\n    return row\n```"
+    assert answer.qualified_name(ev_code("E2", "x = 1")) == ""  # a chunk with no name: no name in its header
+
+
+@pytest.mark.parametrize(("paths", "root"), [
+    (["/tmp/x/src/csv/csv.py"], "/tmp/x/src/"),  # one directory: it stays in the shown path
+    (["/w/main/broker/broker.py", "/w/main/services/kernel/run.py"], "/w/main/"),
+    (["/w/main/broker/broker.py", "/w/main/broker/schema.py"], "/w/main/"),
+    (["/broker.py"], ""),
+    (["batos/uvm.py", "/w/main/broker/broker.py"], ""),  # relative paths are shown as they are
+])
+def test_the_path_root_left_out_of_evidence_headers(paths, root):
+    chunks = [ev_code(f"E{i}", "pass", file_path=p) for i, p in enumerate(paths, 1)]
+    assert answer.path_root(chunks) == root
