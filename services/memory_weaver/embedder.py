@@ -10,10 +10,9 @@ gives the same pieces, and each window is checked to fit after all.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,18 +52,21 @@ class Embedder:
         self.device = device
         self.batch_size = batch_size
         self._model: Any = None
-        self._lock = threading.RLock()  # one encode at a time: torch already uses every core
-        self._cond = threading.Condition()
-        self._urgent = 0  # priority callers waiting for or holding the model
+        self._lock = threading.RLock()  # one bulk encode at a time: torch already uses every core
+        self._query_model: Any = None  # a second instance of the same model, for search queries only
+        self._query_lock = threading.Lock()
 
     def load(self) -> Embedder:
         if self._model is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            from sentence_transformers import SentenceTransformer
-
-            self._model = SentenceTransformer(str(self.path), device=self.device)
+            self._model = self._open()
             self.dim = int(self._model.get_sentence_embedding_dimension())
         return self
+
+    def _open(self) -> Any:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(str(self.path), device=self.device)
 
     @property
     def max_pieces(self) -> int:
@@ -115,14 +117,13 @@ class Embedder:
         texts: list[str],
         cancelled: threading.Event | None = None,
         progress: Callable[[int, int], None] | None = None,
-        priority: bool = False,
     ) -> tuple[np.ndarray, list[int]]:
         """(len(texts) x dim float32 unit vectors, windows per text).
 
         Pieces are encoded shortest first, ``batch_size`` at a time: a batch pads to its longest piece,
         so length-sorted batches waste least (sentence-transformers sorts only within one ``encode``
-        call). The model is taken per batch, not per call, and a ``priority`` caller (a search's query)
-        goes before the next batch of any bulk caller: a query waits for one batch, never a whole ingest.
+        call). The model is taken per batch, not per call, so concurrent bulk callers interleave.
+        Search queries never wait here: :meth:`embed_query` has a model of its own.
         """
         model = self.load()._model
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -132,7 +133,7 @@ class Embedder:
         pieces: list[str] = []
         # Tokenizing holds the lock too: a fast tokenizer used from two threads while encode() toggles its
         # truncation settings fails with "Already borrowed".
-        with self._turn(priority):
+        with self._lock:
             for i, text in enumerate(texts):
                 for w in self._windows(text):
                     owners.append(i)
@@ -145,7 +146,7 @@ class Embedder:
             if cancelled is not None and cancelled.is_set():
                 raise EmbeddingCancelled("embedding cancelled")
             idx = order[start:start + self.batch_size]
-            with self._turn(priority):
+            with self._lock:
                 vecs = model.encode([pieces[i] for i in idx], batch_size=self.batch_size, convert_to_numpy=True,
                                     normalize_embeddings=True, show_progress_bar=False)
             np.add.at(sums, owner_arr[idx], vecs.astype(np.float32))
@@ -157,23 +158,29 @@ class Embedder:
         return out, [int(c) for c in counts]
 
     def embed_query(self, text: str) -> np.ndarray:
-        """One search query's vector, ahead of any bulk embedding in progress."""
-        return self.embed([text], priority=True)[0][0]
+        """One search query's vector, never behind bulk embedding in progress.
 
-    @contextlib.contextmanager
-    def _turn(self, priority: bool) -> Iterator[None]:
-        """The model for one batch; bulk callers wait while a priority caller is waiting or running."""
-        with self._cond:
-            if priority:
-                self._urgent += 1
-            else:
-                while self._urgent:
-                    self._cond.wait()
-        try:
-            with self._lock:
-                yield
-        finally:
-            if priority:
-                with self._cond:
-                    self._urgent -= 1
-                    self._cond.notify_all()
+        A bulk batch (32 windows of up to 256 pieces) takes seconds of CPU, and a forward pass cannot be
+        interrupted: a query that waited for one took 10-30 s during an ingest on a loaded machine (at
+        ~20 ms idle). So queries run on a second instance of the model (~90 MB, loaded on the first
+        query) with its own tokenizer, concurrently with the bulk encoder. A query longer than one
+        window is pooled like a chunk.
+        """
+        with self._query_lock:
+            if self._query_model is None:
+                self._query_model = self._open()
+            model = self._query_model
+            pieces = self._query_windows(text)
+            vecs = model.encode(pieces, batch_size=len(pieces), convert_to_numpy=True,
+                                normalize_embeddings=True, show_progress_bar=False).astype(np.float32)
+        vec = vecs.mean(axis=0)
+        norm = float(np.linalg.norm(vec))
+        return vec / norm if norm else vec
+
+    def _query_windows(self, text: str) -> list[str]:
+        """Windows of a query, tokenized with the query model's own tokenizer (no shared tokenizer state)."""
+        limit = int(self._query_model.max_seq_length) - 2
+        if len(self._query_model.tokenizer(text, add_special_tokens=False)["input_ids"]) <= limit:
+            return [text]
+        with self._lock:  # rare: a query longer than a window is cut exactly as a chunk would be
+            return self._windows(text)

@@ -1,5 +1,5 @@
 """The embedder's batching without the model: length-sorted batches, results in input order, and a
-search query's priority over a bulk embedding in progress (a fake encoder records what it was given)."""
+search query that never waits for a bulk embedding in progress (fake encoders record what they were given)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ class FakeModel:
         self.batches: list[list[str]] = []
         self.gate = gate
         self.entered = threading.Event()
+
+    @staticmethod
+    def tokenizer(text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": list(range(len(text.split())))}
 
     def encode(self, texts, **kw):
         self.batches.append(list(texts))
@@ -45,24 +49,21 @@ def test_batches_are_length_sorted_and_results_come_back_in_order() -> None:
     assert [int(np.argmax(v)) for v in vecs] == [50, 3, 20, 7, 1]
 
 
-def test_a_query_goes_before_the_next_bulk_batch() -> None:
+def test_a_query_runs_while_a_bulk_batch_holds_the_bulk_model() -> None:
     gate = threading.Event()
-    model = FakeModel(gate)
-    emb = fake_embedder(model)
+    bulk_model = FakeModel(gate)
+    query_model = FakeModel()
+    emb = fake_embedder(bulk_model)
+    emb._open = lambda: query_model  # the query encoder is a second instance of the model
     bulk = threading.Thread(target=emb.embed, args=(["a" * n for n in range(2, 8)],))
     bulk.start()
-    assert model.entered.wait(10)  # the bulk call holds the model for its first batch
-    got: list[np.ndarray] = []
-    query = threading.Thread(target=lambda: got.append(emb.embed_query("the question")))
-    query.start()
-    waited = threading.Event()
-    for _ in range(1000):  # poll (bounded) until the query is registered as waiting for the model
-        if emb._urgent:
-            break
-        waited.wait(0.01)
-    assert emb._urgent == 1
-    gate.set()
-    bulk.join(10)
-    query.join(10)
-    assert model.batches[1] == ["the question"]  # straight after the batch in progress
-    assert len(model.batches) == 4 and got and int(np.argmax(got[0])) == len("the question")
+    try:
+        assert bulk_model.entered.wait(10)  # the bulk call is inside its first batch, blocked on the gate
+        vec = emb.embed_query("the question")  # returns while the bulk batch is still running
+        assert not gate.is_set() and len(bulk_model.batches) == 1
+    finally:
+        gate.set()
+        bulk.join(10)
+    assert query_model.batches == [["the question"]]
+    assert int(np.argmax(vec)) == len("the question") and abs(float(np.linalg.norm(vec)) - 1.0) < 1e-6
+    assert len(bulk_model.batches) == 3 and ["the question"] not in bulk_model.batches

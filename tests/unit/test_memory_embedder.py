@@ -53,3 +53,15 @@ def test_long_text_is_windowed_not_truncated(embedder):
 def test_empty_batch(embedder):
     vecs, windows = embedder.embed([])
     assert vecs.shape == (0, 384) and windows == []
+
+
+def test_query_encoder_gives_the_bulk_encoders_vectors(embedder):
+    """Queries run on a second instance of the model: same vectors as the bulk path, long queries pooled alike."""
+    short = "how does the broker detect a dead worker"
+    long = " ".join(f"word{i} payload parsing" for i in range(400))  # several windows
+    bulk, _ = embedder.embed([short, long])
+    for text, expected in ((short, bulk[0]), (long, bulk[1])):
+        got = embedder.embed_query(text)
+        assert got.shape == expected.shape and got.dtype == np.float32
+        assert float(np.dot(got, expected)) > 0.99999
+    assert embedder._query_model is not None and embedder._query_model is not embedder._model
