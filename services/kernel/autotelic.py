@@ -138,6 +138,8 @@ class Autotelic:
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.warning("autotelic audit ingestion failed: %s", self.last_error)
                 continue  # the history audit reads the fractals this run failed to write: next period
+            if self.forging:  # its worker is down for the training: the audit resumes after the run
+                continue
             try:
                 await self.audit_history()
             except asyncio.CancelledError:
