@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from batos import models
 from batos.config import load
 from services.forge import handlers_forge, incarnation, lora_experts
+from services.forge.backends import llamacpp
 from services.forge.steward import Instruction, Steward
 from services.forge.steward_main import image_ops
 from tests.unit.test_forge_curation import dnu_cycle
@@ -69,6 +71,12 @@ async def test_template_trains_evaluates_and_incarnates(tmp_path, monkeypatch, i
     assert metrics == finished["metrics"] and metrics["eval_examples"] >= 1 and metrics["format_kind"] == "python"
     for model in ("base", "adapter"):
         assert metrics[model]["eval_loss"] > 0 and 0 <= metrics[model]["format_valid"] <= 1
+    # Judged on the runtime that serves the model: llama.cpp with the adapter as a GGUF LoRA when installed.
+    if llamacpp.available():
+        assert metrics["runtime"] == "llamacpp" and metrics["gguf"] == str(models.llm_gguf_path(settings))
+        assert Path(metrics["adapter"]["gguf_lora"]).read_bytes()[:4] == b"GGUF"
+    else:
+        assert metrics["runtime"] == "transformers"
     print("\nforge metrics:", json.dumps({k: metrics[k] for k in ("base", "adapter")}, default=str),
           "train seconds:", meta["seconds"], "eval seconds:", metrics["seconds"])
 
