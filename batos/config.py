@@ -120,7 +120,8 @@ class Settings(BaseSettings):
     sandbox_memory_mb: int = 512
 
     # `watch` (services/kernel/watch.py): any console sees what the kernel does, whoever asked for it
-    watch_max_watchers: int = 16  # watchers at once; the kernel registers this many slots beyond worker_capacity
+    # watchers at once per kernel; a watch is a control request (proto.CONTROL): it holds none of the work's slots
+    watch_max_watchers: int = 16
     watch_queue_events: int = 256  # per watcher; when full the oldest go and the watcher is told "missed N"
     watch_replay_events: int = 200  # what `watch ID` replays of a cycle's events so far (tokens merged)
     watch_keepalive_s: float = 15.0  # an event this often on a quiet watch: clients time out on silence

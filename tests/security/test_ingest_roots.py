@@ -151,7 +151,8 @@ def test_up_generates_curve_keys_before_any_program_starts(tmp_path):
     for name in ("broker", "services", "console"):
         assert (keys / f"{name}.key").is_file() and (keys / f"{name}.key_secret").is_file()
         assert stat.S_IMODE((keys / f"{name}.key_secret").stat().st_mode) == 0o600
-    assert {p.name for p in (keys / "authorized").iterdir()} == {"services.key", "console.key"}
+    assert {p.name for p in (keys / "authorized").iterdir()} == {"services.key", "console.key", "services.services"}
+    assert "*" in (keys / "authorized" / "services.services").read_text().split()  # local workers serve anything
     assert stat.S_IMODE(keys.stat().st_mode) == 0o700
     before = {p: p.read_bytes() for p in keys.glob("*.key*")}
     prepare_var(settings)  # a second `up` keeps the keys: consoles already hold them
