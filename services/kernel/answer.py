@@ -22,13 +22,12 @@ Genesis's meta-prompt (kind ``meta_prompt``) is not an answer: it is only checke
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.kernel import degenerate, grounding
-from services.kernel.react import Evidence, ReactResult
+from services.kernel.react import Evidence, ReactResult, path_root
 from services.kernel.run import CycleRun
 
 # Each generated token costs ~0.1 CPU-second here (Qwen 0.5B): as much as ten prompt tokens.
@@ -134,25 +133,12 @@ def qualified_name(e: Evidence) -> str:
     return ".".join([*parents, name] if name else parents)
 
 
-def path_root(chunks: list[Evidence]) -> str:
-    """The directory prefix the evidence blocks leave out of their paths: above the deepest directory all the
-    retrieved chunks share, so ``/tmp/x/src/csv/csv.py`` shows as ``csv/csv.py`` (fewer prompt tokens, and a path
-    the Architect recognises). Computed over every retrieved chunk, so a retry's blocks render as the first ones."""
-    paths = [e.file_path for e in chunks if e.file_path]
-    if not paths or not all(os.path.isabs(p) for p in paths):
-        return ""
-    dirs = sorted({os.path.dirname(p) for p in paths})
-    common = os.path.commonpath(dirs)
-    root = os.path.dirname(common) if len(dirs) == 1 else common
-    return "" if root in ("", "/") else root.rstrip("/") + "/"
-
-
 def evidence_block(e: Evidence, root: str = "") -> str:
     """One piece of an answer prompt: ``[E1] csv/csv.py:107-127 DictReader.__next__`` and its code.
 
     No line-number prefixes (they were 30-50% of the code's tokens with Qwen's tokenizer, and the answer cites
     labels, not lines); the qualified name in the header is the name the answer is asked to use."""
-    path = e.file_path[len(root):] if root and e.file_path.startswith(root) else e.file_path
+    path = e.file_path.removeprefix(root) if root else e.file_path
     where = f"{path}:{e.start_line}-{e.end_line}" if e.start_line is not None else (path or e.oid)
     name = qualified_name(e)
     return f"[{e.label}] {where}" + (f" {name}" if name else "") + f"\n```python\n{e.text.rstrip()}\n```"

@@ -24,6 +24,7 @@ goes on alone.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -328,18 +329,34 @@ class ReactLoop:
         lines = [f"Question: {self.question}",
                  f"This is step {step} of at most {self.max_steps} in a search of the code in memory."]
         summaries = self.summaries()
+        root = path_root([*summaries, *self.chunks()])  # paths as the Architect reads them, and fewer tokens
         if summaries:
             lines.append("Summaries found (id: file - summary):")
-            lines += [f"{e.label}: {e.file_path or e.oid} - {_one_line(e.text)[:PREVIEW_CHARS]}" for e in summaries]
+            lines += [f"{e.label}: {e.file_path.removeprefix(root) or e.oid} - {_one_line(e.text)[:PREVIEW_CHARS]}"
+                      for e in summaries]
         chunks = self.chunks()
         if chunks:
             lines.append("Code chunks found:")
-            lines += [f"{e.label}: {e.where} {e.metadata.get('node_name', '')}".rstrip() for e in chunks]
+            lines += [f"{e.label}: {e.where.removeprefix(root)} {e.metadata.get('node_name', '')}".rstrip()
+                      for e in chunks]
         searched = sorted({q for q, _, _ in self.searched if q})
         if searched:
             lines.append("Already searched (do not repeat): " + "; ".join(searched)[:600])
         lines.append("Choose the next action: a new query for what is still missing, or answer.")
         return "\n".join(lines)
+
+
+def path_root(chunks: list[Evidence]) -> str:
+    """The directory prefix the evidence blocks leave out of their paths: above the deepest directory all the
+    retrieved chunks share, so ``/tmp/x/src/csv/csv.py`` shows as ``csv/csv.py`` (fewer prompt tokens, and a path
+    the Architect recognises). Computed over every retrieved chunk, so a retry's blocks render as the first ones."""
+    paths = [e.file_path for e in chunks if e.file_path]
+    if not paths or not all(os.path.isabs(p) for p in paths):
+        return ""
+    dirs = sorted({os.path.dirname(p) for p in paths})
+    common = os.path.commonpath(dirs)
+    root = os.path.dirname(common) if len(dirs) == 1 else common
+    return "" if root in ("", "/") else root.rstrip("/") + "/"
 
 
 def _merge_hits(first: list[Any], second: list[Any], k: int) -> list[dict[str, Any]]:

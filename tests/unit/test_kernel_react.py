@@ -17,7 +17,7 @@ from batos.uvm import oid_hex, resolve_oid
 from proto import ErrorCode
 from services.kernel import cycle as records
 from services.kernel.psm import State
-from services.kernel.react import reason
+from services.kernel.react import ReactLoop, reason
 from services.kernel.run import CycleRun, execute
 from tests.unit.test_kernel_cycle import *  # noqa: F403  (the kernel test kit: fixtures)
 from tests.unit.test_kernel_cycle import Events, cycle_slots, new_run
@@ -378,3 +378,14 @@ async def test_a_failure_at_any_step_aborts_reasoning_and_fails_the_cycle(env, c
         with pytest.raises(KeyError):
             await env.image.read(lambda root, conn: resolve_oid(conn, record["morph"]))
     assert record.get("aborted")
+
+
+def test_the_thought_prompt_shows_paths_below_the_directory_the_evidence_shares():
+    loop = ReactLoop(None, None, "how are rows read?", max_steps=3)  # type: ignore[arg-type]
+    for i, (level, path) in enumerate([("summary", "/tmp/q/src/csv/csv.py"), ("chunk", "/tmp/q/src/csv/csv.py")]):
+        loop._evidence({"oid": f"o{i}", "level": level, "score": 1.0, "text": "class DictReader: ...",
+                        "metadata": {"file_path": path, "start_line": 80, "end_line": 88, "node_name": "DictReader"}},
+                       step=1, rank=1)
+    prompt = loop.thought_prompt(2)
+    assert "S1: csv/csv.py - class DictReader" in prompt and "C1: csv/csv.py:80-88 DictReader" in prompt
+    assert "/tmp/q" not in prompt
