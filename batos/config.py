@@ -62,8 +62,9 @@ class Settings(BaseSettings):
     broker_max_clients: int = 4096  # client identities the broker holds state for; past it: `busy`
     broker_client_idle_s: float = 60.0  # an idle client's state is dropped after this long
     # a request waits this long (counted from when it was queued, or re-queued after its worker died) for a
-    # worker of its service; the slowest to come back, memory_weaver, takes ~25 s to load its model and vectors
-    service_wait_s: float = 45.0
+    # worker of its service; the slowest to come back, memory_weaver, loads its model and vectors in ~25 s, and
+    # took 39 s on a 2-core machine at load 12
+    service_wait_s: float = 60.0
 
     # memory
     zodb_cache_size: int = 100_000

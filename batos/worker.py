@@ -123,6 +123,8 @@ class Request:
 
     def _note_wait(self, delta: int) -> None:
         """Told by the client (CALL_WAIT) when this request starts or stops waiting on another service."""
+        if proto.is_control(self._worker.service, self.command):
+            return  # a control request holds no slot anyway
         self._waits += delta
         if (self._waits > 0) != (self.id in self._worker.waiting):
             self._worker._set_waiting(self.id, self._waits > 0)

@@ -394,7 +394,9 @@ class Broker:
             self.reply_error(client, env, ErrorCode.UNKNOWN_SERVICE, f"no such service {env.service!r}")
             return
         if env.id in self.pending:
-            self.reply_error(client, env, ErrorCode.BAD_ARGS, f"request id {env.id} is already in flight")
+            if self.pending[env.id].client != client:
+                self.reply_error(client, env, ErrorCode.BAD_ARGS, f"request id {env.id} is already in flight")
+            # else the caller re-sent it after a broker restart and a worker handed it over meanwhile: one answer
             return
         control = proto.is_control(env.service, env.command)
         queues = self.control_queues if control else self.queues

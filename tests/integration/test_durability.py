@@ -216,8 +216,9 @@ async def send(client: Client, batch: Batch) -> dict[str, Any]:
     if batch.kind == "create":
         return await client.call("memory", "create_chunks", {"chunks": batch.chunks}, timeout=CALL_TIMEOUT,
                                  idempotent=True)
+    # opted out of proto's retry-safety (the ingestor relies on it): this writer drives the worker_lost path
     return await client.call("memory", "replace_files", {"files": [v.payload() for v in batch.versions]},
-                             timeout=CALL_TIMEOUT)
+                             timeout=CALL_TIMEOUT, idempotent=False)
 
 
 async def writer(client: Client, batches: list[Batch], replied: asyncio.Event, counter: list[int]) -> None:

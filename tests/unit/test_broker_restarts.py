@@ -142,6 +142,8 @@ def test_a_new_broker_adopts_what_a_worker_still_runs() -> None:
     assert b.stats.adopted == 1
     b.handle(b"c", proto.encode(proto.request("broker", "held", {"ids": ["a" * 32, resent]})))
     assert set(sock.to(b"c")[-1].body["held"]) == {"a" * 32, resent}
+    request(b, b"c", idempotent=True, id=resent)  # re-sent again, racing the hand-over: no second run, no error
+    assert requests_to(sock, b"w1") == [] and not [e for e in sock.to(b"c") if e.kind == Kind.ERROR]
     reply(b, b"w1", "a" * 32)
     assert [e.body for e in sock.to(b"c") if e.kind == Kind.REPLY][-1] == {"ok": True}
 
