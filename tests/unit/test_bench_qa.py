@@ -66,3 +66,26 @@ def test_every_questions_gold_exists_in_the_stdlib_copy(tmp_path: Path):
         # never names the function (a plain word such as `send` may still describe the behaviour)
         coined = [g.name for g in golds if "_" in g.name or g.name != g.name.lower()]
         assert not any(name in question.text for name in coined), question.text
+
+
+def test_the_profile_splits_an_ask_by_state_and_reads_each_generation(tmp_path: Path):
+    from bench import qa_profile
+
+    trace = [(0.0, {"event": "state", "state": "IDLE"}), (0.1, {"event": "state", "state": "REASONING"}),
+             (0.5, {"event": "state", "state": "SYNTHESIZING"}), (8.5, {"event": "token", "text": "S"}),
+             (9.0, {"event": "token", "text": "x"}), (10.0, {"event": "state", "state": "VALIDATING"}),
+             (10.1, {"event": "log", "text": "answer rejected (x); one retry with 2 piece(s) of evidence"}),
+             (11.1, {"event": "token", "text": "S"}), (12.0, {"event": "state", "state": "COMPLETE"})]
+    assert qa_profile.phases(trace, 12.5) == {"IDLE": 0.1, "REASONING": 0.4, "SYNTHESIZING": 9.5,
+                                              "VALIDATING": 2.0, "COMPLETE": 0.5}
+    assert qa_profile.first_tokens(trace) == [8.0, 1.0]
+    log = tmp_path / "forge.log"
+    log.write_text("old line\n")
+    offset = qa_profile.log_size(log)
+    with log.open("a") as f:
+        f.write("x INFO services.forge.backends.llamacpp: generate ROBIN: prompt 640 tokens (108 reused from the KV "
+                "cache), 37 generated, TTFT 8.10 s, total 11.50 s, stop\n")
+    assert qa_profile.generations(log, offset) == [{"persona": "ROBIN", "prompt": 640, "reused": 108,
+                                                    "generated": 37, "ttft_s": 8.1, "total_s": 11.5}]
+    assert qa_profile.generations(log, qa_profile.log_size(log)) == []
+    assert qa_profile.cpu_used({"a": 1.0}, {"a": 3.5, "b": 1.0}) == {"a": 2.5}
