@@ -91,7 +91,6 @@ class Request:
     body: dict[str, Any] = field(default_factory=dict)
     service: str = KERNEL
     label: str = ""  # the console command it came from (for display and timeouts)
-    idempotent: bool = False  # safe to run again: the broker re-sends it to a restarted worker
     resumable: bool = False  # lost with the broker, it is sent again once the broker is back (watch)
 
     @property
@@ -300,9 +299,10 @@ def _watch(rest: str, cwd: Path) -> Request:
     words = _split(rest, "watch")
     if len(words) > 1 or (words and not re.fullmatch(r"[0-9a-fA-F-]{4,64}", words[0])):
         raise CommandError(f"usage: {SPECS['watch'].usage} (an id is hex, as shown by watch, ask or status)")
-    # idempotent: watching has no effect, so a kernel restart re-sends it to the new kernel and it goes on
-    return Request("watch", {"id": words[0].lower()} if words else {}, label="watch", idempotent=True,
-                   resumable=True)
+    # watching has no effect: proto lists it retry-safe (a kernel restart hands it to the new kernel) and a
+    # control request (it holds none of the kernel's work slots); resumable: the console sends it again when
+    # the broker was gone for longer than the client waits
+    return Request("watch", {"id": words[0].lower()} if words else {}, label="watch", resumable=True)
 
 
 def _verify(rest: str, cwd: Path) -> Request:

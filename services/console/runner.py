@@ -126,8 +126,7 @@ class Runner:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(limit) as deadline:
-                entry.call = await self.client.start_call(req.service, req.command, req.body,
-                                                          idempotent=req.idempotent)
+                entry.call = await self.client.start_call(req.service, req.command, req.body)
                 handle.id = entry.call.id
                 async for env in entry.call.events():
                     if env.kind == Kind.EVENT:

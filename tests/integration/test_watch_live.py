@@ -164,32 +164,6 @@ def states(events: list[dict[str, Any]], cycle_id: str) -> list[str]:
 # -- the tests ---------------------------------------------------------------------------------------------
 
 
-async def test_one_console_asks_another_watches_it_live(live):
-    w = await watcher(live)
-    question = "how is the area of a circle computed?"
-    asker = await console(live, "-c", f"ask {question}")
-    assert await asker.finish() == 0
-    _, answered = await asker.until(reply)
-    cycle_id = answered["body"]["cycle_id"]
-    end = (await w.until(event("end", command="ask")))[1]["body"]
-
-    begin = next(e for e in w.events("begin") if e["activity"] == end["activity"])
-    assert begin["about"] == question and len(begin["by"]) == 8
-    asked = asker.events()
-    # every state the asker saw, the watcher saw, in the same order, tagged with the one activity
-    assert states(w.events(), cycle_id) == states(asked, cycle_id) == \
-        ["IDLE", "DECOMPOSING", "REASONING", "SYNTHESIZING", "VALIDATING", "COMPLETE"]
-    assert {e["activity"] for e in w.events() if e.get("cycle_id") == cycle_id} == {begin["activity"]}
-    assert [e["text"] for e in w.events("token") if e["cycle_id"] == cycle_id] == \
-        [e["text"] for e in asked if e["event"] == "token"]
-    assert end["ok"] is True and end["status"] == answered["body"]["status"]
-    # live, not after: the watcher had the cycle's REASONING before the asker had its COMPLETE
-    seen_reasoning, _ = await w.until(event("state", cycle_id=cycle_id, state="REASONING"))
-    asker_complete, _ = await asker.until(event("state", cycle_id=cycle_id, state="COMPLETE"))
-    assert seen_reasoning < asker_complete
-    assert await w.interrupt() == 130
-
-
 async def test_watch_cycle_id_attaches_mid_cycle_from_another_console(live):
     late = await console(live, stdin=True)  # started and waiting for its line before the cycle begins
     asker = await console(live, "-c", "ask what does restock do with the count?")
@@ -214,27 +188,42 @@ async def test_watch_cycle_id_attaches_mid_cycle_from_another_console(live):
     assert final["body"]["state"] == states(asker.events(), cycle_id)[-1] in TERMINAL
 
 
-async def test_several_consoles_at_once_each_get_only_their_own_cycle(live):
-    """Issue 15 item 8: against the real kernel (this used a stand-in kernel before)."""
+async def test_several_consoles_ask_at_once_and_another_watches_them_live(live):
+    """Each asking console gets only its own cycle (issue 15 item 8: this used a stand-in kernel), and the
+    watching console sees every cycle's states, thoughts and answer as they happen."""
     w = await watcher(live)
-    questions = [f"what does {name} return, case {i}?" for i, name in enumerate(("area_of_circle", "restock",
-                                                                                 "area_of_circle"))]
+    questions = [f"how is {name} computed, case {i}?" for i, name in enumerate(("area_of_circle", "restock",
+                                                                               "area_of_circle"))]
     askers = await asyncio.gather(*(console(live, "-c", f"ask {q}") for q in questions))
     assert [await a.finish() for a in askers] == [0, 0, 0]
     cycles = []
     for a in askers:
-        ids = {o["id"] for _, o in a.objs}
-        assert len(ids) == 1  # one request's messages, nothing else
+        assert len({o["id"] for _, o in a.objs}) == 1  # one request's messages, nothing else
         _, answered = await a.until(reply)
         cycle_id = answered["body"]["cycle_id"]
         assert {e.get("cycle_id") for e in a.events() if e["event"] != "token"} == {cycle_id}
         cycles.append(cycle_id)
     assert len(set(cycles)) == 3
-    # the watcher saw all three, and which question each cycle answered: the one its console asked
-    for q, cycle_id in zip(questions, cycles, strict=True):
+
+    for q, asker, cycle_id in zip(questions, askers, cycles, strict=True):
+        # the watcher knows which question each cycle answered: the one its console asked
         _, begin = await w.until(event("begin", about=q))
-        _, state = await w.until(event("state", cycle_id=cycle_id))
-        assert state["body"]["activity"] == begin["body"]["activity"]
+        activity = begin["body"]["activity"]
+        assert len(begin["body"]["by"]) == 8
+        end = (await w.until(event("end", activity=activity)))[1]["body"]
+        assert {e["activity"] for e in w.events() if e.get("cycle_id") == cycle_id} == {activity}
+        # every state and token the asker saw, the watcher saw, in the same order
+        asked = asker.events()
+        assert states(w.events(), cycle_id) == states(asked, cycle_id) == \
+            ["IDLE", "DECOMPOSING", "REASONING", "SYNTHESIZING", "VALIDATING", "COMPLETE"]
+        assert [e["text"] for e in w.events("token") if e["cycle_id"] == cycle_id] == \
+            [e["text"] for e in asked if e["event"] == "token"]
+        _, answered = await asker.until(reply)
+        assert end["ok"] is True and end["status"] == answered["body"]["status"]
+        # live, not after: the watcher had the cycle's REASONING before its asker had COMPLETE
+        seen_reasoning, _ = await w.until(event("state", cycle_id=cycle_id, state="REASONING"))
+        asker_complete, _ = await asker.until(event("state", cycle_id=cycle_id, state="COMPLETE"))
+        assert seen_reasoning < asker_complete
     assert await w.interrupt() == 130
 
 
@@ -346,4 +335,20 @@ async def test_a_watch_goes_on_across_a_kernel_restart(live):
     ingester = await console(live, "-c", f"ingest {live.root / 'src'}")  # and it still sees what others do
     assert await ingester.finish() == 0
     await w.until(event("end", command="ingest"))
+    assert await w.interrupt() == 130
+
+
+async def test_a_watch_goes_on_across_a_broker_restart(live):
+    """Last of all: it replaces the broker. The kernel hands the watch it still runs to the new broker as it
+    re-registers (or the client sends it again: it is retry-safe; or the console does, after a long outage)."""
+    w = await watcher(live)
+    broker = next(p for p in live.system.procs if p.name == "broker" and p.alive())
+    broker.kill()
+    live.system.start_broker(endpoint=live.system.endpoint)
+    async with Client(live.system.settings, identity="watch-live-after-broker") as client:
+        await live.system.wait_registered(client, {"kernel": 1, "ingest": 1, "memory": 1}, timeout=120)
+    ingester = await console(live, "-c", f"ingest {live.root / 'src'}")
+    assert await ingester.finish() == 0
+    await w.until(event("end", command="ingest"), timeout=120)
+    assert not [o for _, o in w.objs if o["kind"] == "error"]
     assert await w.interrupt() == 130

@@ -200,9 +200,8 @@ def test_long_running_commands():
 
 
 def test_watch_everything_or_one_id():
-    assert parse_line("watch") == Request("watch", {}, label="watch", idempotent=True, resumable=True)
-    assert parse_line("watch 1A2B3C4D") == Request("watch", {"id": "1a2b3c4d"}, label="watch", idempotent=True,
-                                                   resumable=True)
+    assert parse_line("watch") == Request("watch", {}, label="watch", resumable=True)
+    assert parse_line("watch 1A2B3C4D") == Request("watch", {"id": "1a2b3c4d"}, label="watch", resumable=True)
     assert req("watch").long_running
     for bad in ("watch zz", "watch 1a2b 3c4d", "watch 1a2"):
         with pytest.raises(CommandError, match="usage: watch"):

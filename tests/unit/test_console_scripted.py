@@ -69,9 +69,9 @@ class FakeClient:
             t.cancel()
 
     async def start_call(self, service: str, command: str, body: dict | None = None, *,
-                         idempotent: bool = False) -> FakeCall:
+                         idempotent: bool | None = None) -> FakeCall:
         req = proto.request(service, command, body, idempotent=idempotent)
-        self.idempotent.append(idempotent)
+        self.idempotent.append(req.idempotent)
         call = FakeCall(req)
         self.pending[req.id] = call
         self.sent.append((service, command, body or {}))
@@ -292,7 +292,7 @@ async def test_a_reply_that_reports_its_own_failure_fails_the_script():
     assert rc == EXIT_OK and objects(out)[-1]["body"]["ok"] is True
 
 
-async def test_watch_is_sent_idempotent_and_its_keepalives_are_never_shown():
+async def test_watch_is_sent_retry_safe_and_its_keepalives_are_never_shown():
     client = FakeClient(kernel)
     rc, out, _ = await script("watch c1c1", client)
     assert rc == EXIT_OK and client.idempotent == [True]
@@ -333,7 +333,7 @@ async def test_a_watch_waiting_for_the_broker_is_cancelled_at_once(monkeypatch):
     client = FakeClient(lost, broker_up=False)
     view = _NullView()
     runner = Runner(client, view)
-    task = asyncio.create_task(runner.run(Request("watch", label="watch", idempotent=True, resumable=True)))
+    task = asyncio.create_task(runner.run(Request("watch", label="watch", resumable=True)))
     while not view.errors:  # the first try failed; now it waits for the broker
         await asyncio.sleep(0.01)
     assert await runner.cancel("all") == [1]
