@@ -230,8 +230,10 @@ def clean(text: str) -> str:
     body = _LEADING_SOURCES.sub("", text.strip() + "\n", count=1).strip()
     m = _FUNCTION_LINE.match(body)
     name = ""
-    if m:
-        name, body = m.group(1).strip().strip("`*").strip(), body[m.end():]
+    if m:  # the name, without the path and lines a small model sometimes copies from the header with it
+        words = m.group(1).replace("`", " ").replace("*", " ").split()
+        name, body = (words[-1] if words else ""), body[m.end():]
+        name = "" if "/" in name or name.endswith(".py") or ":" in name else name
     body = _SOURCES.sub("", _ANSWER_PREFIX.sub("", body.strip())).strip()
     return f"`{name}`: {body}" if name and body else f"`{name}`" if name else body
 

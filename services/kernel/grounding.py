@@ -10,6 +10,8 @@
                small model cites [E1] and names E2's function: the name is real, the citation incomplete);
   names code   it names at least one code identifier (checked as above): an answer that names nothing says
                nothing that can be verified;
+  says something  its prose (the Function line apart) has at least NEW_WORDS_MIN content words the question
+               does not have: a restated question is no answer, whatever function it names;
   not a loop   the answer's prose (its Answer:/Sources: form left out) is not empty or a repetition loop
                (degenerate.py).
 A small model invents plausible names ("handle_dead_worker") and cites labels that do not exist; these checks
@@ -38,6 +40,12 @@ _CALL = re.compile(r"(?<![\w.])([A-Za-z_][\w.]*)\(")
 _SNAKE = re.compile(r"(?<![\w.])_*[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+_*" + _END + r"|(?<![\w.])_[A-Za-z]\w*" + _END)
 _CAMEL = re.compile(r"(?<![\w.])(?:[a-z]+[A-Z]\w*|[A-Z][a-z0-9]+[A-Z]\w*|[A-Z]{2,}[a-z]\w*)" + _END)
 _NAME = re.compile(r"[A-Za-z_]\w*")
+_FUNCTION_LINE = re.compile(r"^\s*\**function\**\s*:.*$", re.I | re.M)
+_WORD = re.compile(r"[a-z]{3,}")
+_STOP_WORDS = frozenset("the and for are that this with from into when what which does how where why its has have was "
+                        "were will not but can all any one then than there their they them these those been being also "
+                        "only each more most such very use used uses using".split())
+NEW_WORDS_MIN = 2  # "says something": content words beyond the question's own
 _FILE_SUFFIXES = {"py", "pyi", "txt", "md", "json", "toml", "cfg", "ini", "yaml", "yml", "conf", "rst", "html"}
 _COMMON = set(keyword.kwlist) | set(dir(builtins)) | {"self", "cls", "e.g", "i.e", "etc"}
 
@@ -166,4 +174,17 @@ def check(text: str, labels: dict[str, list[str]], question: str) -> Verdict:
     # row" restates the question and cannot be verified against anything (Qwen 0.5B, bench/RESULTS.md 2026-12-06)
     checks.append(Check("names code", bool(named),
                         "" if named else "names no function, class or other code from the evidence"))
+    # ... and so does one whose Function line names code and whose prose restates the question (the same answer
+    # with "Function: Sniffer.has_header" before it, Qwen 0.5B on csv, 2026-12-06, issue 16)
+    new = new_words(text, question)
+    checks.append(Check("says something", len(new) >= NEW_WORDS_MIN,
+                        "" if len(new) >= NEW_WORDS_MIN else "its prose only restates the question"))
     return Verdict(checks, cited)
+
+
+def new_words(text: str, question: str) -> set[str]:
+    """Content words of the answer's prose (its form and Function line apart) that the question does not hold."""
+    def stems(t: str) -> set[str]:
+        return {w.removesuffix("s") for w in _WORD.findall(t.lower()) if w not in _STOP_WORDS}
+
+    return stems(prose(_FUNCTION_LINE.sub(" ", text))) - stems(question)

@@ -293,10 +293,27 @@ def test_the_answer_form_the_prompt_asks_for_passes_and_cleans_to_the_prose():
     ("Sources: [E1]\n**Function:** DictWriter._dict_to_list\n**Answer:** It raises.",
      "`DictWriter._dict_to_list`: It raises."),
     ("Sources: [E1]\nFunction: _dict_to_list\n", "`_dict_to_list`"),
+    ("Sources: [E1]\nFunction: csv/csv.py:383-401 Sniffer.has_header\nAnswer: It counts.",
+     "`Sniffer.has_header`: It counts."),
+    ("Sources: [E1]\nFunction: json/decoder.py\nAnswer: It raises.", "It raises."),  # a path names no function
     ("Sources: [E1]\nAnswer: It raises.", "It raises."),
 ])
 def test_clean_leads_with_the_function_line(text, prose):
     assert answer.clean(text) == prose
+
+
+@pytest.mark.parametrize(("text", "ok"), [
+    # Qwen 0.5B on csv: a Function line, then the question restated
+    ("Sources: [E1]\nFunction: Sniffer.has_header\nAnswer: The field names are taken from the first row when none "
+     "are given.", False),
+    ("Sources: [E1]\nFunction: Sniffer.has_header\nAnswer: The first row's fields are compared with the types of the "
+     "other rows' columns.", True),
+])
+def test_an_answer_that_restates_the_question_says_nothing(text, ok):
+    code = "def has_header(self, sample):\n    rows = sample"
+    labels = answer.label_texts([ev_code("E1", code, node_name="has_header", parent_nodes=["Sniffer"])])
+    verdict = grounding.check(text, labels, "How are the field names taken from the first row when none are given?")
+    assert verdict.ok is ok and ("restates the question" in verdict.reason) is not ok
 
 
 def test_a_form_with_only_its_words_says_nothing():
