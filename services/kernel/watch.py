@@ -1,10 +1,11 @@
 """The watch hub: every console may see what the kernel is doing, whoever asked for it.
 
-Every Table 1 command the kernel runs is an *activity* (commands.dispatch taps its ``emit``): the hub hears its
-begin, each event it streams to its requester (cycle states, thoughts, actions, observations, tokens, ingest
-progress, forge stages) and its end. ``publish`` is synchronous and never waits: a watcher is a bounded queue,
-and when it is full the oldest event is dropped and counted, so a slow or dead watcher can never slow or fail the
-work it watches; the watcher is told ``missed N`` before the next event it does get.
+Every command the kernel runs, but the read-only lookups, is an *activity* (commands.dispatch taps its
+``emit``): the hub hears its begin, each event it streams to its requester (cycle states, thoughts, actions,
+observations, tokens, ingest progress, forge stages) and its end. ``publish`` is synchronous and never waits: a
+watcher is a bounded queue, and when it is full the oldest event is dropped and counted, so a slow or dead
+watcher can never slow or fail the work it watches; the watcher is told ``missed N`` before the next event it
+does get.
 
 Each activity and each cycle keeps a bounded trail (the last ``watch_replay_events`` events, tokens merged into
 one text, progress of one stage kept as its latest), so ``watch ID`` attached mid-way first replays what the
@@ -21,6 +22,7 @@ the time a worker takes to come back (2-25 s).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import time
@@ -307,7 +309,10 @@ class WatchHub:
     def follow_workers(self, client: Any) -> None:
         """Start the worker-table poller if it is not running (it stops when the last watcher leaves)."""
         if self._poller is None or self._poller.done():
-            self._poller = asyncio.get_running_loop().create_task(self._poll(client), name="watch-workers")
+            # a fresh context: the poller serves every watcher, not the request that happened to start it (the
+            # worker runtime charges a request's calls to it through a context variable)
+            self._poller = asyncio.get_running_loop().create_task(self._poll(client), name="watch-workers",
+                                                                  context=contextvars.Context())
 
     async def _poll(self, client: Any) -> None:
         while self.watchers:
