@@ -206,19 +206,26 @@ class ForgeConfigError(ValueError):
 def resolve_base_model(settings: Any) -> dict[str, Any]:
     """The weights to fine-tune: those the llm service serves, so the adapter fits the model it will ride on.
 
-    Embedded backend: the served GGUF's transformers form (batos.models.training_checkpoint, dequantized
-    once and cached), or SmolLM2-135M's when the served model has none (``model`` names which). The
-    ``serve_*`` keys tell the evaluation to judge the adapter on the runtime that will serve it.
+    Embedded backend on llama.cpp: the served GGUF's transformers form (batos.models.training_checkpoint,
+    dequantized once and cached), or SmolLM2-135M's when the served model has none; on the transformers
+    fallback, SmolLM2-135M (what it serves). ``model`` names which; the ``serve_*`` keys tell the evaluation
+    to judge the adapter on the runtime that will serve it.
     """
     backend = settings.llm_backend
     serving: dict[str, Any] = {"serve_runtime": "transformers"}
     if backend == "embedded":
         from batos import models
 
+        on_llamacpp = serves_with_llamacpp(settings)
         try:
-            spec = models.trained_spec(settings)
-            path = str(models.training_checkpoint(settings))
-            serving = {"model": spec.key, **serving_runtime(settings, spec)}
+            spec = models.trained_spec(settings) if on_llamacpp else models.LLM_MODELS[models.TEST_LLM_MODEL]
+            path = str(models.llm_checkpoint(settings, spec))
+            serving = {"model": spec.key}
+            if on_llamacpp and spec.key == settings.llm_model:
+                serving |= {"serve_runtime": "llamacpp", "serve_gguf": str(models.llm_gguf_path(settings)),
+                            "threads": int(getattr(settings, "llm_threads", 1) or 1)}  # fmt: skip
+            else:
+                serving |= {"serve_runtime": "transformers"}
         except models.ModelNotAvailable as e:
             raise ForgeConfigError(str(e)) from e
     elif settings.llm_model_path:
@@ -230,22 +237,12 @@ def resolve_base_model(settings: Any) -> dict[str, Any]:
     return {"base_model": path, "dtype": settings.llm_dtype, "device": settings.llm_device, **serving}
 
 
-def serving_runtime(settings: Any, trained: Any) -> dict[str, Any]:
-    """How the embedded llm service will run an adapter trained on ``trained`` (a batos.models.LLMSpec).
-
-    llama.cpp (with the adapter as a GGUF LoRA on the served GGUF) when it serves that very model; else the
-    transformers checkpoint itself, as the fallback backend does.
-    """
+def serves_with_llamacpp(settings: Any) -> bool:
+    """Whether the embedded llm service runs llama.cpp (as services/forge/backends chooses), without importing
+    llama_cpp into the forge worker, which does not need it."""
     import importlib.util
 
-    from batos import models
-
-    if settings.llm_model != trained.key or settings.llm_runtime == "transformers":
-        return {"serve_runtime": "transformers"}
-    if importlib.util.find_spec("llama_cpp") is None:  # not imported: the forge worker does not need it
-        return {"serve_runtime": "transformers"}
-    return {"serve_runtime": "llamacpp", "serve_gguf": str(models.llm_gguf_path(settings)),
-            "threads": int(getattr(settings, "llm_threads", 1) or 1)}
+    return settings.llm_runtime != "transformers" and importlib.util.find_spec("llama_cpp") is not None
 
 
 def build_config(

@@ -158,8 +158,6 @@ def test_resolve_base_model(tmp_path):
     ("qwen2.5-coder-1.5b", "smollm2-135m", False),  # no HF form: the 135M model, judged on transformers
 ])  # fmt: skip
 def test_resolve_embedded_base_model(monkeypatch, tmp_path, served, trained, on_llamacpp):
-    import importlib.util
-
     import batos.models
     from batos.config import load
 
@@ -176,12 +174,15 @@ def test_resolve_embedded_base_model(monkeypatch, tmp_path, served, trained, on_
     monkeypatch.setattr(batos.models, "llm_gguf_path", lambda settings, log=None: tmp_path / "served.gguf")
     settings = load(llm_model=served, llm_backend="embedded", llm_runtime="auto", cache_dir=tmp_path)
     base = ts.resolve_base_model(settings)
+    if not ts.serves_with_llamacpp(settings):  # llama-cpp-python not installed: the fallback's model
+        trained = "smollm2-135m"
     assert made == [trained] and base["model"] == trained
     assert base["base_model"] == str(tmp_path / batos.models.LLM_MODELS[trained].hf_dirname)
-    if on_llamacpp and importlib.util.find_spec("llama_cpp") is not None:
+    if on_llamacpp and ts.serves_with_llamacpp(settings):
         assert base["serve_runtime"] == "llamacpp" and base["serve_gguf"] == str(tmp_path / "served.gguf")
     else:
         assert base["serve_runtime"] == "transformers" and "serve_gguf" not in base
+    # the transformers fallback serves SmolLM2-135M whatever llm_model says: the forge trains that
     forced = ts.resolve_base_model(load(llm_model=served, llm_backend="embedded", llm_runtime="transformers",
                                         cache_dir=tmp_path))  # fmt: skip
-    assert forced["serve_runtime"] == "transformers"
+    assert forced["serve_runtime"] == "transformers" and forced["model"] == "smollm2-135m"
