@@ -3,10 +3,12 @@
 Per model (SmolLM2-135M first: the baseline the forge trained until now), each stage in its own process so
 its time and peak RSS are its own:
 
-1. the HF form: dequantizing the GGUF into the cached fp32 checkpoint (only when missing: else "cached"),
-   and loading it with transformers (time, peak RSS);
+1. the HF form: loading the cached fp32 checkpoint with transformers (made by ``make setup``: dequantizing
+   the GGUF, if it is missing, is timed too);
 2. training: the forge's own template (services/forge/train_template.py) for ``--steps`` optimizer steps
-   on short synthetic chats (batch 2 x accumulation 2, Table 4), seconds per step after the first;
+   on short synthetic chats (batch 2 x accumulation 2, Table 4, ~70 tokens each): wall seconds per step,
+   and CPU seconds per step (a 1-step run subtracted: loading and imports excluded), which a loaded
+   machine distorts least;
 3. the adapter as a GGUF LoRA (llama.cpp's converter, backends/gguf_lora.py), seconds;
 4. the evaluation module on the serving runtime (llama.cpp with/without the GGUF LoRA): seconds, and the
    base vs adapter eval_loss / format_valid it reports.
@@ -47,22 +49,24 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def run(argv: list[str]) -> tuple[float, float, list[dict[str, Any]]]:
-    """(wall seconds, peak RSS MiB, JSON lines of stdout) of a child process (GNU time reports its RSS)."""
+def run(argv: list[str]) -> tuple[float, float, float, list[dict[str, Any]]]:
+    """(wall seconds, CPU seconds, peak RSS MiB, JSON lines of stdout) of a child (GNU time reports CPU, RSS)."""
     started = time.monotonic()
-    proc = subprocess.run(["/usr/bin/time", "-f", "RSS_KB=%M", *argv], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    proc = subprocess.run(["/usr/bin/time", "-f", "RSS_KB=%M CPU_S=%U+%S", *argv], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
     wall = time.monotonic() - started
     if proc.returncode != 0:
         raise SystemExit(f"{argv[1:4]} failed:\n{proc.stderr[-3000:]}")
-    rss = int(proc.stderr.rsplit("RSS_KB=", 1)[1].split()[0]) / 1024
+    tail = proc.stderr.rsplit("RSS_KB=", 1)[1].split()
+    rss = int(tail[0]) / 1024
+    cpu = sum(float(x) for x in tail[1].removeprefix("CPU_S=").split("+"))
     lines = []
     for line in proc.stdout.splitlines():
         try:
             lines.append(json.loads(line))
         except ValueError:
             pass
-    return wall, rss, lines
+    return wall, cpu, rss, lines
 
 
 LOAD = """
@@ -83,7 +87,7 @@ def bench_model(key: str, steps: int, work: Path) -> dict[str, Any]:
     from services.forge import training_script
 
     row: dict[str, Any] = {"model": key}
-    _, _, lines = run([sys.executable, "-c", LOAD, key])
+    _, _, _, lines = run([sys.executable, "-c", LOAD, key])
     row.update({k: lines[-1][k] for k in ("made_s", "load_s", "params_m", "rss_mb")})
 
     settings = config.load(llm_model=key, llm_backend="embedded", llm_device="cpu")
@@ -97,13 +101,16 @@ def bench_model(key: str, steps: int, work: Path) -> dict[str, Any]:
         output_dir=data / "adapter", max_steps=steps, logging_steps=1,
         evaluation={"max_format_prompts": 2, "max_new_tokens": 32})  # fmt: skip
     (data / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
-
-    wall, rss, lines = run([sys.executable, "-u", str(REPO / "services/forge/train_template.py"),
-                            str(data / "config.json")])
+    # One step, then all of them: the difference is the CPU time of steps 2..N without loading and imports.
+    (data / "one.json").write_text(json.dumps({**cfg, "output_dir": str(data / "one"),
+                                               "training": {**cfg["training"], "max_steps": 1}}))
+    template = str(REPO / "services/forge/train_template.py")
+    _, cpu_one, _, _ = run([sys.executable, "-u", template, str(data / "one.json")])
+    wall, cpu, rss, lines = run([sys.executable, "-u", template, str(data / "config.json")])
     summary = next(line for line in lines if line.get("event") == "train_summary")
     row.update(train_wall_s=wall, train_rss_mb=rss, train_runtime_s=summary["train_runtime_s"],
                s_per_step=summary["train_runtime_s"] / max(1, summary["steps"]), steps=summary["steps"],
-               train_loss=summary["train_loss"])
+               cpu_s_per_step=(cpu - cpu_one) / max(1, summary["steps"] - 1), train_loss=summary["train_loss"])
 
     from services.forge.backends.gguf_lora import cache_dir, gguf_lora_for
 
@@ -111,9 +118,9 @@ def bench_model(key: str, steps: int, work: Path) -> dict[str, Any]:
     lora = gguf_lora_for(data / "adapter", base["base_model"])
     row.update(convert_s=time.monotonic() - started, lora_mb=lora.stat().st_size / 2**20, lora_cache=str(cache_dir()))
 
-    wall, rss, lines = run([sys.executable, "-u", "-m", "services.forge.evaluation", str(data / "config.json")])
+    wall, cpu, rss, _ = run([sys.executable, "-u", "-m", "services.forge.evaluation", str(data / "config.json")])
     metrics = json.loads((data / "adapter" / "metrics.json").read_text())
-    row.update(eval_s=wall, eval_rss_mb=rss, eval_runtime=metrics.get("runtime"),
+    row.update(eval_s=wall, eval_cpu_s=cpu, eval_rss_mb=rss, eval_runtime=metrics.get("runtime"),
                base_loss=metrics["base"]["eval_loss"], adapter_loss=metrics["adapter"]["eval_loss"],
                base_format=metrics["base"]["format_valid"], adapter_format=metrics["adapter"]["format_valid"])
     return row
@@ -131,15 +138,15 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     baseline = rows[0]
-    print(f"\n| model | HF form made (s) | load (s) | load RSS (MiB) | s/step | ratio | train RSS (MiB) "
-          f"| GGUF LoRA (s) | eval on {rows[0]['eval_runtime']} (s) | eval loss base -> adapter "
+    print(f"\n| model | load HF form (s) | s/step (wall) | CPU-s/step | ratio | train RSS (MiB) | GGUF LoRA (s) "
+          f"| eval on {rows[0]['eval_runtime']}: wall / CPU (s) | eval RSS (MiB) | eval loss base -> adapter "
           "| format base -> adapter |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['made_s']:.1f} | {r['load_s']:.1f} | {r['rss_mb']:.0f} | {r['s_per_step']:.1f} "
-              f"| {r['s_per_step'] / baseline['s_per_step']:.2f}x | {r['train_rss_mb']:.0f} | {r['convert_s']:.1f} "
-              f"| {r['eval_s']:.0f} | {r['base_loss']} -> {r['adapter_loss']} "
-              f"| {r['base_format']} -> {r['adapter_format']} |")
+        print(f"| {r['model']} | {r['load_s']:.1f} | {r['s_per_step']:.1f} | {r['cpu_s_per_step']:.1f} "
+              f"| {r['cpu_s_per_step'] / baseline['cpu_s_per_step']:.2f}x | {r['train_rss_mb']:.0f} "
+              f"| {r['convert_s']:.1f} | {r['eval_s']:.0f} / {r['eval_cpu_s']:.0f} | {r['eval_rss_mb']:.0f} "
+              f"| {r['base_loss']} -> {r['adapter_loss']} | {r['base_format']} -> {r['adapter_format']} |")
     return 0
 
 
