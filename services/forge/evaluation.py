@@ -9,6 +9,10 @@ on the same held-out examples, for each model:
   format: a ReAct action (services/forge/structured.py's parser), Python source (``ast.parse``) or JSON. Only
   a few prompts (``evaluation.max_format_prompts``), because CPU generation is slow.
 
+Both are taken on the runtime that will serve the adapter (``serve_runtime`` in the config, set by
+training_script.resolve_base_model): llama.cpp on the served GGUF with and without the adapter as a GGUF
+LoRA (services/forge/evaluation_gguf.py) for the embedded default, else the transformers checkpoint with PEFT.
+
 Writes ``metrics.json`` beside the adapter (and ``training_meta.json`` when a generated script wrote none).
 """
 
