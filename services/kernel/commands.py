@@ -229,7 +229,8 @@ async def _watched(kernel: Any, emit: Emit, cmd: Table1Command, handler: Handler
     except Exception as e:
         hub.end(activity, {"ok": False, "code": str(ErrorCode.INTERNAL), "message": type(e).__name__})
         raise
-    ok = reply.get("ok")  # a reply may report its own failure (a forge run that failed, verify's problems)
+    # a reply may report its own failure (a forge run that failed, verify's problems)
+    ok = reply.get("ok") if isinstance(reply, dict) else None
     hub.end(activity, {**_outcome(reply), "ok": ok if isinstance(ok, bool) else True})
     return reply
 
@@ -256,6 +257,8 @@ def _requester(emit: Emit) -> str:
 def _outcome(reply: dict[str, Any]) -> dict[str, Any]:
     """What a watcher is told of a reply: its plain values, the answer's start, and how many of each list."""
     out: dict[str, Any] = {}
+    if not isinstance(reply, dict):  # the runtime sends a handler's other values as {"result": value}
+        return out
     for key, value in list(reply.items())[:40]:
         if key in ("ok", "event", "activity", "command"):
             continue
