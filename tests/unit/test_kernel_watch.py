@@ -204,3 +204,23 @@ def test_worker_restarts_and_broker_restarts_are_seen_in_the_worker_table():
     assert [(e["event"], e.get("change"), e.get("service"), e.get("pid")) for e in seen] == [
         ("worker", "gone", "llm", 10), ("worker", "silent", "memory", 11),
         ("broker", "restarted", None, None), ("worker", "joined", "llm", 12), ("worker", "alive again", "memory", 11)]
+
+
+async def test_watch_of_an_ingest_replays_its_latest_progress_and_ends_with_it(kernel):
+    hub = hub_of(kernel.env)
+    activity = hub.begin("ingest", about="/src", by="0badf00d")
+    for stage, total in (("CHUNKING", 3), ("EMBEDDING", 40)):
+        for done in range(1, total + 1):
+            hub.publish(activity, "progress", {"stage": stage, "done": done, "total": total})
+    w = Watch(kernel, activity.id[:8])
+    hello = await w.until(lambda n, d: n == "watching")
+    assert hello["target"]["kind"] == "activity" and hello["target"]["progress"] == {
+        "stage": "EMBEDDING", "done": 40, "total": 40}
+    replay = [(n, d.get("stage"), d.get("done")) for n, d in w.events.items if d.get("replay")]
+    assert replay == [("begin", None, None), ("progress", "CHUNKING", 3), ("progress", "EMBEDDING", 40)]
+    hub.publish(activity, "progress", {"stage": "INDEXING", "done": 1, "total": 1})
+    hub.end(activity, {"ok": True, "files": 3})
+    reply = await asyncio.wait_for(w.task, 5)
+    assert reply == {"watched": activity.id, "kind": "activity", "command": "ingest", "state": None, "missed": 0,
+                     "ok": True}
+    assert [n for n, d in w.events.items if not d.get("replay")][-2:] == ["progress", "end"]
