@@ -234,8 +234,16 @@ def clean(text: str) -> str:
         words = m.group(1).replace("`", " ").replace("*", " ").split()
         name, body = (words[-1] if words else ""), body[m.end():]
         name = "" if "/" in name or name.endswith(".py") or ":" in name else name
-    body = _SOURCES.sub("", _ANSWER_PREFIX.sub("", body.strip())).strip()
+    body = finished(_SOURCES.sub("", _ANSWER_PREFIX.sub("", body.strip())).strip())
     return f"`{name}`: {body}" if name and body else f"`{name}`" if name else body
+
+
+def finished(text: str) -> str:
+    """The text up to its last full sentence when it stops mid-sentence (the token cap cut it: "... which is")."""
+    if not text or text[-1] in ".!?`)\"'":
+        return text
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s)", text)]
+    return text[: ends[-1]] if ends else text
 
 
 def first_sentence(text: str) -> str:

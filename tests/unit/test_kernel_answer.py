@@ -316,6 +316,14 @@ def test_an_answer_that_restates_the_question_says_nothing(text, ok):
     assert verdict.ok is ok and ("restates the question" in verdict.reason) is not ok
 
 
+def test_an_answer_cut_by_the_token_cap_ends_at_its_last_full_sentence():
+    cut = "Sources: [E1]\nFunction: DictReader.__next__\nAnswer: It zips the row. Extra go under restkey, which is"
+    assert answer.clean(cut) == "`DictReader.__next__`: It zips the row."
+    whole = "It zips the row with `fieldnames`"
+    assert answer.clean(f"Sources: [E1]\nAnswer: {whole}") == whole
+    assert answer.clean("Sources: [E1]\nAnswer: It zips the row, then") == "It zips the row, then"  # no full sentence
+
+
 def test_a_form_with_only_its_words_says_nothing():
     verdict = grounding.check("Sources: [E1]\nFunction:\nAnswer:", LABELS, "how?")
     assert not verdict.ok and "empty" in verdict.reason
