@@ -107,7 +107,8 @@ class WatchLines:
                                       f"{state}); {data.get('replayed', 0)} events so far, then live")]]
         else:
             head = f"watching {where}"
-        items = data.get("in_flight") if isinstance(data.get("in_flight"), list) else []
+        raw = data.get("in_flight")
+        items: list[Any] = raw if isinstance(raw, list) else []
         lines: list[Fragments] = [[("class:notice", f"{head}: {len(items) or 'nothing'} in flight")]]
         for item in items:
             if isinstance(item, dict):
@@ -155,7 +156,8 @@ class WatchLines:
 
 def _describe(item: dict[str, Any]) -> str:
     parts = []
-    cycles = item.get("cycles") if isinstance(item.get("cycles"), list) else []
+    raw = item.get("cycles")
+    cycles: list[Any] = raw if isinstance(raw, list) else []
     for c in cycles:
         if isinstance(c, dict):
             parts.append(f"cycle {short_id(c.get('id'))} {c.get('state', '')}".rstrip())
