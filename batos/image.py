@@ -40,11 +40,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Work = Callable[..., Any]  # fn(root, conn, *args)
+# a connection thread's queue: (future, work) pairs, then None to stop
+Jobs = queue.SimpleQueue["tuple[Future[Any], Callable[[_ConnThread], Any]] | None"]
 
 POOL_THREADS = 2  # each thread holds a connection (and its object cache); 2 cores
 OPEN_TIMEOUT = 30.0  # seconds to wait for the ZEO server at open()
 DB_OPEN_ATTEMPTS = 3
-_STOP = object()
 
 
 class ImageClosed(RuntimeError):
@@ -56,7 +57,7 @@ class _ConnThread:
 
     _ids = itertools.count(1)
 
-    def __init__(self, db: ZODB.DB, jobs: queue.SimpleQueue, name: str):
+    def __init__(self, db: ZODB.DB, jobs: Jobs, name: str):
         self.db = db
         self.jobs = jobs
         self.tm = transaction.TransactionManager(explicit=True)
@@ -80,7 +81,7 @@ class _ConnThread:
         try:
             while True:
                 job = self.jobs.get()
-                if job is _STOP:
+                if job is None:
                     break
                 fut, work = job
                 if not fut.set_running_or_notify_cancel():
@@ -111,7 +112,7 @@ class _ConnThread:
                 log.exception("abort failed")
 
 
-def _transact_job(fn: Work, args: tuple, retries: int) -> Callable[[_ConnThread], Any]:
+def _transact_job(fn: Work, args: tuple[Any, ...], retries: int) -> Callable[[_ConnThread], Any]:
     def job(ct: _ConnThread) -> Any:
         ct._abort_quietly()
         result = None
@@ -123,7 +124,7 @@ def _transact_job(fn: Work, args: tuple, retries: int) -> Callable[[_ConnThread]
     return job
 
 
-def _read_job(fn: Work, args: tuple) -> Callable[[_ConnThread], Any]:
+def _read_job(fn: Work, args: tuple[Any, ...]) -> Callable[[_ConnThread], Any]:
     def job(ct: _ConnThread) -> Any:
         ct._abort_quietly()
         ct.tm.begin()
@@ -138,8 +139,8 @@ def _read_job(fn: Work, args: tuple) -> Callable[[_ConnThread], Any]:
 class Lane:
     """A dedicated connection thread: work sent to it always runs on the same connection."""
 
-    def __init__(self, db: ZODB.DB, name: str, registry: list | None = None):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+    def __init__(self, db: ZODB.DB, name: str, registry: list[Lane] | None = None):
+        self._jobs: Jobs = queue.SimpleQueue()
         self._thread = _ConnThread(db, self._jobs, name)
         self.closed = False
         self._registry = registry
@@ -149,14 +150,14 @@ class Lane:
     def submit(self, work: Callable[[_ConnThread], T]) -> asyncio.Future[T]:
         if self.closed:
             raise ImageClosed("this connection thread is closed")
-        fut: Future = Future()
+        fut: Future[T] = Future()
         self._jobs.put((fut, work))
         return asyncio.wrap_future(fut)
 
     def close_nowait(self) -> None:
         if not self.closed:
             self.closed = True
-            self._jobs.put(_STOP)
+            self._jobs.put(None)
             if self._registry is not None and self in self._registry:
                 self._registry.remove(self)
 
@@ -168,7 +169,7 @@ class Lane:
 class Session:
     """A transaction spanning awaits, on one dedicated thread + connection."""
 
-    def __init__(self, db: ZODB.DB, registry: list | None = None):
+    def __init__(self, db: ZODB.DB, registry: list[Lane] | None = None):
         self._lane = Lane(db, "zodb-session", registry)
 
     async def run(self, fn: Work, *args: Any) -> Any:
@@ -269,7 +270,7 @@ class Image:
         self._pool_threads = pool_threads
         self._do_awaken = do_awaken
         self.db: ZODB.DB | None = None
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: Jobs = queue.SimpleQueue()
         self._pool: list[_ConnThread] = []
         self._lanes: list[Lane] = []
 
@@ -300,7 +301,7 @@ class Image:
         for lane in list(self._lanes):
             await lane.close()
         for _ in self._pool:
-            self._jobs.put(_STOP)
+            self._jobs.put(None)
         for ct in self._pool:
             await asyncio.to_thread(ct.thread.join, 10.0)
         self._pool.clear()
@@ -319,7 +320,7 @@ class Image:
             return lane.submit(work)
         if self.db is None:
             raise ImageClosed("the image is not open")
-        fut: Future = Future()
+        fut: Future[T] = Future()
         self._jobs.put((fut, work))
         return asyncio.wrap_future(fut)
 

@@ -104,8 +104,8 @@ def installed_key() -> str | None:
         return None
 
 
-def _pip(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", *args], **kw)
+def _pip(*args: str, check: bool = False) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "pip", *args], check=check)
 
 
 def _cached_wheel(where: Path) -> Path | None:

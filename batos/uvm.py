@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ast
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,8 @@ PROTOTYPE_NAMES = (
 BUILTIN_SELECTORS = frozenset(
     {"clone", "get_slot", "set_slot", "has_slot", "del_slot", "slot_names", "own_slots", "method_names"}
 )
+
+Root = MutableMapping[str, Any]  # conn.root(): the ZODB root mapping (ZODB itself ships no types)
 
 
 MAX_METHOD_SOURCE_CHARS = 20_000  # a method, not a program; also bounds what the parser is given
@@ -79,7 +81,7 @@ class DoesNotUnderstand(AttributeError):
 LARGE_VALUE_CHARS = 64 * 1024  # a str/bytes slot value at least this long lives in a record of its own
 
 
-class LargeValue(persistent.Persistent):
+class LargeValue(persistent.Persistent):  # type: ignore[misc]  # persistent ships no types
     """A big immutable slot value (str or bytes) in its own record, so that changing any other slot of its
     object rewrites a small record, not the value (5 one-integer sends next to a 1 MB slot grew the image by
     ~5 MB before). Only immutable values: an in-place mutation of a list here would escape the owner's
@@ -130,7 +132,7 @@ def _check_name(name: object, what: str) -> None:
         raise ValueError(f"invalid {what} name {name!r}: reserved by UvmObject")
 
 
-def validate_method_source(selector: str, source: str) -> ast.FunctionDef:
+def validate_method_source(selector: str, source: str) -> ast.FunctionDef | ast.AsyncFunctionDef:
     """Parse ``source`` (never run it) and check it defines ``selector`` at top level; raise ValueError."""
     _check_name(selector, "method")
     if not isinstance(source, str):
@@ -220,7 +222,7 @@ class BoundMethod:
         return f"<BoundMethod #{self.method.selector} v{self.method.version} of {self.receiver!r}>"
 
 
-class UvmObject(persistent.Persistent):
+class UvmObject(persistent.Persistent):  # type: ignore[misc]  # persistent ships no types
     """A persistent prototype object: slots, parents, method slots."""
 
     def __init__(self, name: str = "", parents: list[UvmObject] | None = None, **slots: Any):
@@ -455,7 +457,7 @@ _PROTOTYPE_SLOTS: dict[str, dict[str, Any]] = {
 }
 
 
-def awaken(root: Any) -> bool:
+def awaken(root: Root) -> bool:
     """Give the root its prototypes if it lacks any; idempotent. True when something was added."""
     protos = root.get("prototypes")
     added = False
@@ -474,7 +476,7 @@ def awaken(root: Any) -> bool:
     return added
 
 
-def prototype_of(obj: UvmObject, prototypes: Any) -> str:
+def prototype_of(obj: UvmObject, prototypes: Mapping[str, UvmObject]) -> str:
     """The name of the first prototype in ``obj``'s chain (itself included); '' if none."""
     by_id = {id(p): name for name, p in prototypes.items()}
     for o in obj._chain():

@@ -40,8 +40,11 @@ from ZODB.utils import u64, z64
 log = logging.getLogger(__name__)
 
 
-class RestartSafeClientStorage(ClientStorage):
+class RestartSafeClientStorage(ClientStorage):  # type: ignore[misc]  # ZEO ships no type information
     """``ClientStorage`` whose oids never repeat, whatever the server forgot in a restart."""
+
+    _oids: list[bytes]  # ClientStorage's preallocated oids
+    _oid_high: bytes
 
     def __init__(self, *args: Any, **kwargs: Any):
         self._oids_lock = threading.Lock()  # new_oid from many connection threads: one at a time
@@ -80,7 +83,8 @@ class RestartSafeClientStorage(ClientStorage):
 
     @property
     def highest_oid_handed_out(self) -> int:
-        return u64(self._oid_high)
+        high: int = u64(self._oid_high)
+        return high
 
 
 __all__ = ["RestartSafeClientStorage"]

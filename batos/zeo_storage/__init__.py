@@ -28,7 +28,7 @@ RESERVE = 10_000
 OPTIONS = ("blob_dir", "create", "read_only", "quota", "pack_gc", "pack_keep_old")  # <filestorage> keys
 
 
-class OidSafeFileStorage(FileStorage):
+class OidSafeFileStorage(FileStorage):  # type: ignore[misc]  # ZODB ships no type information
     def __init__(self, file_name: str, *args: Any, **kwargs: Any):
         self._oid_reserve_lock = threading.Lock()
         super().__init__(file_name, *args, **kwargs)
@@ -38,7 +38,7 @@ class OidSafeFileStorage(FileStorage):
 
     def new_oid(self) -> bytes:
         with self._oid_reserve_lock:
-            oid = super().new_oid()
+            oid: bytes = super().new_oid()
             if u64(oid) > self._reserved:
                 self._reserved = u64(oid) + RESERVE
                 _write_mark(self._oid_file, self._reserved)
@@ -63,7 +63,7 @@ def _write_mark(path: str, value: int) -> None:
     os.replace(tmp, path)  # atomic: a crash leaves the old mark or the new one, never half of one
 
 
-class OidSafeFileStorageOpener(BaseConfig):
+class OidSafeFileStorageOpener(BaseConfig):  # type: ignore[misc]  # ZODB ships no type information
     """ZConfig datatype of ``<oidsafefilestorage>``: ZODB's ``<filestorage>`` keys, this class."""
 
     def open(self) -> OidSafeFileStorage:

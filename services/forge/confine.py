@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 UNSHARE_ARGS = ("--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc")
@@ -90,7 +91,7 @@ def unix_socket_paths() -> list[str]:
     return sorted(set(found))
 
 
-def confined_argv(argv: list[str], *, writable: list[str | Path], hidden: list[str | Path] = (),
+def confined_argv(argv: list[str], *, writable: Sequence[str | Path], hidden: Sequence[str | Path] = (),
                   tmp_mb: int = TMP_MB) -> list[str]:
     """``argv`` wrapped so that it runs confined (see the module docstring). ``writable``: existing or new
     directories the script may write (its output and its scratch dir), the only writable places besides a

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,7 +143,7 @@ def group_cycles(events: Iterable[Mapping[str, Any]]) -> dict[str, list[dict[str
     return cycles
 
 
-def final_status(cycle_events: list[Mapping[str, Any]]) -> str:
+def final_status(cycle_events: Sequence[Mapping[str, Any]]) -> str:
     """How the cycle ended: the status of the event that entered a terminal PSM state, else the status of
     its last event with a terminal status ("" while it is still in progress)."""
     for event in reversed(cycle_events):

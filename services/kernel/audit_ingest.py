@@ -25,7 +25,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -120,7 +120,7 @@ class LogReader:
             else:
                 yield start, False, open(path, "rb")  # closed by the caller
 
-    def _iter_lines(self) -> Iterator[tuple[bytes | None, int, int]]:
+    def _iter_lines(self) -> Generator[tuple[bytes | None, int, int]]:
         """(line without newline or None when too long, logical start, logical end) for each complete line."""
         for start, active, f in self._open_from(self.offset):
             try:

@@ -19,6 +19,7 @@ import string
 import textwrap
 import types
 from dataclasses import dataclass
+from typing import NoReturn
 
 # Pure, side-effect-free stdlib modules a method may import (inside its body).
 ALLOWED_MODULES: frozenset[str] = frozenset(
@@ -223,7 +224,7 @@ class _PolicyChecker(ast.NodeVisitor):
         self._direct_calls: set[int] = set()  # ids of Name nodes used as the callee of a Call
         self._literal_formats: set[int] = set()  # ids of `"literal".format` Attribute nodes that are called
 
-    def fail(self, node: ast.AST, reason: str) -> None:
+    def fail(self, node: ast.AST, reason: str) -> NoReturn:
         raise PolicyViolation(reason, getattr(node, "lineno", None))
 
     # -- imports ---------------------------------------------------------------------------------
@@ -423,7 +424,7 @@ def _extract_by_lines(text: str, selector: str, header: re.Pattern[str]) -> str 
         if line.strip() and len(line) - len(line.lstrip()) <= indent and not line.lstrip().startswith((")", "]", "}")):
             break
         end += 1
-    imports_above = []
+    imports_above: list[str] = []
     i = start - 1
     while i >= 0 and (not lines[i].strip() or re.match(r"\s*(import|from)\s+\w", lines[i])):
         imports_above.insert(0, lines[i])

@@ -18,7 +18,7 @@ from typing import Any
 
 from BTrees.OOBTree import OOBTree
 
-from batos.uvm import UvmObject, oid_hex, resolve_oid
+from batos.uvm import Root, UvmObject, oid_hex, resolve_oid
 from services.kernel import psm
 from services.kernel.psm import State
 
@@ -31,7 +31,7 @@ class UnknownCycle(KeyError):
     pass
 
 
-def install_registry(root: Any) -> bool:
+def install_registry(root: Root) -> bool:
     changed = False
     for key in (CYCLES_KEY, ACTIVE_KEY):
         if key not in root:
@@ -40,14 +40,14 @@ def install_registry(root: Any) -> bool:
     return changed
 
 
-def get_cycle(root: Any, cycle_id: str) -> UvmObject:
+def get_cycle(root: Root, cycle_id: str) -> UvmObject:
     cycle = root[CYCLES_KEY].get(cycle_id) if isinstance(cycle_id, str) else None
     if cycle is None:
         raise UnknownCycle(f"unknown cycle {cycle_id!r}")
     return cycle
 
 
-def create_cycle(root: Any, conn: Any, *, cycle_id: str, mission: dict[str, Any], mission_type: str,
+def create_cycle(root: Root, conn: Any, *, cycle_id: str, mission: dict[str, Any], mission_type: str,
                  target_oid: str, persona: str, instance: str, parent_cycle: str | None = None) -> str:
     """Clone the cognitive_cycle prototype into a new cycle in IDLE; return its OID."""
     psm.check_transition(None, State.IDLE)
@@ -81,7 +81,7 @@ def create_cycle(root: Any, conn: Any, *, cycle_id: str, mission: dict[str, Any]
     return oid_hex(cycle)
 
 
-def transition(root: Any, conn: Any, cycle_id: str, dst: str, note: str = "",
+def transition(root: Root, conn: Any, cycle_id: str, dst: str, note: str = "",
                slots: dict[str, Any] | None = None) -> str:
     """Move a cycle to ``dst`` if its current state object accepts it; return the previous state."""
     cycle = get_cycle(root, cycle_id)
@@ -99,7 +99,7 @@ def transition(root: Any, conn: Any, cycle_id: str, dst: str, note: str = "",
     return current.get_slot("state_name")
 
 
-def mark_failed(root: Any, conn: Any, cycle_id: str, reason: str) -> str | None:
+def mark_failed(root: Root, conn: Any, cycle_id: str, reason: str) -> str | None:
     """FAILED with ``reason`` unless the cycle already ended; return the previous state or None."""
     cycle = get_cycle(root, cycle_id)
     if cycle.get_slot("state").get_slot("terminal"):
@@ -107,12 +107,12 @@ def mark_failed(root: Any, conn: Any, cycle_id: str, reason: str) -> str | None:
     return transition(root, conn, cycle_id, State.FAILED, reason, {"status": "FAILURE", "error": reason})
 
 
-def is_finished(root: Any, cycle_id: str) -> bool:
+def is_finished(root: Root, cycle_id: str) -> bool:
     cycle = root[CYCLES_KEY].get(cycle_id)
     return cycle is None or bool(cycle.get_slot("state").get_slot("terminal"))
 
 
-def prune_active(root: Any, conn: Any, instance: str | None = None) -> int:
+def prune_active(root: Root, conn: Any, instance: str | None = None) -> int:
     """Drop registry entries of finished (or vanished) cycles; only this instance's when given."""
     done = [cid for cid, owner in root[ACTIVE_KEY].items()
             if (instance is None or owner == instance) and is_finished(root, cid)]
@@ -121,7 +121,7 @@ def prune_active(root: Any, conn: Any, instance: str | None = None) -> int:
     return len(done)
 
 
-def fail_interrupted(root: Any, conn: Any, instance: str, reason: str = RESTART_REASON) -> list[dict[str, Any]]:
+def fail_interrupted(root: Root, conn: Any, instance: str, reason: str = RESTART_REASON) -> list[dict[str, Any]]:
     """Mark FAILED every non-terminal cycle this kernel instance was running when it died, then prune.
 
     Returns {cycle_id, from, mission_type, persona} for each, so the caller can audit the failures."""
@@ -137,13 +137,13 @@ def fail_interrupted(root: Any, conn: Any, instance: str, reason: str = RESTART_
     return failed
 
 
-def unfinished(root: Any, conn: Any) -> list[dict[str, Any]]:
+def unfinished(root: Root, conn: Any) -> list[dict[str, Any]]:
     """Registry entries whose cycles have not ended (any instance)."""
     return [{"cycle_id": cid, "instance": owner, "state": root[CYCLES_KEY][cid].get_slot("psm_state")}
             for cid, owner in root[ACTIVE_KEY].items() if not is_finished(root, cid)]
 
 
-def describe_cycle(root: Any, conn: Any, cycle_id: str) -> dict[str, Any]:
+def describe_cycle(root: Root, conn: Any, cycle_id: str) -> dict[str, Any]:
     """Everything the image knows about one cycle, as plain data (for `trace`)."""
     cycle = get_cycle(root, cycle_id)
     out: dict[str, Any] = {
@@ -165,7 +165,7 @@ def describe_cycle(root: Any, conn: Any, cycle_id: str) -> dict[str, Any]:
     return out
 
 
-def recent_cycles(root: Any, conn: Any, limit: int = 20) -> list[dict[str, Any]]:
+def recent_cycles(root: Root, conn: Any, limit: int = 20) -> list[dict[str, Any]]:
     """The newest cycles (by creation time), briefly; a scan, so bounded by ``limit`` on output only."""
     rows = [(c.get_slot("created_at") or 0.0, cid, c.get_slot("psm_state"), c.get_slot("mission_type"))
             for cid, c in root[CYCLES_KEY].items()]
@@ -173,7 +173,7 @@ def recent_cycles(root: Any, conn: Any, limit: int = 20) -> list[dict[str, Any]]
     return [{"cycle_id": cid, "state": st, "mission_type": mt, "created_at": at} for at, cid, st, mt in rows[:limit]]
 
 
-def resolve_target(root: Any, conn: Any, target_oid: str) -> UvmObject:
+def resolve_target(root: Root, conn: Any, target_oid: str) -> UvmObject:
     """The UvmObject a mission targets; KeyError with a clear message otherwise."""
     obj = resolve_oid(conn, target_oid)
     if not isinstance(obj, UvmObject):

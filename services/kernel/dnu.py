@@ -50,6 +50,7 @@ from batos.uvm import (
     RESERVED_NAMES,
     BoundMethod,
     DoesNotUnderstand,
+    Root,
     UvmObject,
     method_info,
     oid_hex,
@@ -108,7 +109,7 @@ def _slot_value(value: Any) -> Any:
     return value
 
 
-def snapshot(root: Any, conn: Any, target_oid: str, selector: str, args: list[Any] | None = None) -> Receiver:
+def snapshot(root: Root, conn: Any, target_oid: str, selector: str, args: list[Any] | None = None) -> Receiver:
     """Look ``selector`` up on the target and copy what running or writing it needs (in a read)."""
     try:
         obj = records.resolve_target(root, conn, target_oid)
@@ -124,8 +125,9 @@ def snapshot(root: Any, conn: Any, target_oid: str, selector: str, args: list[An
         slots.update({k: _slot_value(v) for k, v in o.own_slots().items()})
     for o in chain:
         for name in o.method_names():
-            if name != selector and name not in methods:
-                methods[name] = o.method_source(name).source
+            method = o.method_source(name)
+            if name != selector and name not in methods and method is not None:
+                methods[name] = method.source
     rec = Receiver(oid=oid_hex(obj), name=obj.uvm_name, prototype=prototype_of(obj, root["prototypes"]),
                    kind="missing", slots=slots, plain={k for k, v in slots.items() if is_plain(v)}, methods=methods,
                    own=set(obj.slot_names()))
@@ -359,6 +361,8 @@ def extract(raw: str, selector: str, signature: str) -> str:
 def _does_something(source: str) -> bool:
     """True when the function body holds a statement other than bare expressions (a docstring, `a - b`)."""
     func = ast.parse(source).body[0]
+    if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):  # extract_method_source returned a def
+        return False
     return any(not isinstance(stmt, ast.Expr) or isinstance(stmt.value, ast.Call) for stmt in func.body)
 
 
@@ -488,7 +492,7 @@ async def _finish(run: CycleRun, selector: str, rec: Receiver, result: sandbox.S
     return out
 
 
-def _store(root: Any, conn: Any, cycle_id: str, target_oid: str, selector: str, source: str | None,
+def _store(root: Root, conn: Any, cycle_id: str, target_oid: str, selector: str, source: str | None,
            meta: dict[str, Any], updates: dict[str, Any], deleted: list[str], plain: set[str],
            known: set[str]) -> dict[str, Any]:
     """The COMPLETE transaction of a send or define (see the module docstring for what is written back)."""

@@ -32,7 +32,7 @@ from typing import Any
 
 from persistent.mapping import PersistentMapping
 
-from batos.uvm import UvmObject
+from batos.uvm import Root, UvmObject
 
 STATES_KEY = "psm_states"  # root[STATES_KEY]: state name -> state object
 PROTOTYPE_NAME = "psm_state"  # root["prototypes"][PROTOTYPE_NAME]
@@ -87,7 +87,7 @@ def _state_slots(state: State) -> dict[str, Any]:
     }
 
 
-def install_states(root: Any) -> bool:
+def install_states(root: Root) -> bool:
     """Create or update the state prototype and the state objects; True when anything changed."""
     changed = False
     prototypes = root.get("prototypes")
@@ -117,7 +117,7 @@ def install_states(root: Any) -> bool:
     return changed
 
 
-def state_object(root: Any, name: str) -> UvmObject:
+def state_object(root: Root, name: str) -> UvmObject:
     try:
         return root[STATES_KEY][name]
     except KeyError:

@@ -40,7 +40,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from batos.uvm import RESERVED_NAMES
 from services.kernel.code_policy import ALLOWED_MODULES, PolicyViolation, validate_method_source
@@ -347,9 +347,25 @@ def scrub_host_paths(text: str | None) -> str | None:
     return text
 
 
+class _Measures(TypedDict):
+    """What every SandboxResult carries, however the run ended."""
+
+    stdout: str
+    stderr: str
+    elapsed_s: float
+    cpu_s: float | None
+    max_rss_mb: float | None
+
+
+class _Killed(TypedDict):
+    error: str
+    error_kind: str
+    killed_by: str
+
+
 def _interpret(run: _Run, request: dict) -> SandboxResult:
     report = run.report or {}
-    common = {
+    common: _Measures = {
         "stdout": run.stdout,
         "stderr": scrub_host_paths(run.stderr) or "",
         "elapsed_s": run.elapsed_s,
@@ -400,7 +416,7 @@ def _interpret(run: _Run, request: dict) -> SandboxResult:
     )
 
 
-def _killed_by_signal(report: dict, request: dict) -> dict | None:
+def _killed_by_signal(report: dict, request: dict) -> _Killed | None:
     signum = report.get("signal")
     if not signum:
         return None

@@ -22,6 +22,7 @@ import collections.abc
 import ctypes
 import errno
 import importlib
+import io
 import json
 import linecache
 import math
@@ -206,7 +207,8 @@ def _confine(request: dict, uid: int) -> None:
         raise RuntimeError("CAP_SYS_CHROOT still held after dropping privileges")
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversize writes raise OSError(EFBIG) instead of killing
     os.environ.clear()
-    sys.stdout.reconfigure(line_buffering=True)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # always, as the host spawns it; the stub says TextIO
+        sys.stdout.reconfigure(line_buffering=True)
 
 
 def _child(request: dict, uid: int, confined_w: int) -> None:
@@ -263,7 +265,7 @@ def _receiver_class(sources: dict[str, str]) -> type:
     return Receiver
 
 
-def _define(source: str, selector: str, namespace: dict) -> object:
+def _define(source: str, selector: str, namespace: dict) -> collections.abc.Callable[..., object]:
     filename = f"<method {selector}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show lines
     exec(compile(source, filename, "exec"), namespace)

@@ -160,8 +160,8 @@ def check(root: Any, conn: Any = None, index: VectorIndex | None = None) -> Repo
             rep.add("object_misfiled", f"objects[{oid:x}] holds the object with oid {_oid(obj):x}", oid=oid)
         if proto in FILE_PROTOS and oid not in owner:
             rep.orphans.append(oid)
-            path = (obj.get_slot("metadata") or {}).get("file_path")
-            rep.add("orphan", f"a {proto} that no file entry lists (file {path!r})", oid=oid)
+            file_path = (obj.get_slot("metadata") or {}).get("file_path")
+            rep.add("orphan", f"a {proto} that no file entry lists (file {file_path!r})", oid=oid)
         if proto in VECTOR_PROTOS:
             vector_oids[oid] = (VECTOR_PROTOS[proto], obj.get_slot("vector_embedding"))
         if conn is not None and n % GC_EVERY == GC_EVERY - 1:
