@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from batos.errors import ServiceError
 from tests.integration.system_fixture import Installation, installation_fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -80,8 +81,10 @@ def restart(inst: Installation, program: str) -> int:
     return inst.wait_restarted(program, old)
 
 
-async def ask_through_fault(inst: Installation, fault: Callable[[], int]) -> tuple[dict[str, Any], list[dict]]:
-    """An `ask`, with ``fault`` fired (in a thread) on the first token of the answer; the reply and events."""
+async def ask_through_fault(inst: Installation, fault: Callable[[], int],
+                            service: str = "") -> tuple[dict[str, Any] | ServiceError, list[dict]]:
+    """An `ask`, with ``fault`` fired (in a thread) on the first token of the answer: its reply (or error) and
+    events, once the restarted program's ``service`` (if given) is registered again."""
     events: list[dict[str, Any]] = []
     fired: asyncio.Task | None = None
 
@@ -93,14 +96,22 @@ async def ask_through_fault(inst: Installation, fault: Callable[[], int]) -> tup
 
     started = time.monotonic()
     async with inst.client() as client:
-        reply = await client.call("kernel", "ask", {"question": QUESTION}, on_event=on_event, timeout=ASK_TIMEOUT)
-    assert fired is not None, f"the answer streamed no token: {events[-5:]}"
-    await fired
-    reply["_seconds"] = round(time.monotonic() - started, 1)
-    return reply, events
+        try:
+            outcome: dict[str, Any] | ServiceError = await client.call(
+                "kernel", "ask", {"question": QUESTION}, on_event=on_event, timeout=ASK_TIMEOUT)
+        except ServiceError as e:
+            outcome = e
+        assert fired is not None, f"the answer streamed no token: {events[-5:]}"
+        pid = await fired
+        if service:
+            await inst.wait_worker(client, service, pid)
+    if isinstance(outcome, dict):
+        outcome["_seconds"] = round(time.monotonic() - started, 1)
+    return outcome, events
 
 
-def assert_answered(reply: dict[str, Any], events: list[dict]) -> None:
+def assert_answered(reply: dict[str, Any] | ServiceError, events: list[dict]) -> None:
+    assert isinstance(reply, dict), f"{reply}: {events[-8:]}"
     assert reply["status"] in ("SUCCESS", "SUCCESS_DEGRADED"), reply
     assert reply["citations"] or reply.get("evidence"), reply
     states = [e["state"] for e in events if e.get("event") == "state"]
@@ -117,24 +128,35 @@ async def test_baseline_ask(installation: Installation, tree: Path) -> None:
 
 
 async def test_ask_survives_kill_9_of_the_forge_worker(installation: Installation, tree: Path) -> None:
-    reply, events = await ask_through_fault(installation, lambda: kill9(installation, "forge"))
-    TIMINGS["ask, forge kill -9 mid-answer"] = reply["_seconds"]
+    reply, events = await ask_through_fault(installation, lambda: kill9(installation, "forge"), "llm")
     assert_answered(reply, events)
+    TIMINGS["ask, forge kill -9 mid-answer"] = reply["_seconds"]
     restarted = [e for e in events if e.get("event") == "step_restarted"]
     assert restarted and "died" in restarted[0]["reason"], events[-8:]
     assert restarted[0]["command"] == "generate"
 
 
 async def test_ask_survives_a_graceful_restart_of_the_forge_worker(installation: Installation, tree: Path) -> None:
-    reply, events = await ask_through_fault(installation, lambda: restart(installation, "forge"))
-    TIMINGS["ask, forge graceful restart mid-answer"] = reply["_seconds"]
+    reply, events = await ask_through_fault(installation, lambda: restart(installation, "forge"), "llm")
     assert_answered(reply, events)
+    TIMINGS["ask, forge graceful restart mid-answer"] = reply["_seconds"]
 
 
 async def test_ask_survives_kill_9_of_the_broker(installation: Installation, tree: Path) -> None:
-    reply, events = await ask_through_fault(installation, lambda: kill9(installation, "broker"))
-    TIMINGS["ask, broker kill -9 mid-answer"] = reply["_seconds"]
+    reply, events = await ask_through_fault(installation, lambda: kill9(installation, "broker"), "")
     assert_answered(reply, events)
+    TIMINGS["ask, broker kill -9 mid-answer"] = reply["_seconds"]
+
+
+async def test_a_kernel_restart_mid_ask_is_never_reported_as_cancelled(installation: Installation,
+                                                                       tree: Path) -> None:
+    """`ask` is not safe to repeat (its cycle is recorded): a graceful restart of the kernel gives it the drain
+    grace, then the console hears `worker_lost` saying the kernel restarted, never `cancelled`."""
+    outcome, events = await ask_through_fault(installation, lambda: restart(installation, "kernel"), "kernel")
+    if isinstance(outcome, ServiceError):
+        assert outcome.code == "worker_lost" and "restarted" in outcome.message, outcome
+    else:  # it finished within the drain grace
+        assert_answered(outcome, events)
 
 
 async def test_a_dead_memory_blocks_neither_status_nor_the_searches(installation: Installation,
