@@ -305,12 +305,12 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"x{a / b:.2f}"
 
 
-def table(now: dict[str, Any], base: dict[str, Any] | None) -> str:
+def table(now: dict[str, Any], base: dict[str, Any] | None, commit: str = BASE_COMMIT) -> str:
     def f(v: Any) -> str:
         return "-" if v is None else (f"{v:.1f}" if isinstance(v, float) and v > 1.5 else
                                       f"{v:.0%}" if isinstance(v, float) else str(v))
 
-    lines = [f"| metric | search top-5 | cycle at {BASE_COMMIT} | cycle now | now/base | target |",
+    lines = [f"| metric | search top-5 | cycle at {commit} | cycle now | now/base | target |",
              "|---|---|---|---|---|---|"]
     b = base or {}
     lines.append(f"| gold cited | {f(now['search_top5'])} | {f(b.get('cited'))} | {f(now['cited'])} | "
@@ -433,10 +433,10 @@ async def main(argv: list[str] | None = None) -> int:
             a.json.write_text(json.dumps(out, indent=1, default=str))
     print()
     subset = "now_on_base_subset" in out  # the baseline ran on fewer questions: compared apart, below
-    print(table(out["now"]["summary"], None if subset else out.get("base", {}).get("summary")))
+    print(table(out["now"]["summary"], None if subset else out.get("base", {}).get("summary"), a.base_commit))
     if subset:
         print(f"\nthe baseline cycle ran on the first {out['base']['summary']['n']} questions; on those:")
-        print(table(out["now_on_base_subset"], out["base"]["summary"]))
+        print(table(out["now_on_base_subset"], out["base"]["summary"], a.base_commit))
     print()
     print(per_codebase(out["now"]["rows"]))
     shutil.rmtree(work, ignore_errors=True)
