@@ -5,6 +5,8 @@
 - Timeouts measure silence: a request that keeps streaming events is alive past ``timeout``.
 - A handler's library exception reaches the caller as plain words, never its raw text.
 - A killed worker stops being listed within one heartbeat interval (its connection closes at once).
+- A request lost with the broker (its worker died too) is sent again when retry-safe, and otherwise fails
+  saying why it was not (issue 14 item 4).
 """
 
 from __future__ import annotations
@@ -109,3 +111,44 @@ async def test_a_killed_worker_is_unlisted_within_one_heartbeat_interval(system)
                 f"the killed worker was still listed alive {time.monotonic() - killed:.1f} s after its death")
             await asyncio.sleep(0.05)
         assert len(alive) == 1
+
+
+async def test_a_retry_safe_request_lost_with_the_broker_is_sent_again(system):
+    """Broker and worker die together: no worker hands the request to the new broker, so the client, after
+    giving workers time to re-register, sends it again because it is retry-safe (and says so)."""
+    broker = system.start_broker(**EXTRA)
+    first = system.start_test_worker("echo", name="first")
+    endpoint = system.endpoint
+    async with Client(system.settings, identity="resends-after-restart") as c:
+        await system.wait_registered(c, {"echo": 1})
+        seen: list[dict] = []
+        call = asyncio.create_task(c.call("echo", "slow", {"steps": 30, "delay": 0.1}, on_event=seen.append,
+                                          idempotent=True, timeout=30))
+        while not seen:
+            await asyncio.sleep(0.05)
+        first.signal(signal.SIGKILL)
+        broker.kill()
+        system.start_broker(endpoint, **EXTRA)
+        second = system.start_test_worker("echo", name="second")
+        result = await asyncio.wait_for(call, 60)
+        assert result == {"done": 30, "pid": second.pid}
+        retry = [e for e in seen if e.get("event") == "retrying"]
+        assert len(retry) == 1 and retry[0]["source"] == "client" and "broker restarted" in retry[0]["message"]
+
+
+async def test_a_request_no_worker_holds_after_a_broker_restart_fails_in_plain_words(system):
+    """The same, not retry-safe: it fails `unavailable`, saying why it was not sent again."""
+    broker = system.start_broker(**EXTRA)
+    first = system.start_test_worker("echo", name="first")
+    endpoint = system.endpoint
+    async with Client(system.settings, identity="fails-after-restart") as c:
+        await system.wait_registered(c, {"echo": 1})
+        call = await c.start_call("echo", "slow", {"steps": 30, "delay": 0.1})
+        await asyncio.wait_for(anext(call.events()), 10)
+        first.signal(signal.SIGKILL)
+        broker.kill()
+        system.start_broker(endpoint, **EXTRA)
+        system.start_test_worker("echo", name="second")
+        with pytest.raises(ServiceError) as e:
+            await asyncio.wait_for(call.result(), 30)
+        assert e.value.code == proto.ErrorCode.UNAVAILABLE and "not safe to repeat" in e.value.message
