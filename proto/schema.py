@@ -143,7 +143,7 @@ class ReadyBody(msgspec.Struct, kw_only=True):
     version: Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)] = ""
     pid: Annotated[int, msgspec.Meta(ge=0, le=2**31)] = 0
     # requests it was running when it lost its broker (a broker restart): the new broker adopts them
-    holding: Annotated[list[HeldRequest], msgspec.Meta(max_length=MAX_WORKER_CAPACITY * 100)] = msgspec.field(
+    holding: Annotated[list[HeldRequest], msgspec.Meta(max_length=MAX_WORKER_CAPACITY)] = msgspec.field(
         default_factory=list)
 
 
