@@ -223,7 +223,8 @@ class ServiceWorker:
         self.last_broker_msg = time.monotonic()
         # what it still runs: a new broker adopts them, the same broker keeps routing them
         holding = [{"id": rid, "command": req.command, "client": req._client_frame}
-                   for rid, (_, req) in self.tasks.items() if not req._abandoned and req._client_frame]
+                   for rid, (_, req) in self.tasks.items()
+                   if not req._abandoned and req._client_frame][:proto.MAX_WORKER_CAPACITY]  # READY's bound
         self._post(proto.encode(proto.control(Kind.READY, service=self.service, body={
             "capacity": self.capacity, "version": __version__, "pid": os.getpid(), "holding": holding})))
         if self.waiting:
