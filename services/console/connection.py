@@ -42,7 +42,8 @@ class BrokerMonitor:
         if self.up is False:
             self.notify(f"connected to the broker at {self.endpoint}", "notice")
         elif self.up is True and self.boot_id is not None and boot != self.boot_id:
-            self.notify("the broker restarted; requests that were in flight were lost", "warning")
+            self.notify("the broker restarted; requests in flight go on (workers hand them over) "
+                        "or are sent again where safe", "warning")
         self.up = True
         self.boot_id = boot if isinstance(boot, str) else None
         return True

@@ -35,6 +35,7 @@ import pytest
 from batos.audit import AuditEvent, AuditLog, log_segments
 from batos.client import Client
 from batos.errors import ServiceError
+from proto import ErrorCode
 from tests.integration.system_fixture import Installation, installation_fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -271,15 +272,19 @@ async def test_kill_9_during_ingestion_loses_and_repeats_nothing(installation: I
         stream = Stream()
         batches = stream.when(lambda evs: sum(e.get("stage") == "AUDIT_INGEST" for e in evs) >= KILL_AFTER_BATCHES)
         t0 = time.monotonic()
-        task = asyncio.create_task(client.call("kernel", "audit", {}, on_event=stream, timeout=600))
+        # `audit` is retry-safe (the broker would run it again on the restarted kernel); opting out makes the
+        # dead kernel's run end here, so what it committed before dying can be checked on its own
+        task = asyncio.create_task(client.call("kernel", "audit", {}, on_event=stream, timeout=600,
+                                               idempotent=False))
         done, _ = await asyncio.wait({task, asyncio.create_task(batches.wait())}, timeout=300,
                                      return_when=asyncio.FIRST_COMPLETED)
         assert task not in done, "the ingestion finished before the kill: seed more events"
         assert batches.is_set(), f"no {KILL_AFTER_BATCHES} batches in 300 s: {stream.events[-3:]}"
         os.kill(pid, signal.SIGKILL)
         timings["first_run_s"] = time.monotonic() - t0
-        with pytest.raises(ServiceError):
+        with pytest.raises(ServiceError) as lost:
             await task  # the requester learns that its worker died
+        assert lost.value.code == ErrorCode.WORKER_LOST, lost.value
         last = [e for e in stream.events if e.get("stage") == "AUDIT_INGEST"][-1]
 
         new_pid = installation.wait_restarted("kernel", pid, timeout=120)
