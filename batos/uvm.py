@@ -27,6 +27,7 @@ the builtin selectors of the class (``clone``, ``get_slot``...). A miss raises
 from __future__ import annotations
 
 import ast
+import re
 import time
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -424,6 +425,20 @@ def parse_oid(oid: str | int) -> int:
     if not 0 <= value < 2**64:
         raise KeyError(f"unknown oid {oid!r}: out of range")
     return value
+
+
+_OID_TEXT = re.compile(r"(?:0x)?([0-9a-f]+)")
+_OID_MAX_DIGITS = 16  # a ZODB OID is 64 bits
+
+
+def normalize_oid(text: object) -> str:
+    """An OID as a person or client writes it (``0x`` prefix, either case, leading zeros) -> the form
+    :func:`oid_hex` gives (lower-case hex, no leading zeros, ``"0"`` for the root); ValueError otherwise."""
+    m = _OID_TEXT.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+    digits = (m.group(1).lstrip("0") or "0") if m else ""
+    if not digits or len(digits) > _OID_MAX_DIGITS:
+        raise ValueError(f"bad OID {text!r}: an OID is hexadecimal (0 is the root object)")
+    return digits
 
 
 def resolve_oid(conn: Any, oid: str | int) -> persistent.Persistent:

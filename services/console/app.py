@@ -21,12 +21,12 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 
+from batos import personas
 from batos.client import Client
 from batos.config import Settings
 from proto.roles import requester_tag
 from services.console.commands import (
     COMMAND_NAMES,
-    PERSONAS,
     SOURCE_TERMINATOR,
     CommandError,
     Local,
@@ -69,7 +69,7 @@ class ConsoleApp:
         recent = Recent()
         session: PromptSession = PromptSession(
             history=open_history(self.history_path),
-            completer=ConsoleCompleter(recent, COMMAND_NAMES, PERSONAS),
+            completer=ConsoleCompleter(recent, COMMAND_NAMES, personas.PERSONAS),
             complete_while_typing=False,
             style=STYLE,
         )

@@ -20,9 +20,9 @@ from typing import Any
 import msgspec
 
 import proto
+from batos import personas, uvm
 from proto.schema import MAX_BODY_DEPTH
 
-PERSONAS = ("ALFRED", "BABS", "BRICK", "ROBIN")
 KERNEL = proto.Service.KERNEL.value
 # A line holding only this ends the source of a multi-line `define`.
 SOURCE_TERMINATOR = "."
@@ -32,7 +32,6 @@ SEARCH_LEVELS = ("summaries", "chunks", "both")
 MAX_SOURCE_BYTES = 256 * 1024
 HELP_WIDTH = 110
 
-_OID = re.compile(r"^(?:0x)?([0-9a-fA-F]+)$")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KWARG = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.DOTALL)
 
@@ -224,8 +223,8 @@ def _leading_options(rest: str, name: str, allowed: dict[str, Callable[[str], An
 
 
 def _persona(value: str) -> str:
-    if value.upper() not in PERSONAS:
-        raise CommandError(f"persona must be one of {', '.join(PERSONAS)}, not {value!r}")
+    if value.upper() not in personas.PERSONAS:
+        raise CommandError(f"persona must be one of {', '.join(personas.PERSONAS)}, not {value!r}")
     return value.upper()
 
 
@@ -314,8 +313,8 @@ def _verify(rest: str, cwd: Path) -> Request:
 
 def _forge(rest: str, cwd: Path) -> Request:
     words = _split(rest, "forge")
-    if len(words) != 1 or words[0].upper() not in PERSONAS:
-        raise CommandError(f"usage: {SPECS['forge'].usage}; PERSONA is one of {', '.join(PERSONAS)}")
+    if len(words) != 1 or words[0].upper() not in personas.PERSONAS:
+        raise CommandError(f"usage: {SPECS['forge'].usage}; PERSONA is one of {', '.join(personas.PERSONAS)}")
     return Request("forge", {"persona": words[0].upper()}, label="forge")
 
 
@@ -349,11 +348,11 @@ def parse_table1_line(text: str) -> Request:
 
 
 def normalize_oid(text: str) -> str:
-    """OIDs are hex without leading zeros ("0" is the root); ``0x`` and leading zeros are accepted."""
-    m = _OID.match(text.strip())
-    if not m:
-        raise CommandError(f"bad OID {text!r}: an OID is hexadecimal (0 is the root object)")
-    return m.group(1).lower().lstrip("0") or "0"
+    """:func:`batos.uvm.normalize_oid`, its complaint as a :class:`CommandError`."""
+    try:
+        return uvm.normalize_oid(text)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
 
 
 def _selector(text: str) -> str:

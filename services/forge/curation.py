@@ -35,14 +35,10 @@ TERMINAL_STATUSES = frozenset({"SUCCESS", "SUCCESS_DEGRADED", "FAILURE", "FAILED
 # PSM states that end a cycle (services/kernel/psm.py): the event entering one carries the final status.
 TERMINAL_PSM_STATES = frozenset({"COMPLETE", "FAILED"})
 GOLDEN_EVENT_TYPES = ("DNU_OUTCOME", "LLM_CALL")
-# Keys (in event_data) that may hold each piece; the first present wins. Several spellings are accepted
-# because the kernel and the audit writer evolve separately; the canonical ones come first.
-OUTPUT_KEYS = {
-    "DNU_OUTCOME": ("source", "method_source", "validated_source", "validated_output"),
-    "LLM_CALL": ("validated_output", "llm_response_raw"),
-}
-PROMPT_KEYS = ("llm_prompt", "prompt", "messages")
-BRIEF_KEYS = ("mission_brief", "brief")
+# The event_data key holding each piece, as the kernel writes it (services/kernel/dnu.py, run.py).
+OUTPUT_KEYS = {"DNU_OUTCOME": "source", "LLM_CALL": "llm_response_raw"}
+PROMPT_KEY = "llm_prompt"
+BRIEF_KEY = "mission_brief"
 
 DEFAULT_CAP_PER_MISSION = 200
 DEFAULT_EVAL_PERCENT = 20  # held-out share, by hash bucket
@@ -125,7 +121,7 @@ def mission_of(event: Mapping[str, Any]) -> str:
     data = event.get("event_data") or {}
     mission = event.get("mission_type") or data.get("mission_type") or ""
     if not mission:
-        brief = _first(data, BRIEF_KEYS)
+        brief = _present(data, BRIEF_KEY)
         if isinstance(brief, Mapping):
             mission = str(brief.get("selector") or brief.get("mission") or "")
     return str(mission)
@@ -161,12 +157,9 @@ def final_status(cycle_events: Sequence[Mapping[str, Any]]) -> str:
 # -- extraction ---------------------------------------------------------------------------------
 
 
-def _first(data: Mapping[str, Any], keys: Iterable[str]) -> Any:
-    for key in keys:
-        value = data.get(key)
-        if value not in (None, "", [], {}):
-            return value
-    return None
+def _present(data: Mapping[str, Any], key: str) -> Any:
+    value = data.get(key)
+    return None if value in (None, "", [], {}) else value
 
 
 _RENDERED_TURN = re.compile(r"^\[(system|user|assistant|tool)\] ", re.M)
@@ -223,9 +216,9 @@ def extract_example(event: Mapping[str, Any], system_prompt: str | None = None) 
     if event_type not in OUTPUT_KEYS or str(event.get("status") or "").upper() != SUCCESS:
         return None
     data = event.get("event_data") or {}
-    output = _first(data, OUTPUT_KEYS[event_type])
-    prompt = _first(data, PROMPT_KEYS)
-    brief = _first(data, BRIEF_KEYS)
+    output = _present(data, OUTPUT_KEYS[event_type])
+    prompt = _present(data, PROMPT_KEY)
+    brief = _present(data, BRIEF_KEY)
     if brief is None and event_type == "DNU_OUTCOME" and data.get("selector"):
         brief = {"selector": data["selector"], "target_oid": data.get("receiver_oid", "?"),
                  "args": data.get("args", []), "kwargs": data.get("kwargs", {})}

@@ -31,6 +31,7 @@ import msgspec
 
 import proto
 from batos.errors import ServiceError
+from batos.uvm import normalize_oid
 from proto import ErrorCode, MissionBrief, Table1Command
 from services.kernel import dnu, genesis, relays, watch
 from services.kernel.env import Emit
@@ -38,7 +39,6 @@ from services.kernel.query import check_question, run_query
 from services.kernel.run import CycleRun, execute
 
 CYCLE = "initiate_cognitive_cycle"
-_OID = re.compile(r"^(?:0x)?([0-9a-f]+)$")
 _WATCH_ID = re.compile(r"^[0-9a-f-]{4,64}$")
 # Read-only lookups are not activities: watching is about work in flight, and a console hammering `search`
 # would drown everything else a watcher sees. `watch` itself is never watched (it would watch itself).
@@ -122,13 +122,6 @@ def _check_depth(cmd: Table1Command) -> None:
         stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
 
 
-def normalize_oid(text: str) -> str:
-    m = _OID.match(text.strip().lower()) if isinstance(text, str) else None
-    if not m:
-        raise ServiceError(ErrorCode.BAD_ARGS, f"bad OID {text!r}: an OID is hexadecimal (0 is the root object)")
-    return m.group(1).lstrip("0") or "0"
-
-
 def mission_of(cmd: Table1Command) -> dict[str, Any]:
     return msgspec.to_builtins(cmd)
 
@@ -194,7 +187,10 @@ COMMANDS: dict[str, Handler] = {
 async def dispatch(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     """Run one validated Table 1 command; bad input is a ServiceError naming what was wrong."""
     _check_depth(cmd)
-    target = normalize_oid(cmd.target_oid)
+    try:
+        target = normalize_oid(cmd.target_oid)
+    except ValueError as e:
+        raise ServiceError(ErrorCode.BAD_ARGS, str(e)) from None
     if target != cmd.target_oid:
         cmd = msgspec.structs.replace(cmd, target_oid=target)
     if cmd.command == CYCLE:

@@ -524,6 +524,6 @@ def _store(root: Root, conn: Any, cycle_id: str, target_oid: str, selector: str,
 async def _dnu_outcome(run: CycleRun, rec: Receiver, selector: str, status: str, *, source: str | None,
                        prompt: str, error: str | None = None, result: Any = None, raw: str | None = None) -> None:
     await run.audit("DNU_OUTCOME", status=status, persona="BRICK", receiver_oid=rec.oid, selector=selector,
-                    method_source=source if status == "SUCCESS" else None, source=source, llm_prompt=prompt,
+                    source=source, llm_prompt=prompt,
                     mission_brief=run.mission.get("mission_brief", run.mission), error=error,
                     result=sandbox.to_jsonable(result), llm_response_raw=raw)

@@ -1,4 +1,4 @@
-"""History over ingested audit events: a cycle's trace, and golden paths for the forge."""
+"""History over ingested audit events: a cycle's trace."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from batos.audit import AuditEvent, Status, new_id
 from services.kernel.audit_ingest import ingest_audit_log
-from services.kernel.history import golden_path_of, golden_paths, trace_cycle
+from services.kernel.history import trace_cycle
 from tests.unit.test_audit_ingest import FakeMemory, write
 
 T0 = datetime(2025, 9, 2, 10, tzinfo=UTC)
@@ -52,33 +52,3 @@ async def test_trace_cycle_is_in_time_order(tmp_path):
     trace = await trace_cycle(memory, cycle[0].cycle_id)
     assert [e.event_id for e in trace] == [e.event_id for e in cycle]
     assert trace == cycle  # the full events come back, not just summaries
-
-
-async def test_golden_paths_are_successful_cycles_of_the_persona_and_mission(tmp_path):
-    good = dnu_cycle(Status.SUCCESS, t=0)
-    kernel_style = dnu_cycle(Status.SUCCESS, t=10, style="kernel")
-    failed = dnu_cycle(Status.FAILURE, t=20)
-    degraded = dnu_cycle(Status.SUCCESS_DEGRADED, t=30)
-    by_robin = dnu_cycle(Status.SUCCESS, persona="ROBIN", t=40)
-    other_mission = dnu_cycle(Status.SUCCESS, mission="ask", t=50)
-    memory = await ingested(tmp_path, good + kernel_style + failed + degraded + by_robin + other_mission)
-
-    paths = await golden_paths(memory, "BRICK", "unhandled_message")
-    assert {p.cycle_id for p in paths} == {good[0].cycle_id, kernel_style[0].cycle_id}
-    first = next(p for p in paths if p.cycle_id == good[0].cycle_id)
-    assert first.input == "greet(self) please" and first.output.startswith("def greet(self):")
-    assert first.llm_calls == [{"prompt": "[user] write greet", "response": "def greet(self):\n    return 'hi'"}]
-    assert first.messages() == [{"role": "user", "content": "greet(self) please"},
-                                {"role": "assistant", "content": "def greet(self):\n    return 'hi'"}]
-    second = next(p for p in paths if p.cycle_id == kernel_style[0].cycle_id)
-    assert second.input == '{"selector": "greet"}' and second.output == "def greet(self): ..."
-
-    every_mission = await golden_paths(memory, "BRICK")
-    assert {p.cycle_id for p in every_mission} == {good[0].cycle_id, kernel_style[0].cycle_id,
-                                                   other_mission[0].cycle_id}
-    assert [p.cycle_id for p in await golden_paths(memory, "ROBIN", "unhandled_message")] == [by_robin[0].cycle_id]
-
-
-def test_a_cycle_without_an_ending_is_no_golden_path():
-    cycle = dnu_cycle(Status.SUCCESS)[:-1]
-    assert golden_path_of(cycle, "BRICK") is None

@@ -177,10 +177,9 @@ def test_literal_quoted_is_string():
     assert literal("42", quoted=True) == "42"
 
 
-def test_normalize_oid():
-    assert normalize_oid("0") == "0"
+def test_normalize_oid_is_the_uvm_rule_with_the_console_error():
     assert normalize_oid("0x0001Ab") == "1ab"
-    with pytest.raises(CommandError):
+    with pytest.raises(CommandError, match="bad OID"):
         normalize_oid("0xg")
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 
-from services.console.commands import COMMAND_NAMES, PERSONAS
+from batos.personas import PERSONAS
+from services.console.commands import COMMAND_NAMES
 from services.console.completion import ConsoleCompleter, Recent
 
 

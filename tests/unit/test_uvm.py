@@ -16,6 +16,7 @@ from batos.uvm import (
     MethodNotRunnable,
     UvmObject,
     awaken,
+    normalize_oid,
     oid_hex,
     prototype_of,
     resolve_oid,
@@ -227,3 +228,22 @@ def test_a_large_slot_value_is_not_rewritten_when_its_object_changes(tmp_path):
     assert conn2.root()["o"].blob == "y" * (1 << 17)
     conn2.close()
     db.close()
+
+
+def test_normalize_oid_gives_the_form_oid_hex_gives(db):
+    conn = db.open()
+    obj = UvmObject()
+    conn.add(obj)
+    hexed = oid_hex(obj)
+    assert normalize_oid(hexed) == hexed
+    assert normalize_oid(f" 0x{hexed.upper().zfill(16)} ") == hexed
+    assert normalize_oid("0") == normalize_oid("0x000") == "0"
+    assert normalize_oid("0x0001Ab") == "1ab"
+    transaction.abort()
+    conn.close()
+
+
+@pytest.mark.parametrize("bad", ["", "0x", "0xg", "-1", "1_0", "+1", "1" * 17, 5, None])
+def test_normalize_oid_refuses_what_is_not_a_64_bit_hex_oid(bad):
+    with pytest.raises(ValueError, match="bad OID"):
+        normalize_oid(bad)
