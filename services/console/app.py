@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 
@@ -31,7 +32,7 @@ from services.console.commands import (
     CommandError,
     Local,
     NeedsSource,
-    Parsed,
+    Request,
     help_text,
     parse_line,
 )
@@ -41,8 +42,8 @@ from services.console.render import TextView
 from services.console.runner import Runner
 from services.console.sinks import STYLE, PromptSink
 
-PROMPT = [("class:prompt", "batos> ")]
-SOURCE_PROMPT = [("class:dim", "...... ")]
+PROMPT = FormattedText([("class:prompt", "batos> ")])
+SOURCE_PROMPT = FormattedText([("class:dim", "...... ")])
 
 
 def open_history(path: Path) -> History:
@@ -119,7 +120,7 @@ class ConsoleApp:
             elif parsed is not None:
                 self._spawn(runner.run(parsed))
 
-    async def _parse(self, line: str, sources: PromptSession, view: TextView) -> Parsed | None:
+    async def _parse(self, line: str, sources: PromptSession, view: TextView) -> Request | Local | None:
         try:
             parsed = parse_line(line)
             if isinstance(parsed, NeedsSource):

@@ -322,7 +322,8 @@ def format_events(items: list[Any]) -> list[Fragments]:
     lines: list[Fragments] = []
     for item in items[:EVENT_ROWS]:
         item = item if isinstance(item, dict) else {"summary": item}
-        ev = item.get("meta") if isinstance(item.get("meta"), dict) else item
+        meta = item.get("meta")
+        ev: dict[str, Any] = meta if isinstance(meta, dict) else item
         stamp = str(ev.get("timestamp") or "")[11:23] or "-"
         desc = " ".join(str(ev[k]) for k in ("psm_state", "event_type", "active_persona", "persona") if ev.get(k))
         status = str(ev.get("status") or "")

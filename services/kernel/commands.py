@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -38,6 +38,9 @@ from services.kernel.env import Emit
 from services.kernel.query import check_question, run_query
 from services.kernel.run import CycleRun, execute
 
+if TYPE_CHECKING:
+    from services.kernel.kernel import Kernel
+
 CYCLE = "initiate_cognitive_cycle"
 _WATCH_ID = re.compile(r"^[0-9a-f-]{4,64}$")
 # Read-only lookups are not activities: watching is about work in flight, and a console hammering `search`
@@ -46,7 +49,7 @@ QUIET = frozenset({"watch", "status", "search", "inspect", "stats", "trace"})
 # what a watcher is told of a mission, by the console command it came from
 _MISSION_NAMES = {"query": "ask", "message": "send", "unhandled_message": "send", "define_method": "define"}
 
-Handler = Callable[[Any, Emit, Table1Command], Awaitable[dict[str, Any]]]
+Handler = Callable[["Kernel", Emit, Table1Command], Awaitable[dict[str, Any]]]
 
 
 def table1(command: str, *, target_oid: str = "0", type: str = "", selector: str = "",
@@ -129,7 +132,7 @@ def mission_of(cmd: Table1Command) -> dict[str, Any]:
 # -- cognitive cycles ----------------------------------------------------------------------------
 
 
-async def _query(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+async def _query(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     brief = cmd.mission_brief
     question = check_question(brief.args[0] if brief.args else brief.kwargs.get("question"))
     persona = relays.persona_arg(brief.kwargs.get("persona", "ROBIN"))
@@ -138,23 +141,23 @@ async def _query(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     return await execute(run, lambda r: run_query(r, question, persona=persona))
 
 
-async def _message(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+async def _message(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     brief = cmd.mission_brief
     return await dnu.send(kernel.env, emit, mission_of(cmd), cmd.target_oid, brief.selector, list(brief.args),
                           dict(brief.kwargs))
 
 
-async def _define(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+async def _define(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     brief = cmd.mission_brief
     source = brief.args[0] if brief.args else brief.kwargs.get("source")
     return await dnu.define(kernel.env, emit, mission_of(cmd), cmd.target_oid, brief.selector, source)
 
 
-async def _display(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+async def _display(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     return await genesis.display_yourself(kernel.env, emit, mission_of(cmd), cmd.target_oid)
 
 
-async def _watch(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+async def _watch(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     brief = cmd.mission_brief
     ident = brief.args[0] if brief.args else brief.kwargs.get("id", "")
     if not isinstance(ident, str) or (ident and not _WATCH_ID.match(ident.strip().lower())):
@@ -184,7 +187,7 @@ COMMANDS: dict[str, Handler] = {
 }
 
 
-async def dispatch(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+async def dispatch(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     """Run one validated Table 1 command; bad input is a ServiceError naming what was wrong."""
     _check_depth(cmd)
     try:
@@ -208,7 +211,7 @@ async def dispatch(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any
     return await _watched(kernel, emit, cmd, handler)
 
 
-async def _watched(kernel: Any, emit: Emit, cmd: Table1Command, handler: Handler) -> dict[str, Any]:
+async def _watched(kernel: Kernel, emit: Emit, cmd: Table1Command, handler: Handler) -> dict[str, Any]:
     """Run ``handler`` as an activity of the watch hub: its begin, every event, its end."""
     hub = watch.hub_of(kernel.env)
     name = _MISSION_NAMES.get(cmd.mission_brief.type, cmd.mission_brief.type) if cmd.command == CYCLE else cmd.command

@@ -174,7 +174,7 @@ async def send(env: KernelEnv, emit: Emit, mission: dict[str, Any], target_oid: 
 
 
 async def define(env: KernelEnv, emit: Emit, mission: dict[str, Any], target_oid: str, selector: str,
-                 source: str) -> dict[str, Any]:
+                 source: object) -> dict[str, Any]:
     if not isinstance(source, str) or not source.strip():
         raise ServiceError(ErrorCode.BAD_ARGS, "define needs the method's source text")
     try:

@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from batos.audit import AuditLog, utcnow
+from batos.config import Settings
 from batos.image import POOL_THREADS, Image
+from batos.uvm import Root
+from batos.worker import Context
 from services.kernel import cycle as records
 from services.kernel import governor, psm, sandbox
 from services.kernel.autotelic import Autotelic
-from services.kernel.env import KernelEnv
+from services.kernel.env import AuditSink, KernelEnv, ServiceCaller
 
 log = logging.getLogger("batos.kernel")
 
@@ -30,11 +33,11 @@ class Kernel:
     autotelic: Autotelic
 
 
-def install(root: Any, conn: Any) -> bool:
+def install(root: Root, conn: Any) -> bool:
     return psm.install_states(root) | records.install_registry(root)
 
 
-def _load_cycle_objects(root: Any, conn: Any) -> int:
+def _load_cycle_objects(root: Root, conn: Any) -> int:
     """Bring what every cycle touches into this connection's cache (a cold load is a ZEO round trip each)."""
     objs = [root["prototypes"]["cognitive_cycle"], root["prototypes"]["query_morph"],
             root[records.CYCLES_KEY], root[records.ACTIVE_KEY], *root[psm.STATES_KEY].values()]
@@ -73,7 +76,8 @@ async def recover(env: KernelEnv) -> list[dict[str, Any]]:
     return failed
 
 
-async def start_kernel(settings: Any, client: Any, *, image: Image | None = None, audit: Any = None) -> Kernel:
+async def start_kernel(settings: Settings, client: ServiceCaller, *, image: Image | None = None,
+                       audit: AuditSink | None = None) -> Kernel:
     image = image or await Image(settings).open()
     await image.transact(install)
     audit = audit if audit is not None else AuditLog(settings.audit_log)
@@ -99,17 +103,17 @@ async def stop_kernel(kernel: Kernel) -> None:
 # -- hooks for batos.worker.run_service ------------------------------------------------------------
 
 
-async def startup(ctx: Any) -> None:
+async def startup(ctx: Context) -> None:
     ctx.state["kernel"] = await start_kernel(ctx.settings, ctx.client)
 
 
-async def shutdown(ctx: Any) -> None:
+async def shutdown(ctx: Context) -> None:
     kernel = ctx.state.pop("kernel", None)
     if kernel is not None:
         await stop_kernel(kernel)
 
 
-async def status_hook(ctx: Any) -> dict[str, Any]:
+async def status_hook(ctx: Context) -> dict[str, Any]:
     """Merged into the runtime's own `status` reply (worker identity, uptime, in-flight requests)."""
     kernel = ctx.state.get("kernel")
     if kernel is None:

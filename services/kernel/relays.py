@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batos import paging, personas
 from batos.config import MEMORY_TIMEOUT
@@ -23,6 +23,10 @@ from proto import ErrorCode, Table1Command
 from services.kernel import cycle as records
 from services.kernel import forge_follow, history
 from services.kernel.env import Emit
+
+if TYPE_CHECKING:
+    from batos.uvm import Root
+    from services.kernel.kernel import Kernel
 
 log = logging.getLogger("batos.kernel.relays")
 
@@ -69,7 +73,7 @@ def _first_arg(cmd: Table1Command, name: str) -> Any:
     return value
 
 
-async def ingest(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+async def ingest(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     path = _first_arg(cmd, "path")
     body: dict[str, Any] = {"path": path}
     if "max_chunk_tokens" in cmd.mission_brief.kwargs:
@@ -77,38 +81,39 @@ async def ingest(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     return await kernel.env.client.call("ingest", "ingest", body, on_event=forwarder(emit), timeout=INGEST_TIMEOUT)
 
 
-async def search(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+async def search(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     text = _first_arg(cmd, "text")
     kw = cmd.mission_brief.kwargs
     k = kw.get("k", 8)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 100:
         raise ServiceError(ErrorCode.BAD_ARGS, f"search: k must be a whole number from 1 to 100, not {k!r}")
     # `after`: a page cursor from memory's previous reply (batos.paging); the reply's `next` goes back as is
-    body = {"text": text, "k": k, **{n: kw[n] for n in ("level", "filters", "within", "after") if n in kw}}
+    body: dict[str, Any] = {"text": text, "k": k,
+                            **{n: kw[n] for n in ("level", "filters", "within", "after") if n in kw}}
     return await kernel.env.client.call("memory", "search", body, on_event=forwarder(emit), timeout=MEMORY_TIMEOUT)
 
 
-async def inspect(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+async def inspect(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     return await kernel.env.client.call("memory", "inspect", {"oid": cmd.target_oid}, timeout=MEMORY_TIMEOUT)
 
 
-async def stats(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+async def stats(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     reply = await kernel.env.client.call("memory", "stats", {}, timeout=MEMORY_TIMEOUT)
     reply["cycles"] = await kernel.env.image.read(_cycle_counts)
     return reply
 
 
-async def verify(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+async def verify(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     """memory's invariants (services/memory_weaver/verify.py); kwargs {repair: bool}."""
     body = {"repair": bool(cmd.mission_brief.kwargs.get("repair"))}
     return await kernel.env.client.call("memory", "verify", body, timeout=VERIFY_TIMEOUT)
 
 
-def _cycle_counts(root: Any, conn: Any) -> dict[str, Any]:
+def _cycle_counts(root: Root, conn: Any) -> dict[str, Any]:
     return {"total": len(root[records.CYCLES_KEY]), "unfinished": len(records.unfinished(root, conn))}
 
 
-async def kernel_info(kernel: Any) -> dict[str, Any]:
+async def kernel_info(kernel: Kernel) -> dict[str, Any]:
     env = kernel.env
     return {
         "instance": env.instance,
@@ -123,7 +128,7 @@ async def kernel_info(kernel: Any) -> dict[str, Any]:
     }
 
 
-async def status(kernel: Any, emit: Emit, cmd: Table1Command | None = None) -> dict[str, Any]:
+async def status(kernel: Kernel, emit: Emit, cmd: Table1Command | None = None) -> dict[str, Any]:
     try:
         workers = await kernel.env.client.call("broker", "workers", {}, timeout=5.0)
     except ServiceError as e:
@@ -131,7 +136,7 @@ async def status(kernel: Any, emit: Emit, cmd: Table1Command | None = None) -> d
     return {"broker": workers, "kernel": await kernel_info(kernel)}
 
 
-async def trace(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+async def trace(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     cycle_id = _first_arg(cmd, "cycle_id").strip().lower()
     try:
         record = await kernel.env.image.read(records.describe_cycle, cycle_id)
@@ -161,7 +166,7 @@ def _trimmed(event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-async def audit(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+async def audit(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     report = await kernel.autotelic.ingest(progress=progress_to(emit), llm_summaries=False)
     path = Path(kernel.env.settings.audit_log)
     return {"ingest": report, "log": getattr(kernel.env.audit, "stats", {"path": str(path)}),
@@ -188,7 +193,7 @@ def _recent_events(path: Path, n: int = RECENT_EVENTS) -> list[dict[str, Any]]:
     return out
 
 
-async def forge(kernel: Any, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
+async def forge(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
     """The forge service prepares the run (its events forwarded), then the steward service runs it
     (forge_follow.py): training progress, the worker's restart, the adapter's incarnation."""
     persona = persona_arg(_first_arg(cmd, "persona"))

@@ -20,6 +20,7 @@ from typing import Any
 
 from batos.config import MEMORY_TIMEOUT
 from batos.errors import ServiceError
+from batos.uvm import Root
 from proto import ErrorCode
 from services.kernel import cycle as records
 from services.kernel.env import Emit, KernelEnv
@@ -98,7 +99,8 @@ class CycleRun:
                         parent_cycle=self.parent_cycle)
         await self.audit("CYCLE_START", persona=self.persona, input=self.mission, oid=self.oid,
                          parent_cycle=self.parent_cycle)
-        await self.audit("STATE_TRANSITION", **{"from": None, "to": self.state, "oid": self.oid})
+        states: dict[str, Any] = {"from": None, "to": self.state}  # `from` is a keyword: passed by dict
+        await self.audit("STATE_TRANSITION", **states, oid=self.oid)
 
     async def to(self, state: State, note: str = "", *, status: str = "IN_PROGRESS",
                  slots: dict[str, Any] | None = None) -> None:
@@ -184,7 +186,7 @@ class CycleRun:
                 "other_share": round(max(0.0, total - self.llm_s) / total, 4) if total > 0 else 0.0}
 
 
-def _create(root: Any, conn: Any, cycle_id: str, mission: dict[str, Any], mission_type: str, target_oid: str,
+def _create(root: Root, conn: Any, cycle_id: str, mission: dict[str, Any], mission_type: str, target_oid: str,
             persona: str, instance: str, parent_cycle: str | None) -> str:
     return records.create_cycle(root, conn, cycle_id=cycle_id, mission=mission, mission_type=mission_type,
                                 target_oid=target_oid, persona=persona, instance=instance, parent_cycle=parent_cycle)

@@ -29,12 +29,15 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batos.errors import ServiceError
 from proto import ErrorCode
 from proto.roles import requester_tag
 from services.kernel.env import Emit
+
+if TYPE_CHECKING:
+    from services.kernel.kernel import Kernel
 
 log = logging.getLogger("batos.kernel.watch")
 
@@ -374,7 +377,7 @@ def hub_of(env: Any) -> WatchHub:
     return hub
 
 
-async def watch(kernel: Any, emit: Emit, ident: str = "") -> dict[str, Any]:
+async def watch(kernel: Kernel, emit: Emit, ident: str = "") -> dict[str, Any]:
     """Stream what the kernel does (events only) until cancelled; or one activity or cycle until it ends."""
     env = kernel.env
     hub = hub_of(env)

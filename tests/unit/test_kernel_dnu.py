@@ -89,7 +89,7 @@ async def test_a_missing_method_is_written_by_brick_validated_run_and_stored(env
     assert "obj.greet('ann')" in prompt and prompt.endswith("def greet(self, arg1):") and "self.owner = 'bob'" in prompt
     outcome = audit.of("DNU_OUTCOME")[-1]
     assert outcome["status"] == "SUCCESS" and outcome["mission_type"] == "unhandled_message"
-    assert outcome["event_data"]["method_source"].startswith("def greet") and outcome["event_data"]["llm_prompt"]
+    assert outcome["event_data"]["source"].startswith("def greet") and outcome["event_data"]["llm_prompt"]
     assert outcome["active_persona"] == "BRICK"
     # the next send finds the stored method: no LLM, still sandboxed
     again = await dnu.send(env, Events(), MISSION, oid, "greet", ["cy"], {})
