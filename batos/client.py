@@ -98,7 +98,7 @@ class Client:
         self.sock: zmq.asyncio.Socket | None = None
         self.pending: dict[str, PendingCall] = {}
         self.broker_boot_id: str | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._unreachable_since: float | None = None  # when the broker stopped answering pings
         self._settle: set[str] = set()  # requests a new broker may not hold yet (it restarted)
         self._settle_until = 0.0

@@ -15,6 +15,7 @@ import sys
 import time
 import xmlrpc.client
 from pathlib import Path
+from typing import Any
 
 from batos import supervisor_rpc, transport
 from batos.client import Client
@@ -99,14 +100,14 @@ def up(settings: Settings) -> int:
     want = {s for ss in REGISTERS.values() for s in ss}
     while time.monotonic() < deadline:
         try:
-            infos = {p["name"]: p for p in rpc.supervisor.getAllProcessInfo()}
+            infos = {p["name"]: p for p in supervisor_rpc.all_process_info(rpc.supervisor.getAllProcessInfo())}
         except (OSError, xmlrpc.client.Fault):
             time.sleep(0.5)
             continue
         for name, info in infos.items():
             if info["statename"] in ("FATAL", "BACKOFF", "EXITED"):
                 return fail(settings, name, f"is {info['statename']}")
-        running = all(infos.get(p, {}).get("statename") == "RUNNING" for p in PROGRAMS)
+        running = all(p in infos and infos[p]["statename"] == "RUNNING" for p in PROGRAMS)
         have: dict[str, int] = {}
         if running:
             try:
@@ -134,13 +135,14 @@ def status(settings: Settings, as_json: bool = False) -> int:
     if not supervisor_running(settings):
         print("BAT OS is not running (no supervisord at var/supervisor.sock). Start it with `make up`.")
         return 1
-    infos = supervisor(settings).supervisor.getAllProcessInfo()
+    raw = supervisor(settings).supervisor.getAllProcessInfo()  # --json passes every field supervisord sends
+    infos = supervisor_rpc.all_process_info(raw)
     try:
         kernel = asyncio.run(_kernel_status(settings))
     except ServiceError as e:
         kernel = {"error": e.message}
     if as_json:
-        print(json.dumps({"programs": infos, "kernel": kernel}, indent=2, default=str))
+        print(json.dumps({"programs": raw, "kernel": kernel}, indent=2, default=str))
         return 0
     print(f"{'program':15} {'state':10} {'pid':>7}  uptime")
     for p in infos:
@@ -157,7 +159,7 @@ def status(settings: Settings, as_json: bool = False) -> int:
     return 0
 
 
-async def _kernel_status(settings: Settings) -> dict:
+async def _kernel_status(settings: Settings) -> dict[str, Any]:
     async with Client(settings, identity=f"batosctl-{os.getpid()}") as c:
         try:
             return await c.call("kernel", "status", timeout=5)
@@ -171,9 +173,9 @@ def down(settings: Settings) -> int:
         print("BAT OS is not running.")
         return 0
     rpc = supervisor(settings)
-    pids = [p["pid"] for p in rpc.supervisor.getAllProcessInfo() if p["pid"]]
+    pids = [p["pid"] for p in supervisor_rpc.all_process_info(rpc.supervisor.getAllProcessInfo()) if p["pid"]]
     rpc.supervisor.stopAllProcesses(True)  # reverse priority order, SIGTERM then wait
-    sup_pid = rpc.supervisor.getPID()
+    sup_pid = supervisor_rpc.supervisor_pid(rpc)
     rpc.supervisor.shutdown()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(_alive(p) for p in [*pids, sup_pid]):

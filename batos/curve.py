@@ -79,7 +79,7 @@ def _write_private(path: Path, text: str) -> None:
     tmp.replace(path)  # atomic: a broker starting beside never reads half a list
 
 
-def configure_server(sock: zmq.Socket, settings: Settings) -> ThreadAuthenticator:
+def configure_server(sock: zmq.Socket[object], settings: Settings) -> ThreadAuthenticator:
     keys = ensure_keys(settings)
     auth = ThreadAuthenticator(sock.context)
     auth.start()
@@ -91,7 +91,7 @@ def configure_server(sock: zmq.Socket, settings: Settings) -> ThreadAuthenticato
     return auth
 
 
-def configure_client(sock: zmq.Socket, settings: Settings, name: str | None = None) -> None:
+def configure_client(sock: zmq.Socket[object], settings: Settings, name: str | None = None) -> None:
     """``name`` picks the key pair under var/keys/; default: ``settings.curve_key``."""
     keys = settings.keys_dir
     name = name or settings.curve_key

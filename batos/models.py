@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,9 @@ SOURCE_STAMP = "batos_source.json"  # beside a converted checkpoint: the GGUF (n
 # Files whose presence marks a finished checkpoint (the directory only appears by an atomic rename, so
 # this is a sanity check against someone deleting files by hand, not a completion protocol).
 _CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+Log = Callable[[str], None]  # where a slow step says what it does (print, a logger's info)
 
 
 class ModelNotAvailable(RuntimeError):
@@ -108,7 +112,7 @@ def models_dir(settings: Settings) -> Path:
     return Path(settings.cache_dir) / "models"
 
 
-def llm_gguf_path(settings: Settings, log=None) -> Path:
+def llm_gguf_path(settings: Settings, log: Log | None = None) -> Path:
     """The GGUF of ``settings.llm_model``: in its package, or assembled once from its part packages."""
     spec = llm_spec(settings.llm_model)
     if not spec.parts:
@@ -116,7 +120,7 @@ def llm_gguf_path(settings: Settings, log=None) -> Path:
     return _spec_gguf_path(settings, spec, log)
 
 
-def _spec_gguf_path(settings: Settings, spec: LLMSpec, log=None) -> Path:
+def _spec_gguf_path(settings: Settings, spec: LLMSpec, log: Log | None = None) -> Path:
     target = models_dir(settings) / spec.gguf
     if target.is_file():
         return target
@@ -128,7 +132,7 @@ def _spec_gguf_path(settings: Settings, spec: LLMSpec, log=None) -> Path:
     return target
 
 
-def _assemble(spec: LLMSpec, target: Path, log) -> None:
+def _assemble(spec: LLMSpec, target: Path, log: Log) -> None:
     import hashlib
     import importlib
 
@@ -201,7 +205,7 @@ def checkpoint_ready(path: Path) -> bool:
     return all((path / name).is_file() for name in _CHECKPOINT_FILES)
 
 
-def embedded_llm_checkpoint(settings: Settings, log=None) -> Path:
+def embedded_llm_checkpoint(settings: Settings, log: Log | None = None) -> Path:
     """The cached plain checkpoint of the embedded LLM (SmolLM2-135M); converts the packaged GGUF if missing."""
     return llm_checkpoint(settings, LLM_MODELS[TEST_LLM_MODEL], log)
 
@@ -218,7 +222,7 @@ def training_checkpoint_dir(settings: Settings) -> Path | None:
     return Path(settings.cache_dir) / spec.hf_dirname if spec.trainable else None
 
 
-def training_checkpoint(settings: Settings, log=None) -> Path:
+def training_checkpoint(settings: Settings, log: Log | None = None) -> Path:
     """The fp32 checkpoint the forge trains (``trained_spec``), dequantized once from its GGUF."""
     return llm_checkpoint(settings, trained_spec(settings), log)
 
@@ -233,7 +237,8 @@ def _stamp_matches(path: Path, spec: LLMSpec) -> bool:
         _write_stamp(path, spec, adopted=True)
         return True
     try:
-        return json.loads(stamp.read_text(encoding="utf-8")).get("gguf_sha256") == spec.sha256
+        recorded = json.loads(stamp.read_text(encoding="utf-8"))
+        return isinstance(recorded, dict) and spec.sha256 == recorded.get("gguf_sha256")
     except (OSError, ValueError):
         return False
 
@@ -244,7 +249,7 @@ def _write_stamp(path: Path, spec: LLMSpec, **extra: object) -> None:
     tmp.replace(path / SOURCE_STAMP)
 
 
-def llm_checkpoint(settings: Settings, spec: LLMSpec, log=None) -> Path:
+def llm_checkpoint(settings: Settings, spec: LLMSpec, log: Log | None = None) -> Path:
     """The cached plain checkpoint of ``spec``'s GGUF; converts it when missing or made from other weights.
 
     Several processes may call this at once (the forge worker, a test, ``make setup``): a file lock makes
@@ -276,7 +281,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _convert_gguf(gguf: Path, spec: LLMSpec, target: Path, log) -> None:
+def _convert_gguf(gguf: Path, spec: LLMSpec, target: Path, log: Log) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

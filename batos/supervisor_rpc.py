@@ -10,7 +10,7 @@ from __future__ import annotations
 import http.client
 import xmlrpc.client
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from supervisor.xmlrpc import SupervisorTransport
 
@@ -19,6 +19,32 @@ from batos.config import Settings
 
 class SupervisorError(RuntimeError):
     pass
+
+
+class ProcessInfo(TypedDict):
+    """The fields of a ``getProcessInfo`` reply BAT OS reads (supervisord sends more; see ``process_info``)."""
+
+    name: str
+    statename: str  # RUNNING, STOPPED, FATAL, BACKOFF, EXITED, ...
+    pid: int  # 0 when not running
+    description: str  # "pid 123, uptime 0:01:02" or why it is not running
+
+
+def process_info(reply: object) -> ProcessInfo:
+    """One ``getProcessInfo`` / ``getAllProcessInfo`` entry, checked: XML-RPC replies are untyped on the wire."""
+    if isinstance(reply, dict):
+        name, statename, pid, description = (reply.get(k) for k in ("name", "statename", "pid", "description"))
+        if (isinstance(name, str) and isinstance(statename, str) and isinstance(pid, int)
+                and isinstance(description, str)):
+            return {"name": name, "statename": statename, "pid": pid, "description": description}
+    raise SupervisorError(f"supervisord sent a process info of an unexpected shape: {reply!r:.200}")
+
+
+def all_process_info(reply: object) -> list[ProcessInfo]:
+    """A ``getAllProcessInfo`` reply, each entry checked as by :func:`process_info`."""
+    if not isinstance(reply, list):
+        raise SupervisorError(f"supervisord sent a process list of an unexpected shape: {reply!r:.200}")
+    return [process_info(entry) for entry in reply]
 
 
 def url_for(settings: Settings) -> str:
@@ -32,10 +58,19 @@ def proxy(url: str) -> xmlrpc.client.ServerProxy:
     return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=SupervisorTransport(None, None, url))
 
 
+def supervisor_pid(rpc: xmlrpc.client.ServerProxy) -> int:
+    """supervisord's own pid (``getPID``)."""
+    pid = rpc.supervisor.getPID()
+    if not isinstance(pid, int):
+        raise SupervisorError(f"supervisord sent a pid of an unexpected shape: {pid!r:.200}")
+    return pid
+
+
 def running(url: str) -> bool:
     """Whether a supervisord answers at ``url`` and is RUNNING."""
     try:
-        return proxy(url).supervisor.getState()["statename"] == "RUNNING"
+        state = proxy(url).supervisor.getState()
+        return isinstance(state, dict) and "RUNNING" == state.get("statename")
     except (OSError, xmlrpc.client.Fault):
         return False
 
@@ -47,7 +82,7 @@ class Supervisor:
         self.url = url
         self._proxy = proxy(url)
 
-    def _call(self, method: str, *args: Any) -> Any:
+    def _call(self, method: str, *args: Any) -> object:
         try:
             return getattr(self._proxy.supervisor, method)(*args)
         except xmlrpc.client.Fault as e:
@@ -59,10 +94,10 @@ class Supervisor:
             raise SupervisorError(f"supervisord at {self.url} unreachable: {e}") from e
 
     def state(self, program: str) -> str:
-        return str(self._call("getProcessInfo", program)["statename"])
+        return process_info(self._call("getProcessInfo", program))["statename"]
 
     def pid(self, program: str) -> int:
-        return int(self._call("getProcessInfo", program)["pid"])
+        return process_info(self._call("getProcessInfo", program))["pid"]
 
     def stop(self, program: str) -> str:
         try:

@@ -30,10 +30,10 @@ import time
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -176,7 +176,7 @@ class ServiceWorker:
     (``EVENTS``) whether input or room for output is waiting, and pump again if so.
     """
 
-    def __init__(self, service: str, handlers: dict[str, Handler], ctx: Context, capacity: int):
+    def __init__(self, service: str, handlers: Mapping[str, Handler], ctx: Context, capacity: int):
         self.service = service
         self.handlers = handlers
         self.ctx = ctx
@@ -185,9 +185,9 @@ class ServiceWorker:
         self.identity = f"{service}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}".encode()
         self.zctx = zmq.asyncio.Context.instance()
         self.loop = asyncio.get_running_loop()
-        self.sock: zmq.Socket | None = None
+        self.sock: zmq.Socket[bytes] | None = None
         self._fd: int | None = None
-        self.tasks: dict[str, tuple[asyncio.Task, Request]] = {}
+        self.tasks: dict[str, tuple[asyncio.Task[None], Request]] = {}
         self.served = 0
         self.last_broker_msg = time.monotonic()
         self.draining = False
@@ -274,7 +274,7 @@ class ServiceWorker:
         # Our sends may have consumed the FD's edge for input (or output room) that is now waiting.
         self._rearm_scheduled = False
         if self.sock is not None:
-            events = self.sock.get(_EVENTS)
+            events = cast(int, self.sock.get(_EVENTS))  # EVENTS is an int option; get() is typed for any
             if events & _POLLIN or (self._outbox and events & _POLLOUT):
                 self._schedule_pump()
 
@@ -288,7 +288,8 @@ class ServiceWorker:
         sock = self.sock
         if sock is None:
             return
-        recv, get = sock.recv, sock.get
+        recv = sock.recv
+        get = cast(Callable[[int], int], sock.get)  # only asks EVENTS, an int option
         got = 0
         # Ask EVENTS before each receive rather than receiving until zmq.Again: raising Again costs
         # far more than the question (10-30 µs against ~2 for a lone request after a quiet spell).
@@ -317,7 +318,7 @@ class ServiceWorker:
         if self._outbox:
             self._flush(sock)
 
-    def _flush(self, sock: zmq.Socket) -> None:
+    def _flush(self, sock: zmq.Socket[bytes]) -> None:
         outbox = self._outbox
         while outbox:
             try:
@@ -530,7 +531,8 @@ def explain_failure(service: str, command: str, exc: BaseException, ref: str) ->
                                 f"{service} is still running.")
 
 
-def _builtin_handlers(worker_ref: list[ServiceWorker], status_hook: Callable[[Context], Awaitable[dict]] | None):
+def _builtin_handlers(worker_ref: list[ServiceWorker],
+                      status_hook: Callable[[Context], Awaitable[dict[str, Any]]] | None) -> dict[str, Handler]:
     async def ping(req: Request) -> dict[str, Any]:
         return {"pong": True, "service": worker_ref[0].service}
 
@@ -549,12 +551,12 @@ def configure_logging(name: str, settings: Settings | None = None) -> None:
 
 
 async def serve(
-    services: Sequence[tuple[str, dict[str, Handler], int]],
+    services: Sequence[tuple[str, Mapping[str, Handler], int]],
     *,
     settings: Settings | None = None,
     startup: Hook | None = None,
     shutdown: Hook | None = None,
-    status: Callable[[Context], Awaitable[dict]] | None = None,
+    status: Callable[[Context], Awaitable[dict[str, Any]]] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
     settings = settings or load()
@@ -605,11 +607,11 @@ async def serve(
         executor.shutdown(wait=False, cancel_futures=True)
 
 
-def run_services(services: Sequence[tuple[str, dict[str, Handler], int]], **kwargs: Any) -> None:
+def run_services(services: Sequence[tuple[str, Mapping[str, Handler], int]], **kwargs: Any) -> None:
     """Entry point for a process serving one or more services; exits 0 after a clean drain."""
     configure_logging("+".join(s for s, _, _ in services), kwargs.get("settings"))
     asyncio.run(serve(services, **kwargs))
 
 
-def run_service(service: str, handlers: dict[str, Handler], *, capacity: int = 8, **kwargs: Any) -> None:
+def run_service(service: str, handlers: Mapping[str, Handler], *, capacity: int = 8, **kwargs: Any) -> None:
     run_services([(service, handlers, capacity)], **kwargs)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import ormsgpack
@@ -239,7 +239,10 @@ def decode_ids(frame: bytes) -> list[str]:
     return _decode_body(_ids_decoder, frame, "request").body.ids
 
 
-def _decode_body(decoder: msgspec.msgpack.Decoder, frame: bytes, what: str) -> Any:
+_Frame = TypeVar("_Frame")
+
+
+def _decode_body(decoder: msgspec.msgpack.Decoder[_Frame], frame: bytes, what: str) -> _Frame:
     try:
         return decoder.decode(frame)
     except _DECODE_ERRORS as e:

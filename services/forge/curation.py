@@ -144,7 +144,7 @@ def final_status(cycle_events: Sequence[Mapping[str, Any]]) -> str:
     its last event with a terminal status ("" while it is still in progress)."""
     for event in reversed(cycle_events):
         data = event.get("event_data") or {}
-        state = str(data.get("to_state") or data.get("to") or event.get("psm_state") or "").upper()
+        state = str(data.get("to") or event.get("psm_state") or "").upper()
         if event.get("event_type") == "STATE_TRANSITION" and state in TERMINAL_PSM_STATES:
             return "FAILURE" if state == "FAILED" else str(event.get("status") or "").upper()
     for event in reversed(cycle_events):

@@ -400,7 +400,12 @@ class Steward:
         _write_json(self.current_file, {**ins.describe(), "child_pid": child.pid, "stage": stage,
                                         "argv": argv[-2:]})
         timed_out = threading.Event()
-        timer = threading.Timer(ins.timeout_s, lambda: (timed_out.set(), self._kill_child()))
+
+        def time_out() -> None:
+            timed_out.set()
+            self._kill_child()
+
+        timer = threading.Timer(ins.timeout_s, time_out)
         timer.start()
         tail: list[str] = []
         try:

@@ -26,7 +26,7 @@ import gc
 import os
 import textwrap
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,7 +231,7 @@ class _Builder:
             got = self._headers[id(node)] = "".join(lines)
         return got
 
-    def context_header(self, outer: list[ast.stmt]) -> str:
+    def context_header(self, outer: Sequence[ast.stmt]) -> str:
         key = tuple(id(n) for n in outer)
         got = self._contexts.get(key)
         if got is None:

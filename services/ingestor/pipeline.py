@@ -3,7 +3,7 @@
 Files are chunked one at a time in a worker thread while earlier files' batches are in flight to
 memory (at most ``MAX_IN_FLIGHT`` calls at once), so a run proceeds at about the embedding rate.
 A batch is one ``replace_files`` call (one transaction, one embedding batch on memory's side) of up
-to ``BATCH_CHUNKS`` chunks; with an older memory that lacks it, each file goes by ``replace_file``.
+to ``BATCH_CHUNKS`` chunks.
 
 Incremental: a file whose sha256 equals memory's ``file_hashes`` entry is not even decoded; a
 changed file is swapped atomically by memory; a file memory holds under the path that is gone (or
@@ -35,7 +35,6 @@ BATCH_FILES = 32
 PROGRESS_INTERVAL = 0.5  # seconds between progress events of one stage
 CALL_TIMEOUT_BASE = 120.0  # seconds for a memory call, plus CALL_TIMEOUT_PER_CHUNK for each chunk in it
 CALL_TIMEOUT_PER_CHUNK = 1.0
-SEND_CONTEXT_HEADER = True  # memory's Table 2 schema accepts context_header
 FATAL_CODES = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.UNKNOWN_SERVICE, ErrorCode.CANCELLED})
 
 Emit = Callable[..., Awaitable[None]]
@@ -47,7 +46,6 @@ class MemoryClient:
 
     def __init__(self, client: Any):
         self.client = client
-        self.batch_supported = True
 
     async def file_hashes(self, root: str) -> dict[str, str]:
         reply = await self.client.call("memory", "file_hashes", {"root": root}, timeout=CALL_TIMEOUT_BASE)
@@ -57,18 +55,8 @@ class MemoryClient:
     async def replace(self, batch: list[FileChunks]) -> None:
         n = sum(len(f.chunks) + len(f.summaries) for f in batch)
         timeout = CALL_TIMEOUT_BASE + CALL_TIMEOUT_PER_CHUNK * n
-        payloads = [f.payload(with_context_header=SEND_CONTEXT_HEADER) for f in batch]
-        if self.batch_supported:
-            try:
-                await self.client.call("memory", "replace_files", {"files": payloads}, timeout=timeout,
-                                       idempotent=True)
-                return
-            except ServiceError as e:
-                if e.code != ErrorCode.UNKNOWN_COMMAND:
-                    raise
-                self.batch_supported = False
-        for payload in payloads:
-            await self.client.call("memory", "replace_file", payload, timeout=timeout, idempotent=True)
+        payloads = [f.payload(with_context_header=True) for f in batch]
+        await self.client.call("memory", "replace_files", {"files": payloads}, timeout=timeout, idempotent=True)
 
     async def delete(self, path: str) -> None:
         await self.client.call("memory", "delete_file", {"file_path": path}, timeout=CALL_TIMEOUT_BASE,

@@ -13,6 +13,7 @@ units on the path the splitter descends are opened, so the cost stays proportion
 from __future__ import annotations
 
 import ast
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.ingestor.source import Source
@@ -56,7 +57,7 @@ def raw_start(node: ast.stmt) -> int:
     return min(node.lineno, decorators[0].lineno) if decorators else node.lineno
 
 
-def max_end(nodes: list[ast.AST | None]) -> int:
+def max_end(nodes: Sequence[ast.AST | None]) -> int:
     """The last line any of ``nodes`` reaches (nodes without positions are looked through)."""
     best = 0
     for n in nodes:

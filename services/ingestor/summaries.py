@@ -110,7 +110,7 @@ def class_summaries(src: Source, opened: list[tuple[ast.ClassDef, tuple[ast.stmt
     out: list[Summary] = []
     seen: set[str] = set()
     for node, chain in opened:
-        scope = [n.name for n in chain if isinstance(n, DEFS)]  # type: ignore[union-attr]
+        scope = [n.name for n in chain if isinstance(n, DEFS)]
         qualname = ".".join(scope) or node.name
         key = f"{file_path}::{qualname}"
         n = 2

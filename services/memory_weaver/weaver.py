@@ -135,7 +135,7 @@ class MemoryWeaver:
             else:
                 todo.append(i)
                 reuse.update(vecs)
-        items = [it for i in todo for it in (*files[i].summaries, *files[i].chunks)]
+        items = [it for i in todo for it in _items(files[i])]
         vectors = await self._vectors_for(items, reuse, cancelled)
 
         def txn(root: Any, conn: Any) -> list[dict[str, Any]]:
@@ -144,7 +144,7 @@ class MemoryWeaver:
 
         for i, result in zip(todo, await self._write(txn) if todo else [], strict=True):
             f = files[i]
-            reused = sum(1 for it in (*f.summaries, *f.chunks) if store.text_hash(store.embed_text_of(it)) in reuse)
+            reused = sum(1 for it in _items(f) if store.text_hash(store.embed_text_of(it)) in reuse)
             results[i] = {**result, "unchanged": False, "reused_vectors": reused}
         return [results[i] for i in range(len(files))]
 
@@ -206,10 +206,10 @@ class MemoryWeaver:
         found = hybrid.search(self.index, query, req.text or "", req.k, levels, rows, mode)
         # A live row's object is live in this same snapshot (unindexing and tombstoning share
         # a transaction), so load the hits directly, all in one prefetch round trip.
-        oids = [p64(h.oid) for h in found]
-        conn.prefetch(oids)
+        hit_oids = [p64(h.oid) for h in found]
+        conn.prefetch(hit_oids)
         out = []
-        for o, h in zip(oids, found, strict=True):
+        for o, h in zip(hit_oids, found, strict=True):
             hit = store.render_hit(root, conn.get(o), LEVEL_NAMES[h.level], round(h.score, 6))
             if mode != "dense":
                 hit["dense_score"] = round(h.dense, 6)
@@ -219,10 +219,11 @@ class MemoryWeaver:
 
     async def _query_vector(self, text: str) -> np.ndarray:
         with self._qlock:
-            vec = self._queries.get(text)
-            if vec is not None:
+            cached = self._queries.get(text)
+            if cached is not None:
                 self._queries.move_to_end(text)
-                return vec
+                return cached
+        vec: np.ndarray
         embed_query = getattr(self.embedder, "embed_query", None)
         if embed_query is not None:  # ahead of any ingest batch in progress (embedder.py)
             vec = await asyncio.to_thread(embed_query, text)
@@ -295,6 +296,11 @@ def _str_arg(body: dict[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value:
         raise P.bad(f"`{name}` must be a non-empty string")
     return value
+
+
+def _items(f: P.ReplaceFile) -> list[P.ChunkIn | P.SummaryIn]:
+    """What a file's replace embeds and stores: its summaries, then its chunks."""
+    return [*f.summaries, *f.chunks]
 
 
 __all__ = ["LEVELS", "LEVEL_CODES", "MemoryWeaver"]

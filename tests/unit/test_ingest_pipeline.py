@@ -22,12 +22,11 @@ except ImportError:  # pragma: no cover
 class FakeMemory:
     """Holds file hashes like memory does; optional delay, failures and a command it does not know."""
 
-    def __init__(self, delay: float = 0.0, unknown: tuple[str, ...] = (), fail: dict[str, ServiceError] | None = None):
+    def __init__(self, delay: float = 0.0, fail: dict[str, ServiceError] | None = None):
         self.hashes: dict[str, str] = {}
         self.files: dict[str, dict[str, Any]] = {}
         self.calls: list[str] = []
         self.delay = delay
-        self.unknown = unknown
         self.fail = fail or {}
         self.in_flight = 0
         self.max_in_flight = 0
@@ -37,8 +36,6 @@ class FakeMemory:
         assert service == "memory"
         body = body or {}
         self.calls.append(command)
-        if command in self.unknown:
-            raise ServiceError(ErrorCode.UNKNOWN_COMMAND, f"no command {command}")
         if command in self.fail:
             raise self.fail[command]
         if command == "file_hashes":
@@ -47,7 +44,8 @@ class FakeMemory:
         if command == "delete_file":
             self.hashes.pop(body["file_path"], None)
             return {"deleted": self.files.pop(body["file_path"], None) is not None}
-        files = body["files"] if command == "replace_files" else [body]
+        assert command == "replace_files", command  # the ingestor writes in batches, nothing else
+        files = body["files"]
         if memory_payloads is not None:
             memory_payloads.parse(memory_payloads.ReplaceFiles, {"files": files})
         self.in_flight += 1
@@ -130,13 +128,6 @@ async def test_chunking_overlaps_indexing_with_bounded_concurrency(tmp_path: Pat
     reply = await _run(tmp_path, mem, max_chunk_tokens=24)
     assert reply["files"] == 14
     assert 1 < mem.max_in_flight <= pipeline.MAX_IN_FLIGHT
-
-
-async def test_falls_back_to_replace_file(tmp_path: Path) -> None:
-    _tree(tmp_path)
-    mem = FakeMemory(unknown=("replace_files",))
-    reply = await _run(tmp_path, mem)
-    assert reply["files"] == 8 and mem.calls.count("replace_file") == 8
 
 
 async def test_memory_errors(tmp_path: Path) -> None:
