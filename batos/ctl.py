@@ -21,12 +21,9 @@ from batos import supervisor_rpc, transport
 from batos.client import Client
 from batos.config import REPO_ROOT, Settings, load
 from batos.errors import ServiceError
+from batos.programs import PROGRAMS, REGISTERS
 
 CONF = REPO_ROOT / "supervisord.conf"
-PROGRAMS = ("zeo", "broker", "memory_weaver", "ingestor", "forge", "kernel", "steward")
-# the services each worker program registers with the broker
-REGISTERS = {"memory_weaver": ["memory"], "ingestor": ["ingest"], "forge": ["llm", "forge"], "kernel": ["kernel"],
-             "steward": ["steward"]}
 UP_TIMEOUT = 240.0  # first start converts nothing (make setup did) but loads two models on 2 cores
 
 

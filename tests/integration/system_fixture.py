@@ -29,9 +29,9 @@ import psutil
 from batos.client import Client
 from batos.config import Settings
 from batos.ctl import supervisor
+from batos.programs import PROGRAMS
 
 REPO = Path(__file__).resolve().parent.parent.parent
-PROGRAMS = ("zeo", "broker", "memory_weaver", "ingestor", "forge", "kernel", "steward")
 SERVICES = ("kernel", "memory", "ingest", "llm", "forge")
 CTL_UP_TIMEOUT = 300.0  # ctl's own UP_TIMEOUT (240 s) plus supervisord's start
 CTL_DOWN_TIMEOUT = 90.0  # every program gets stopwaitsecs (10) in reverse priority order, worst case

@@ -44,6 +44,7 @@ from batos.audit import AuditEvent, render_messages
 from batos.client import Client
 from batos.errors import ServiceError
 from batos.image import Image
+from batos.programs import PROGRAMS
 from services.forge import lora_experts
 from services.forge.incarnation import decide
 from tests.integration.system_fixture import Installation, installation_fixture
@@ -55,7 +56,7 @@ ENV = {
     "BATOS_FORGE_TRAIN_TIMEOUT": "480",  # the steward kills a runaway training run well inside the test timeout
 }
 FORGE_OPTIONS = {"max_steps": 2, "logging_steps": 1, "generate_script": False, "format_prompts": 1}
-STAYING_UP = ("zeo", "broker", "memory_weaver", "ingestor", "kernel", "steward")
+STAYING_UP = tuple(p for p in PROGRAMS if p != "forge")  # the steward restarts only forge
 FORGE_TIMEOUT = 480.0
 
 FILES = {

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.system_fixture import PROGRAMS, REPO, SERVICES, Installation, installation_fixture
+from batos.programs import PROGRAMS, SERVICE_PROGRAM
+from tests.integration.system_fixture import REPO, SERVICES, Installation, installation_fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -70,9 +71,8 @@ def test_status_json_lists_every_program_and_worker(installation: Installation) 
         assert workers.get(service), (service, workers)
         assert all(w["alive"] and w["version"] and w["uptime_s"] >= 0 for w in workers[service])
     # each service is served by the program supervisord started for it
-    by_program = {"kernel": "kernel", "memory": "memory_weaver", "ingest": "ingestor", "llm": "forge",
-                  "forge": "forge"}
-    for service, program in by_program.items():
+    for service in SERVICES:
+        program = SERVICE_PROGRAM[service]
         assert programs[program]["pid"] in {w["pid"] for w in workers[service]}, (service, workers[service])
 
 
