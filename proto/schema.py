@@ -308,7 +308,7 @@ _ANY = "*"  # every service: the worker runtime's own commands
 RETRY_SAFE: frozenset[tuple[str, str]] = frozenset({
     (_ANY, "ping"), (_ANY, "status"),
     *(("kernel", c) for c in ("search", "inspect", "stats", "trace", "help", "ingest", "verify", "audit", "watch")),
-    *(("memory", c) for c in ("search", "get", "inspect", "children", "stats", "file_hashes", "blob_get",
+    *(("memory", c) for c in ("search", "get", "inspect", "children", "stats", "file_hashes",
                               "audit_offset", "query_fractals", "verify", "replace_file", "replace_files",
                               "create_chunks", "create_fractals", "delete_file")),
     ("ingest", "ingest"), ("ingest", "chunk"),

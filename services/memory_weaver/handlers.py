@@ -72,8 +72,6 @@ HANDLERS: dict[str, Handler] = {
     "inspect": _plain("get"),
     "children": _plain("children"),
     "stats": _plain("stats"),
-    "blob_put": _plain("blob_put"),
-    "blob_get": _plain("blob_get"),
     "audit_offset": _plain("audit_offset"),
     "query_fractals": handle_query_fractals,
     "verify": lambda req: verify.run(_weaver(req), req.args),  # invariants; {"repair": true} fixes them

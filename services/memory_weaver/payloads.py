@@ -20,7 +20,6 @@ T = TypeVar("T")
 
 MAX_ITEMS = 5000  # chunks, summaries or events in one request
 MAX_TEXT_CHARS = 200_000  # one chunk/summary text; chunks are ~256 tokens, this is a runaway guard
-MAX_BLOB_BYTES = 48 * 1024 * 1024  # below the 64 MiB frame limit, leaving room for the envelope
 MAX_K = 1000
 MAX_FRACTAL_JSON = 4 * 1024 * 1024
 
@@ -131,11 +130,6 @@ class QueryFractals(msgspec.Struct, forbid_unknown_fields=True):
     after: str | None = None  # a previous page's `next` cursor: the page after it
 
 
-class BlobPut(msgspec.Struct, forbid_unknown_fields=True):
-    data: bytes
-    meta: dict[str, Any] = msgspec.field(default_factory=dict)
-
-
 class Verify(msgspec.Struct, forbid_unknown_fields=True):
     repair: bool = False  # fix what the check finds (verify.py)
 
@@ -233,5 +227,3 @@ def _check(value: Any) -> None:
     elif isinstance(value, QueryFractals):
         if not 1 <= value.limit <= 10_000:
             raise bad("limit must be between 1 and 10000")
-    elif isinstance(value, BlobPut) and len(value.data) > MAX_BLOB_BYTES:
-        raise bad(f"blob of {len(value.data)} bytes exceeds {MAX_BLOB_BYTES}")

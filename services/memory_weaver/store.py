@@ -448,7 +448,7 @@ def render_hit(root: Any, obj: UvmObject, level: str, score: float) -> dict[str,
             "metadata": dict(obj.get_slot("meta") or {}), "token_count": None}
 
 
-# -- fractals, offsets, blobs ---------------------------------------------------------------
+# -- fractals, offsets ---------------------------------------------------------------------
 
 
 def existing_events(root: Any, event_ids: Iterable[str]) -> set[str]:
@@ -554,25 +554,6 @@ def _fractals_matching(root: Any, q: Any) -> Iterable[dict[str, Any]]:
         yield {"oid": format(oid_int(f), "x"), "summary": f.get_slot("summary"),
                "full_json": read_blob(f.get_slot("full_content_blob")).decode("utf-8"), "meta": dict(meta),
                "event_id": f.get_slot("event_id")}
-
-
-def blob_put(root: Any, conn: Any, data: bytes, meta: dict[str, Any]) -> str:
-    mem = memory(root)
-    obj = root["prototypes"]["traits"].clone("blob", meta=dict(meta), size=len(data),
-                                              sha256=hashlib.sha256(data).hexdigest(), blob=_write_blob(data))
-    obj._key_hash = None
-    conn.add(obj)
-    _index(mem, obj, "blob", None)
-    return format(oid_int(obj), "x")
-
-
-def blob_get(root: Any, oid: str) -> dict[str, Any]:
-    obj = live_object(root, oid)
-    blob = obj.get_slot("blob")
-    if not isinstance(blob, Blob):
-        raise ServiceError(ErrorCode.BAD_ARGS, f"oid {oid!r} is not a blob object")
-    return {"oid": oid, "data": read_blob(blob), "meta": dict(obj.get_slot("meta") or {}), "size": obj.get_slot("size"),
-            "sha256": obj.get_slot("sha256")}
 
 
 def counts(root: Any) -> dict[str, int]:

@@ -254,14 +254,6 @@ class MemoryWeaver:
         out["index"] = self.index.stats()
         return out
 
-    async def blob_put(self, body: dict[str, Any]) -> dict[str, Any]:
-        req = P.parse(P.BlobPut, body)
-        return {"oid": await self._write(store.blob_put, req.data, req.meta)}
-
-    async def blob_get(self, body: dict[str, Any]) -> dict[str, Any]:
-        oid = _str_arg(body, "oid")
-        return await self.image.read(lambda root, conn: store.blob_get(root, oid))
-
     async def create_fractals(self, body: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
         req = P.parse(P.CreateFractals, body)
         known = await self.image.read(lambda root, conn: store.existing_events(root, [e.event_id for e in req.events]))

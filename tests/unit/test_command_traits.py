@@ -24,7 +24,7 @@ def test_requests_carry_retry_safety_from_the_table() -> None:
     assert proto.request("llm", "generate").idempotent
     assert proto.request("kernel", "status").idempotent  # every service's status
     assert not proto.request("kernel", "ask").idempotent  # a cycle: its records are not safe to write twice
-    assert not proto.request("memory", "blob_put").idempotent  # a new blob each time
+    assert not proto.request("kernel", "send").idempotent  # runs a method, which may change the image
     assert not proto.request("forge", "run").idempotent
     assert proto.request("echo", "slow", idempotent=True).idempotent  # an extension's caller may vouch
     assert not proto.request("memory", "replace_files", idempotent=False).idempotent  # or opt out

@@ -15,7 +15,7 @@ from tests.unit.test_memory_image import image, settings, zeo_addr  # noqa: F401
 from tests.unit.test_memory_weaver import WordEmbedder, file_payload
 
 CONTRACT = {"replace_file", "create_chunks", "file_hashes", "delete_file", "search", "get", "inspect", "children",
-            "stats", "blob_put", "blob_get", "create_fractals", "audit_offset", "query_fractals"}
+            "stats", "create_fractals", "audit_offset", "query_fractals"}
 
 
 def request(state, command, args):

@@ -270,28 +270,12 @@ async def test_fractals_and_offset_atomic(weaver):
     assert (await weaver.search({"text": "compiled method", "k": 10}))["hits"] == []  # not in "both"
 
 
-async def test_blobs_roundtrip_and_limits(weaver, weaver2):
-    data = bytes(range(256)) * 1000
-    oid = (await weaver.blob_put({"data": data, "meta": {"kind": "lora", "persona": "BRICK"}}))["oid"]
-    got = await weaver2.blob_get({"oid": oid})  # through the server to another client
-    assert got["data"] == data and got["meta"]["persona"] == "BRICK"
-    assert (await weaver.stats())["counts"]["blob"] == 1
-    with pytest.raises(ServiceError, match="exceeds"):
-        await weaver.blob_put({"data": b"x" * (48 * 1024 * 1024 + 1)})
-    with pytest.raises(ServiceError):
-        await weaver.blob_put({"data": "not bytes"})
-    r = await weaver.replace_file(file_payload("/a.py"))
-    with pytest.raises(ServiceError, match="not a blob"):
-        await weaver.blob_get({"oid": r["oids"][1]})
-
-
 @pytest.mark.parametrize(
     ("method", "body", "code"),
     [
         ("get", {"oid": "ffffffff"}, "not_found"),
         ("get", {"oid": 3.5}, "bad_args"),
         ("children", {"oid": "zz"}, "not_found"),
-        ("blob_get", {"oid": "ffffffff"}, "not_found"),
         ("delete_file", {}, "bad_args"),
         ("audit_offset", {"path": 7}, "bad_args"),
         ("file_hashes", {"root": 3}, "bad_args"),

@@ -69,7 +69,7 @@ def test_table1_valid_and_invalid():
 
 
 def test_bytes_travel_as_bytes():
-    req = proto.request("memory", "blob_put", {"data": b"\x00\xffadapter", "meta": {"k": 1}})
+    req = proto.request("echo", "put", {"data": b"\x00\xffadapter", "meta": {"k": 1}})
     assert proto.decode(proto.encode(req)).body["data"] == b"\x00\xffadapter"
 
 
