@@ -35,6 +35,7 @@ import itertools
 import logging
 import os
 import re
+import types
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -274,8 +275,8 @@ def struct_from_model(model: type[BaseModel], name: str | None = None) -> type[m
         if kind in simple and set(node) <= _PLAIN_KEYS:
             return simple[kind]
         if kind == "array" and set(node) <= _PLAIN_KEYS | {"items"}:
-            # a type built at run time from the schema: nothing for a static checker to see
-            return list[translate(node["items"])] if "items" in node else list  # type: ignore[misc]
+            # a type built at run time from the schema: list[T], spelled as the alias it is
+            return types.GenericAlias(list, (translate(node["items"]),)) if "items" in node else list
         raise SchemaTranslationError(f"schema node {node!r} is not translated")
 
     def translate_object(node: dict[str, Any], struct_name: str) -> type[msgspec.Struct]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -179,8 +179,8 @@ class Settings(BaseSettings):
                                       ignored_types=(cached_property,))
 
 
-def load(**overrides: object) -> Settings:
+def load(**overrides: Any) -> Settings:
     """The settings: ``overrides`` win over ``BATOS_<FIELD>`` environment variables, which win over defaults.
 
     A bad value raises pydantic's ``ValidationError`` naming the field and the value."""
-    return Settings(**overrides)  # type: ignore[arg-type]
+    return Settings(**overrides)

@@ -592,8 +592,9 @@ async def serve(
         stopper = asyncio.create_task(ctx.stopping.wait())
         done, _ = await asyncio.wait([*runs, stopper], return_when=asyncio.FIRST_COMPLETED)
         for t in done:
-            if t is not stopper and not t.cancelled() and t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
+            exc = None if t is stopper or t.cancelled() else t.exception()
+            if exc is not None:
+                raise exc
         ctx.stopping.set()
         await asyncio.gather(*(w.drain(SHUTDOWN_GRACE) for w in workers))
         for t in runs:

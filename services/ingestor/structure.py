@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from services.ingestor.source import Source
 
 DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-DEF_TYPES = frozenset(DEFS)
+Def = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef  # what DEFS matches
 SINGLE_BODY = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.With, ast.AsyncWith)
 
 
@@ -78,7 +78,7 @@ def body_units(src: Source, stmts: list[ast.stmt], lo: int, hi: int) -> list[Uni
     prev: Unit | None = None
     prev_end = 0
     for s in stmts:
-        decorators = s.decorator_list if type(s) in DEF_TYPES else None  # type: ignore[attr-defined]
+        decorators = s.decorator_list if isinstance(s, DEFS) else None
         first = decorators[0].lineno if decorators else s.lineno
         end = s.end_lineno or s.lineno
         if prev is not None and first <= prev_end:  # shares a line with the previous statement

@@ -14,18 +14,15 @@ import os
 from batos import tokens
 from services.ingestor.model import Summary
 from services.ingestor.source import Source, content_hash
-from services.ingestor.structure import DEFS
+from services.ingestor.structure import DEFS, Def
 
 SIGNATURE_CHARS = 200
 MAX_CHARS_PER_TOKEN = 8  # an outline is prose and signatures: ~4 characters a token, rarely more than 8
 LISTED_NAMES = 24  # imports, methods, module-level names shown per line before "..."
 
 
-def first_doc_line(node: ast.AST) -> str:
-    try:
-        doc = ast.get_docstring(node, clean=False)  # type: ignore[arg-type]
-    except TypeError:
-        return ""
+def first_doc_line(node: Def | ast.Module) -> str:
+    doc = ast.get_docstring(node, clean=False)
     if not doc:
         return ""
     for line in doc.splitlines():
@@ -34,12 +31,12 @@ def first_doc_line(node: ast.AST) -> str:
     return ""
 
 
-def signature(src: Source, node: ast.stmt) -> str:
+def signature(src: Source, node: Def) -> str:
     """The header of a def/class as one line: ``def name(args) -> ret:``."""
-    first_body = node.body[0].lineno  # type: ignore[attr-defined]
+    first_body = node.body[0].lineno
     if first_body == node.lineno:  # ``def f(): return 1``: cut where the body starts (offsets are bytes)
         raw = src.line(node.lineno).encode("utf-8")
-        text = raw[node.col_offset:node.body[0].col_offset].decode("utf-8", "ignore")  # type: ignore[attr-defined]
+        text = raw[node.col_offset:node.body[0].col_offset].decode("utf-8", "ignore")
     else:
         lines = src.lines[node.lineno - 1:first_body - 1]
         text = " ".join(line.strip() for line in lines if not line.lstrip().startswith("#"))
@@ -52,7 +49,7 @@ def _listing(label: str, names: list[str]) -> str:
     return f"{label}: {shown}" + (", ..." if len(names) > LISTED_NAMES else "")
 
 
-def _entry(src: Source, node: ast.stmt, indent: str = "") -> str:
+def _entry(src: Source, node: Def, indent: str = "") -> str:
     doc = first_doc_line(node)
     return f"{indent}{signature(src, node)}" + (f"  # {doc}" if doc else "")
 

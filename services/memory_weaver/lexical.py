@@ -118,7 +118,7 @@ class LexicalIndex:
     names: dict[int, str] = field(default_factory=dict)  # row -> its definition's name (for the rerank)
 
     def reset(self) -> None:
-        self.__init__()  # type: ignore[misc]
+        vars(self).update(vars(LexicalIndex()))  # every field back to its default
 
     def _grow(self, rows: int) -> None:
         have = self.doc_len.shape[0]

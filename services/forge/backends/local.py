@@ -265,7 +265,7 @@ class LocalBackend(Backend):
     # -- adapters ---------------------------------------------------------------------------------
 
     def adapters(self) -> dict[str, dict[str, Any] | None]:
-        return self._adapters.info()  # type: ignore[return-value]
+        return dict(self._adapters.info())
 
     def activate_adapter(self, persona: str, path: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
         with self._lock:
