@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from batos.audit import AuditEvent
 from batos.errors import ServiceError
 from batos.uvm import (
     BUILTIN_SELECTORS,
@@ -523,7 +524,9 @@ def _store(root: Root, conn: Any, cycle_id: str, target_oid: str, selector: str,
 
 async def _dnu_outcome(run: CycleRun, rec: Receiver, selector: str, status: str, *, source: str | None,
                        prompt: str, error: str | None = None, result: Any = None, raw: str | None = None) -> None:
-    await run.audit("DNU_OUTCOME", status=status, persona="BRICK", receiver_oid=rec.oid, selector=selector,
-                    source=source, llm_prompt=prompt,
-                    mission_brief=run.mission.get("mission_brief", run.mission), error=error,
-                    result=sandbox.to_jsonable(result), llm_response_raw=raw)
+    state = run.state or State.IDLE.value
+    await run.record("DNU_OUTCOME", lambda: AuditEvent.dnu_outcome(
+        run.cycle_id, state, persona="BRICK", receiver_oid=rec.oid, selector=selector, status=status,
+        source=source, error=error, mission_type=run.mission_type or None, llm_prompt=prompt,
+        mission_brief=run.mission.get("mission_brief", run.mission), result=sandbox.to_jsonable(result),
+        llm_response_raw=raw))

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from batos.audit import AuditLog, utcnow
+from batos.audit import AuditEvent, AuditLog
 from batos.config import Settings
 from batos.image import POOL_THREADS, Image
 from batos.uvm import Root
@@ -64,14 +63,13 @@ async def recover(env: KernelEnv) -> list[dict[str, Any]]:
     for item in failed:
         log.warning("cycle %s was interrupted in %s: marked FAILED (%s)", item["cycle_id"], item["from"],
                     records.RESTART_REASON)
-        common = {"event_id": "", "cycle_id": item["cycle_id"], "timestamp": utcnow().isoformat(),
-                  "psm_state": "FAILED", "active_persona": item["persona"] or "ALFRED"}
-        data = {"mission_type": item["mission_type"] or None}
-        for event_type, extra in (("STATE_TRANSITION", {"from": item["from"], "to": "FAILED",
-                                                        "note": records.RESTART_REASON}),
-                                  ("CYCLE_END", {"output": None, "error": records.RESTART_REASON})):
-            await env.audit.log({**common, "event_id": str(uuid.uuid4()), "event_type": event_type,
-                                 "status": "FAILURE", "event_data": {**data, **extra}})
+        persona, mission_type = item["persona"] or "ALFRED", item["mission_type"] or None
+        await env.audit.log(AuditEvent.transition(item["cycle_id"], item["from"], "FAILED", persona=persona,
+                                                  status="FAILURE", mission_type=mission_type,
+                                                  note=records.RESTART_REASON))
+        await env.audit.log(AuditEvent.cycle_end(item["cycle_id"], persona=persona, status="FAILURE", output=None,
+                                                 mission_type=mission_type, psm_state="FAILED",
+                                                 error=records.RESTART_REASON))
     env.info["recovered"] = [item["cycle_id"] for item in failed]
     return failed
 

@@ -15,9 +15,9 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
+from batos.audit import AuditEvent
 from batos.config import MEMORY_TIMEOUT
 from batos.errors import ServiceError
 from batos.uvm import Root
@@ -29,10 +29,6 @@ from services.kernel.psm import MACHINE, State
 log = logging.getLogger("batos.kernel")
 
 _PROMPT_AUDIT_CHARS = 20_000  # the audit log keeps whole prompts, but not unbounded ones
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat()
 
 
 class CycleRun:
@@ -63,23 +59,35 @@ class CycleRun:
     async def note(self, text: str) -> None:
         await self.emit("log", text=text)
 
-    async def audit(self, event_type: str, *, status: str = "IN_PROGRESS", persona: str | None = None,
-                    **event_data: Any) -> None:
-        """One Table 3 event; audit trouble is logged, it never fails the cycle."""
-        event = {
-            "event_id": str(uuid.uuid4()),
-            "cycle_id": self.cycle_id,
-            "timestamp": now_iso(),
-            "psm_state": self.state or State.IDLE.value,
-            "active_persona": persona or self.persona_in(self.state),
-            "event_type": event_type,
-            "event_data": {"mission_type": self.mission_type, **event_data},
-            "status": status,
-        }
+    async def record(self, event_type: str, build: Callable[[], AuditEvent]) -> None:
+        """Build one Table 3 event (with :class:`batos.audit.AuditEvent`'s constructors: the one definition
+        of each event's shape, which tests build theirs with too) and log it; audit trouble, an invalid
+        event included, is logged, it never fails the cycle."""
         try:
-            await self.env.audit.log(event)
+            await self.env.audit.log(build())
         except Exception as e:
             log.warning("cycle %s: audit event %s not written: %s", self.cycle_id, event_type, e)
+
+    async def audit(self, event_type: str, *, status: str = "IN_PROGRESS", persona: str | None = None,
+                    **event_data: Any) -> None:
+        """One event of a kind without a constructor of its own (METHOD_DEFINED, ANSWER_REJECTED...), in the
+        current state, by ``persona`` or the state's."""
+        await self.record(event_type, lambda: AuditEvent.make(
+            event_type, cycle_id=self.cycle_id, psm_state=self.state or State.IDLE.value,
+            persona=persona or self.persona_in(self.state), status=status, mission_type=self.mission_type or None,
+            **event_data))
+
+    async def _transition(self, previous: str | None, *, status: str = "IN_PROGRESS", **data: Any) -> None:
+        state = self.state or State.IDLE.value
+        await self.record("STATE_TRANSITION", lambda: AuditEvent.transition(
+            self.cycle_id, previous, state, persona=self.persona_in(state), status=status,
+            mission_type=self.mission_type or None, **data))
+
+    async def _end(self, status: str, output: Any, **data: Any) -> None:
+        state = self.state or State.IDLE.value
+        await self.record("CYCLE_END", lambda: AuditEvent.cycle_end(
+            self.cycle_id, persona=self.persona, status=status, output=output,
+            mission_type=self.mission_type or None, psm_state=state, timing=self.timing(), **data))
 
     def persona_in(self, state: str | None) -> str:
         """Who acts in a state: the cycle's own persona writes its output (SYNTHESIZING), the state's default
@@ -97,10 +105,10 @@ class CycleRun:
         self.env.active[self.cycle_id] = self
         await self.emit("state", state=self.state, oid=self.oid, mission_type=self.mission_type,
                         parent_cycle=self.parent_cycle)
-        await self.audit("CYCLE_START", persona=self.persona, input=self.mission, oid=self.oid,
-                         parent_cycle=self.parent_cycle)
-        states: dict[str, Any] = {"from": None, "to": self.state}  # `from` is a keyword: passed by dict
-        await self.audit("STATE_TRANSITION", **states, oid=self.oid)
+        await self.record("CYCLE_START", lambda: AuditEvent.cycle_start(
+            self.cycle_id, persona=self.persona, mission_type=self.mission_type, input=self.mission,
+            psm_state=State.IDLE.value, oid=self.oid, parent_cycle=self.parent_cycle))
+        await self._transition(None, oid=self.oid)
 
     async def to(self, state: State, note: str = "", *, status: str = "IN_PROGRESS",
                  slots: dict[str, Any] | None = None) -> None:
@@ -108,13 +116,13 @@ class CycleRun:
         previous = await self.env.image.transact(records.transition, self.cycle_id, state.value, note, slots or {})
         self.state = state.value
         await self.emit("state", state=self.state, note=note, **{"from": previous})
-        await self.audit("STATE_TRANSITION", status=status, **{"from": previous, "to": self.state, "note": note})
+        await self._transition(previous, status=status, note=note)
 
     async def complete(self, status: str, result: dict[str, Any], output: Any = None) -> None:
         """VALIDATING -> COMPLETE with the cycle's status (SUCCESS or SUCCESS_DEGRADED) and its output."""
         await self.to(State.COMPLETE, status, status=status, slots={"status": status, "result": result})
         self.env.active.pop(self.cycle_id, None)
-        await self.audit("CYCLE_END", status=status, persona=self.persona, output=output, timing=self.timing())
+        await self._end(status, output)
 
     async def completed(self, status: str, output: Any = None, note: str = "") -> None:
         """The COMPLETE transition was committed inside the caller's own transaction (with the work it
@@ -122,8 +130,8 @@ class CycleRun:
         previous, self.state = self.state, State.COMPLETE.value
         self.env.active.pop(self.cycle_id, None)
         await self.emit("state", state=self.state, note=note or status, **{"from": previous})
-        await self.audit("STATE_TRANSITION", status=status, **{"from": previous, "to": self.state, "note": note})
-        await self.audit("CYCLE_END", status=status, persona=self.persona, output=output, timing=self.timing())
+        await self._transition(previous, status=status, note=note)
+        await self._end(status, output)
 
     async def fail(self, reason: str) -> None:
         """FAILED in a transaction of its own; safe to call whatever state the cycle is in."""
@@ -140,10 +148,8 @@ class CycleRun:
         failed_in = self.state
         self.state = State.FAILED.value
         await self.emit("state", state=self.state, note=reason, failed_in=failed_in, **{"from": previous})
-        await self.audit("STATE_TRANSITION", status="FAILURE",
-                         **{"from": previous, "to": self.state, "note": reason})
-        await self.audit("CYCLE_END", status="FAILURE", persona=self.persona, output=None, error=reason,
-                         failed_in=failed_in, timing=self.timing())
+        await self._transition(previous, status="FAILURE", note=reason)
+        await self._end("FAILURE", None, error=reason, failed_in=failed_in)
 
     # -- timed service calls ------------------------------------------------------------------------
     async def llm(self, command: str, body: dict[str, Any], *, persona: str, stream: bool = False,
@@ -163,18 +169,23 @@ class CycleRun:
                                                on_event=forward,
                                                timeout=self.env.settings.llm_request_timeout)
         except ServiceError as e:
-            await self.audit("LLM_CALL", status="FAILURE", persona=persona, command=command, llm_prompt=prompt,
-                             error=f"{e.code}: {e.message}")
+            await self._llm_call(persona, prompt, None, "FAILURE", command=command, error=f"{e.code}: {e.message}")
             raise
         finally:
             self.llm_s += time.monotonic() - started
             self.llm_calls += 1
         raw = reply.get("text") if command == "generate" else reply.get("raw")
-        await self.audit("LLM_CALL", status="SUCCESS" if reply.get("valid", True) else "FAILURE", persona=persona,
-                         command=command, llm_prompt=prompt, llm_response_raw=raw,
-                         **{k: reply[k] for k in ("prompt_tokens", "completion_tokens", "total_s", "attempts",
-                                                  "adapter", "valid") if k in reply})
+        await self._llm_call(persona, prompt, raw, "SUCCESS" if reply.get("valid", True) else "FAILURE",
+                             command=command, **{k: reply[k] for k in ("prompt_tokens", "completion_tokens",
+                                                                      "total_s", "attempts", "adapter", "valid")
+                                                 if k in reply})
         return reply
+
+    async def _llm_call(self, persona: str, prompt: str, response: str | None, status: str, **data: Any) -> None:
+        state = self.state or State.IDLE.value
+        await self.record("LLM_CALL", lambda: AuditEvent.llm_call(
+            self.cycle_id, state, persona=persona, prompt=prompt, response=response, status=status,
+            mission_type=self.mission_type or None, **data))
 
     async def memory(self, command: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self.env.client.call("memory", command, body, timeout=MEMORY_TIMEOUT)
