@@ -6,9 +6,14 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from batos.config import Settings
+from batos.image import Image
+
+if TYPE_CHECKING:
+    from services.kernel.run import CycleRun
+    from services.kernel.watch import WatchHub
 
 Emit = Callable[..., Awaitable[None]]  # req.emit(name, **data)
 
@@ -35,13 +40,14 @@ def instance_name(settings: Settings) -> str:
 @dataclass
 class KernelEnv:
     settings: Settings
-    image: Any  # batos.image.Image: transact / read / session
+    image: Image
     audit: AuditSink
     client: ServiceCaller
     instance: str = ""  # "" = instance_name(settings)
-    active: dict[str, Any] = field(default_factory=dict)  # cycle_id -> CycleRun running in this process
+    active: dict[str, CycleRun] = field(default_factory=dict)  # the cycles running in this process, by id
     started: float = field(default_factory=time.time)
     info: dict[str, Any] = field(default_factory=dict)  # autotelic loop and recovery facts for `status`
+    watch_hub: WatchHub | None = None  # made on first use (services.kernel.watch.hub_of)
 
     def __post_init__(self) -> None:
         self.instance = self.instance or instance_name(self.settings)

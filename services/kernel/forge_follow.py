@@ -28,7 +28,7 @@ from typing import Any
 
 from batos.errors import ServiceError
 from proto import ErrorCode
-from services.kernel.env import Emit
+from services.kernel.env import Emit, ServiceCaller
 
 PROGRESS_STAGES = {"train": "TRAINING", "load": "TRAINING", "evaluate": "EVALUATING"}
 LIFECYCLE_STATES = {"started": "STARTED", "stopped": "WORKER_STOPPED", "restarted": "WORKER_RESTARTED",
@@ -185,7 +185,8 @@ def _seconds(ts: Any) -> float | None:
         return None
 
 
-async def upgrade(client: Any, instruction: dict[str, Any], emit: Emit, *, timeout: float | None) -> dict[str, Any]:
+async def upgrade(client: ServiceCaller, instruction: dict[str, Any], emit: Emit, *,
+                  timeout: float | None) -> dict[str, Any]:
     """``steward.upgrade`` with its events relayed as console events; return :meth:`ForgeFollow.outcome`."""
     ident = str(instruction.get("id"))
     state = ForgeFollow(ident)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from batos.errors import ServiceError
 from proto import ErrorCode
 from proto.roles import requester_tag
-from services.kernel.env import Emit
+from services.kernel.env import Emit, KernelEnv, ServiceCaller
 
 if TYPE_CHECKING:
     from services.kernel.kernel import Kernel
@@ -309,7 +309,7 @@ class WatchHub:
 
     # -- worker restarts ------------------------------------------------------------------------------
 
-    def follow_workers(self, client: Any) -> None:
+    def follow_workers(self, client: ServiceCaller) -> None:
         """Start the worker-table poller if it is not running (it stops when the last watcher leaves)."""
         if self._poller is None or self._poller.done():
             # a fresh context: the poller serves every watcher, not the request that happened to start it (the
@@ -317,7 +317,7 @@ class WatchHub:
             self._poller = asyncio.get_running_loop().create_task(self._poll(client), name="watch-workers",
                                                                   context=contextvars.Context())
 
-    async def _poll(self, client: Any) -> None:
+    async def _poll(self, client: ServiceCaller) -> None:
         while self.watchers:
             try:
                 table = await client.call("broker", "workers", {}, timeout=WORKERS_TIMEOUT)
@@ -365,14 +365,14 @@ def _worker_index(table: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # -- the `watch` command ------------------------------------------------------------------------------
 
 
-def hub_of(env: Any) -> WatchHub:
+def hub_of(env: KernelEnv) -> WatchHub:
     """The kernel's one hub, made on first use and kept on its KernelEnv."""
-    hub = getattr(env, "watch_hub", None)
+    hub = env.watch_hub
     if hub is None:
         s = env.settings
         hub = WatchHub(queue_events=s.watch_queue_events, replay_events=s.watch_replay_events,
                        max_watchers=s.watch_max_watchers, worker_poll_s=s.watch_worker_poll_s,
-                       instance=getattr(env, "instance", ""))
+                       instance=env.instance)
         env.watch_hub = hub
     return hub
 
