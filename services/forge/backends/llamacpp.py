@@ -141,7 +141,9 @@ class LlamaCppBackend(Backend):
 
     def encode_chat(self, messages: Messages) -> list[int]:
         """Prompt token ids of the chat with the assistant turn opened (the GGUF's own chat template)."""
-        rendered = self._formatter(messages=[dict(m) for m in messages])
+        # role/content dicts are llama_cpp's ChatCompletionRequestMessage TypedDicts in all but name
+        chat: list[Any] = [dict(m) for m in messages]
+        rendered = self._formatter(messages=chat)
         return self._llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
 
     def count_tokens(self, text: str) -> int:
