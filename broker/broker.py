@@ -68,6 +68,9 @@ KNOWN_SERVICES = {s.value for s in proto.Service}
 RECV_TIMEOUT_MS = 100
 _MORE = int(zmq.SNDMORE | zmq.DONTWAIT)  # plain ints: enum flag arithmetic costs more than the send
 _LAST = int(zmq.DONTWAIT)
+# how long an adopted request's client may take to reconnect to a restarted broker before its work is
+# stopped (clients notice a new broker within a heartbeat or two and reconnect in ~0.1 s)
+ADOPTED_CLIENT_GRACE = 10.0
 CLIENT_SWEEP_INTERVAL = 5.0  # how often idle client state is expired and freed heap returned
 LOG_BURST = 20  # warnings about bad input per LOG_WINDOW; the rest are counted, not logged
 LOG_WINDOW = 10.0
@@ -121,6 +124,7 @@ class Pending:
     worker: bytes | None = None
     control: bool = False  # proto.is_control: dispatched past capacity
     told_waiting: float = 0.0  # when the caller last heard a `waiting` event
+    adopted_at: float | None = None  # handed over by a re-registering worker, its client not yet heard from
 
 
 @dataclass
@@ -483,7 +487,7 @@ class Broker:
                 header = EnvelopeHeader(v=proto.PROTOCOL_VERSION, id=held.id, kind=Kind.REQUEST,
                                         service=worker.service, command=held.command, idempotent=False)
                 # no payload to hand another worker: if this one dies too, the request is lost (worker_lost)
-                pending = self.pending[held.id] = Pending(header, b"", held.client, now)
+                pending = self.pending[held.id] = Pending(header, b"", held.client, now, adopted_at=now)
             elif pending.worker is None and pending.client == held.client and pending.env.service == worker.service:
                 queue = (self.control_queues if pending.control else self.queues).get(worker.service)
                 if queue is not None and held.id in queue:
@@ -682,9 +686,15 @@ class Broker:
         self.send(client, proto.encode(proto.error_for(env, code, message)))
 
     def send_client(self, pending: Pending, payload: bytes) -> None:
-        if not self.send(pending.client, payload):
-            # the client is gone: stop the work it asked for
-            self.forget_client(pending.client)
+        if self.send(pending.client, payload):
+            pending.adopted_at = None
+            return
+        if pending.adopted_at is not None and time.monotonic() - pending.adopted_at < ADOPTED_CLIENT_GRACE:
+            # After a broker restart a worker can re-register (and hand this request over) before the
+            # client has reconnected: its output is dropped until then, the work goes on.
+            return
+        # the client is gone: stop the work it asked for
+        self.forget_client(pending.client)
 
     def send(self, identity: bytes, *frames: bytes) -> bool:
         sock = self.sock

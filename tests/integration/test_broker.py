@@ -147,12 +147,14 @@ async def test_broker_restart_is_survived(system):
     endpoint = system.endpoint
     async with Client(system.settings) as c:
         await system.wait_registered(c, {"echo": 1})
-        call = await c.start_call("echo", "slow", {"steps": 50, "delay": 0.1})  # not retry-safe
+        # not retry-safe; long enough (20 s) that the worker re-registers before it finishes, even on a loaded
+        # machine: a reply sent before its request was adopted reaches a broker that does not hold it
+        call = await c.start_call("echo", "slow", {"steps": 200, "delay": 0.1})
         await asyncio.wait_for(anext(call.events()), 10)
         broker.kill()
         system.start_broker(endpoint, **EXTRA)
-        result = await asyncio.wait_for(call.result(), 30)
-        assert result == {"done": 50, "pid": worker.pid}
+        result = await asyncio.wait_for(call.result(), 60)
+        assert result == {"done": 200, "pid": worker.pid}
         stats = (await c.call("broker", "workers"))["broker"]["stats"]
         assert stats["adopted"] == 1  # (events sent before it re-registered were lost: late_replies)
         assert (await c.call("echo", "echo", {"again": True}))["echo"] == {"again": True}

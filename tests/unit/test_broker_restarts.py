@@ -5,7 +5,8 @@
 - control commands are dispatched past a worker's capacity, never to a draining worker;
 - requests a worker reports waiting on another service hold no slot;
 - a re-registering worker's READY hands over what it still runs (a broker restart): adopted, and a copy
-  the client re-sent meanwhile is attached to it rather than run twice.
+  the client re-sent meanwhile is attached to it rather than run twice; its output before the client has
+  reconnected to the new broker is dropped, not taken as the client having gone.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ class FakeSocket:
     def __init__(self) -> None:
         self.sent: list[tuple[bytes, list[bytes]]] = []
         self._parts: list[bytes] = []
+        self.unreachable: set[bytes] = set()  # peers not connected (ROUTER_MANDATORY: EHOSTUNREACH)
 
     def send(self, data: bytes, flags: int = 0) -> None:
+        if not self._parts and bytes(data) in self.unreachable:
+            raise zmq.ZMQError(zmq.EHOSTUNREACH)
         self._parts.append(bytes(data))
         if not flags & zmq.SNDMORE:
             self.sent.append((self._parts[0], self._parts[1:]))
@@ -161,3 +165,32 @@ def test_a_worker_re_registering_keeps_its_requests_and_another_workers_are_not_
                          {"id": two, "command": "slow", "client": b"c"}])  # a confused worker claims both
     assert b.pending[one].worker == w and b.pending[two].worker == other
     assert not [e for e in sock.to(b"c") if e.kind == Kind.ERROR]
+
+
+def event(b: Broker, worker: bytes, req_id: str) -> None:
+    env = proto.request("echo", "slow", id=req_id)
+    b.handle(worker, proto.encode(proto.event(env, "step", {"n": 1})))
+
+
+def test_an_adopted_requests_output_waits_for_its_client_to_reconnect() -> None:
+    b, sock = make_broker()
+    sock.unreachable.add(b"c")  # the worker re-registered before the client reconnected to the new broker
+    rid = "b" * 32
+    ready(b, b"w1", holding=[{"id": rid, "command": "slow", "client": b"c"}])
+    event(b, b"w1", rid)
+    assert rid in b.pending and not [e for e in sock.to(b"w1") if e.kind == Kind.CANCEL]  # work goes on
+    sock.unreachable.clear()  # the client is back
+    b.handle(b"c", proto.encode(proto.request("broker", "held", {"ids": [rid]})))
+    assert sock.to(b"c")[-1].body["held"] == [rid]
+    reply(b, b"w1", rid)
+    assert [e.body for e in sock.to(b"c") if e.kind == Kind.REPLY][-1] == {"ok": True}
+
+
+def test_an_adopted_requests_client_that_never_comes_back_stops_the_work() -> None:
+    b, sock = make_broker()
+    sock.unreachable.add(b"gone")
+    rid = "c" * 32
+    ready(b, b"w1", holding=[{"id": rid, "command": "slow", "client": b"gone"}])
+    b.pending[rid].adopted_at = time.monotonic() - 60.0  # long past the grace
+    event(b, b"w1", rid)
+    assert [e.corr for e in sock.to(b"w1") if e.kind == Kind.CANCEL] == [rid]
