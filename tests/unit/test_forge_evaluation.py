@@ -93,7 +93,10 @@ def test_the_adapter_is_judged_on_the_runtime_that_serves_it(tmp_path, monkeypat
     base = training_script.resolve_base_model(settings)
     assert base["model"] == "smollm2-135m" and base["serve_runtime"] == "llamacpp"
     assert base["serve_gguf"] == str(models.embedded_gguf_path())
-    adapter = random_adapter(Path(base["base_model"]), tmp_path / "adapter", std=0.1)
+    import torch
+
+    torch.manual_seed(1)  # PEFT draws the A matrices from the global generator: the same adapter every run
+    adapter = random_adapter(Path(base["base_model"]), tmp_path / "adapter", std=0.25)
     eval_path = _eval_rows(tmp_path / "eval.jsonl", 2)
     cfg = training_script.build_config(base=base, persona="BRICK", dataset={"train_path": eval_path,
                                        "eval_path": eval_path}, output_dir=adapter,
