@@ -167,6 +167,21 @@ class System:
         module, _ = SERVICE_MODULES[name]
         return self.spawn(name, [PY, "-m", module], **env)
 
+    def start_cognitive(self, files: dict[str, str], **kernel_env: str) -> Path:
+        """``files`` written under ``root/src``, then broker, ZEO, memory, ingest (reading under ``root``),
+        forge and kernel started: what a test of the whole cognitive loop needs. Returns the source tree."""
+        tree = self.root / "src"
+        tree.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (tree / name).write_text(text)
+        self.start_broker()
+        self.start_zeo()
+        self.start_service("memory")
+        self.start_service("ingest", BATOS_INGEST_ROOTS=str(self.root))  # ingest reads only under its roots
+        self.start_service("forge")
+        self.start_service("kernel", **kernel_env)
+        return tree
+
     def start_test_worker(self, service: str = "echo", name: str | None = None, **env: str) -> Proc:
         return self.spawn(name or f"worker-{service}-{len(self.procs)}",
                           [PY, str(REPO / "tests" / "integration" / "echo_worker.py")],

@@ -24,11 +24,10 @@ import pytest
 
 from batos.client import Client
 from batos.errors import ServiceError
-from tests.conftest import REPO, System
+from tests.conftest import System
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
 
-HAS_INGEST = (REPO / "services" / "ingestor" / "__main__.py").exists()
 KERNEL_ENV = {
     "BATOS_REACT_MAX_STEPS": "1",
     "BATOS_ANSWER_BUDGET_TOKENS": "500",
@@ -39,7 +38,7 @@ KERNEL_ENV = {
     "BATOS_AUTOTELIC_PERIOD": "3600",  # no background LLM summaries competing with the cycles under test
     "BATOS_KERNEL_INSTANCE": "kernel-live-test",
 }
-SERVICES = {"kernel": 1, "memory": 1, "llm": 1, "forge": 1, **({"ingest": 1} if HAS_INGEST else {})}
+SERVICES = {"kernel": 1, "memory": 1, "llm": 1, "forge": 1, "ingest": 1}
 DNU_SELECTORS = ("line_count", "word_count")
 CYCLE_STATES = ["IDLE", "DECOMPOSING", "REASONING", "SYNTHESIZING", "VALIDATING", "COMPLETE"]
 
@@ -132,18 +131,6 @@ async def refused(client: Client, command: str, body: dict[str, Any], service: s
     return info.value
 
 
-def chunk_payload(tree: Path, name: str, text: str) -> dict[str, Any]:
-    """One whole-file chunk in replace_file's shape (used only when the ingest service does not exist yet)."""
-    path = str(tree / name)
-    n = len(text.splitlines())
-    meta = {"file_path": path, "start_line": 1, "end_line": n, "node_type": "Module", "node_name": name[:-3],
-            "parent_nodes": [], "dependencies": [], "content_hash": uuid.uuid4().hex, "token_count": len(text) // 4,
-            "flags": []}
-    return {"file_path": path, "file_hash": meta["content_hash"],
-            "summaries": [{"key": path, "kind": "file", "summary_text": text.splitlines()[0], "metadata": meta}],
-            "chunks": [{"source_text": text, "embed_text": text, "metadata": meta, "summary_key": path}]}
-
-
 async def _bring_up(system: System, tree: Path) -> Live:
     async with Client(system.settings, identity="kernel-live-setup") as client:
         await client.wait_for_broker(20)
@@ -151,12 +138,7 @@ async def _bring_up(system: System, tree: Path) -> Live:
         await system.wait_registered(client, SERVICES, timeout=300)
         up = time.monotonic() - started
         stream = Stream()
-        if HAS_INGEST:
-            reply = await client.call("kernel", "ingest", {"path": str(tree)}, on_event=stream, timeout=300)
-        else:
-            for name, text in FILES.items():
-                await client.call("memory", "replace_file", chunk_payload(tree, name, text), timeout=120)
-            reply = {"files": len(FILES)}
+        reply = await client.call("kernel", "ingest", {"path": str(tree)}, on_event=stream, timeout=300)
         live = Live(system, tree, reply, stream.events, timings={"startup_s": round(up, 1)})
         for name in FILES:
             hits = await client.call("memory", "search", {"text": FILES[name], "k": 1, "level": "chunks",
@@ -167,21 +149,9 @@ async def _bring_up(system: System, tree: Path) -> Live:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    root = tmp_path_factory.mktemp("kernel_live")
-    tree = root / "src"
-    tree.mkdir()
-    for name, text in FILES.items():
-        (tree / name).write_text(text)
-    system = System(root)
+    system = System(tmp_path_factory.mktemp("kernel_live"))
     try:
-        system.start_broker()
-        system.start_zeo()
-        system.start_service("memory")
-        if HAS_INGEST:
-            system.start_service("ingest", BATOS_INGEST_ROOTS=str(root))  # ingest reads only under its roots
-        system.start_service("forge")
-        system.start_service("kernel", **KERNEL_ENV)
-        yield asyncio.run(_bring_up(system, tree))
+        yield asyncio.run(_bring_up(system, system.start_cognitive(FILES, **KERNEL_ENV)))
     finally:
         system.stop_all()
 
@@ -195,9 +165,8 @@ def audit_lines(live: Live) -> list[dict[str, Any]]:
 
 
 async def test_ask_streams_the_states_and_cites_the_chunks_in_memory(live):
-    if HAS_INGEST:
-        assert live.ingest_reply["files"] == 2 and live.ingest_reply["errors"] == []
-        assert live.ingest_events and {e["event"] for e in live.ingest_events} == {"progress"}
+    assert live.ingest_reply["files"] == 2 and live.ingest_reply["errors"] == []
+    assert live.ingest_events and {e["event"] for e in live.ingest_events} == {"progress"}
     async with live.client() as client:
         started = time.monotonic()
         reply, stream = await call(client, "ask", {"question": "What does area_of_circle compute?"})

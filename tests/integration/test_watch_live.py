@@ -63,18 +63,9 @@ class Live:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     root = tmp_path_factory.mktemp("watch_live")
-    tree = root / "src"
-    tree.mkdir()
-    for name, text in FILES.items():
-        (tree / name).write_text(text)
     system = System(root)
     try:
-        system.start_broker()
-        system.start_zeo()
-        system.start_service("memory")
-        system.start_service("ingest", BATOS_INGEST_ROOTS=str(root))
-        system.start_service("forge")
-        system.start_service("kernel", **KERNEL_ENV)
+        tree = system.start_cognitive(FILES, **KERNEL_ENV)
 
         async def ready() -> None:
             async with Client(system.settings, identity="watch-live-setup") as client:
