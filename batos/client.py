@@ -26,7 +26,7 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import zmq
 import zmq.asyncio
@@ -35,7 +35,10 @@ import proto
 from batos import curve
 from batos.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, Settings, load
 from batos.errors import ServiceError
-from proto import Envelope, ErrorCode, Kind
+from proto import Envelope, ErrorCode, Kind, contract
+from proto.contract import Call, Reply
+
+R = TypeVar("R", bound=Reply)
 
 log = logging.getLogger("batos.client")
 
@@ -218,6 +221,23 @@ class Client:
                 note_wait(-1)
             if call is not None:
                 self.pending.pop(call.id, None)
+
+    async def request(self, body: Call[R], *, service: str = "", on_event: EventCallback | None = None,
+                      timeout: float | None = 60.0, total_timeout: float | None = None,
+                      idempotent: bool | None = None) -> R:
+        """:meth:`call` with a typed body (proto.contract): the service and command are the type's, and the
+        answer comes back decoded into the command's reply type, checked once here instead of by every
+        caller. A reply outside the contract is an INTERNAL error naming the field. ``service`` names the
+        worker for the runtime's own commands (``ping``, ``status``), which every service answers."""
+        s = contract.spec_of(body)
+        if s.service == contract.ANY_SERVICE and not service:
+            raise ValueError(f"{type(body).__name__} is answered by every service: say which (service=...)")
+        raw = await self.call(service or s.service, s.command, contract.encode(body), on_event=on_event,
+                              timeout=timeout, total_timeout=total_timeout, idempotent=idempotent)
+        try:
+            return cast(R, contract.decode_reply(s, raw))
+        except proto.ProtocolError as e:
+            raise ServiceError(e.code, e.message) from None
 
     async def cancel(self, request_id: str) -> None:
         if request_id in self.pending and self.sock is not None:

@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -51,13 +52,16 @@ from batos.config import (
     load,
 )
 from batos.errors import ServiceError
-from proto import Envelope, ErrorCode, Kind
+from proto import Envelope, ErrorCode, Kind, contract
+from proto.bodies import runtime
 
 __all__ = ["Context", "Request", "ServiceError", "ServiceWorker", "run_service", "run_services"]
 
 log = logging.getLogger("batos.worker")
 
-Handler = Callable[["Request"], Awaitable[dict[str, Any]]]
+# ``async fn(Request, <the command's request Struct>) -> <its reply Struct>`` (proto.contract); commands not
+# typed yet take only the Request and return a dict.
+Handler = Callable[..., Awaitable[Any]]
 Hook = Callable[["Context"], Awaitable[None]]
 
 
@@ -426,8 +430,7 @@ class ServiceWorker:
             if req._is_cancelled():  # cancelled while it waited for its first step: do not start it
                 out = self._cancelled_error(env)
             else:
-                body = await handler(req)
-                out = proto.reply(env, body if isinstance(body, dict) else {"result": body})
+                out = proto.reply(env, await self._run_handler(handler, req))
         except ServiceError as e:
             out = proto.error_for(env, e.code, e.message, e.details)
         except asyncio.CancelledError:
@@ -462,6 +465,21 @@ class ServiceWorker:
                 env, ErrorCode.TOO_LARGE, f"{self.service}.{env.command}'s answer is {len(frame)} bytes, over the "
                 f"{self.max_frame}-byte message limit; ask for less (a smaller limit, or the next page)"))
         await self._send(frame)
+
+    async def _run_handler(self, handler: Handler, req: Request) -> dict[str, Any]:
+        """Decode the body into the command's type (proto.contract), run the handler, encode its typed reply.
+
+        A command proto does not type yet keeps the old shape (``handler(req) -> dict``) until its service
+        is converted; tests/unit/test_contract_coverage.py lists which."""
+        s = contract.spec(self.service, req.command)
+        if s is None:
+            body = await handler(req)
+            return body if isinstance(body, dict) else {"result": body}
+        try:
+            args = contract.decode_request(s, req.args)
+        except proto.ProtocolError as e:
+            raise ServiceError(e.code, f"{self.service}.{req.command}: {e.message.partition(': ')[2]}") from None
+        return contract.encode_reply(s, await handler(req, args))
 
     def _event_frame(self, env: Envelope, name: str, data: dict[str, Any]) -> bytes | None:
         """An encoded event, or None (logged) when it cannot be sent: the request itself goes on."""
@@ -533,14 +551,16 @@ def explain_failure(service: str, command: str, exc: BaseException, ref: str) ->
 
 def _builtin_handlers(worker_ref: list[ServiceWorker],
                       status_hook: Callable[[Context], Awaitable[dict[str, Any]]] | None) -> dict[str, Handler]:
-    async def ping(req: Request) -> dict[str, Any]:
-        return {"pong": True, "service": worker_ref[0].service}
+    async def ping(req: Request, _: runtime.Ping) -> runtime.PingReply:
+        return runtime.PingReply(pong=True, service=worker_ref[0].service)
 
-    async def status(req: Request) -> dict[str, Any]:
+    async def status(req: Request, _: runtime.Status) -> runtime.StatusReply:
         out = worker_ref[0].describe()
         if status_hook is not None:
             out.update(await status_hook(req.ctx))
-        return out
+        # A service's own status type (a StatusReply subclass) says what its hook adds.
+        reply_type = contract.spec(worker_ref[0].service, "status").reply  # type: ignore[union-attr]
+        return cast(runtime.StatusReply, msgspec.convert(out, reply_type))
 
     return {"ping": ping, "status": status}
 

@@ -1,0 +1,97 @@
+"""Every command a production service registers has a request and a reply type in proto/ (issue 15, item 1),
+and its handler takes and returns exactly those types: the walk below imports each service's whitelist, as
+its ``__main__`` does, and checks each handler's signature against :mod:`proto.contract`."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+import pytest
+
+from batos import worker
+from proto import contract
+from proto.contract import Call, Reply
+
+
+def _tables() -> dict[str, Mapping[str, Any]]:
+    from services.forge import handlers_forge, handlers_llm
+    from services.forge.steward_main import HANDLERS as STEWARD
+    from services.ingestor.handlers import HANDLERS as INGEST
+    from services.kernel.handlers import HANDLERS as KERNEL
+    from services.memory_weaver.handlers import HANDLERS as MEMORY
+
+    return {"kernel": KERNEL, "memory": MEMORY, "llm": handlers_llm.HANDLERS, "forge": handlers_forge.HANDLERS,
+            "steward": STEWARD, "ingest": INGEST}
+
+
+def _registered() -> list[tuple[str, str, Any]]:
+    runtime = worker._builtin_handlers([], None)
+    out = []
+    for service, table in _tables().items():
+        for name, handler in {**runtime, **table}.items():
+            out.append((service, name, handler))
+    return out
+
+
+# Commands whose service has not been converted yet (issue 15, item 1 lands service by service). This list
+# only shrinks: a converted command must leave it, and a new command must come typed.
+PENDING: set[tuple[str, str]] = {
+    *(("kernel", c) for c in ("command", "audit_event", "ask", "send", "define", "display_yourself", "ingest",
+                              "search", "inspect", "stats", "trace", "audit", "forge", "verify", "watch")),
+    *(("memory", c) for c in ("replace_file", "replace_files", "create_chunks", "create_fractals", "file_hashes",
+                              "delete_file", "search", "get", "inspect", "children", "stats", "audit_offset",
+                              "query_fractals", "verify")),
+    *(("llm", c) for c in ("generate", "action", "count_tokens", "adapters", "activate_adapter",
+                           "deactivate_adapter", "info")),
+    *(("forge", c) for c in ("run", "history")),
+    ("steward", "upgrade"), ("forge", "curate"),
+    ("ingest", "ingest"), ("ingest", "chunk"),
+}
+
+
+def _signature_types(handler: Any) -> tuple[Any, Any]:
+    hints = typing.get_type_hints(handler)
+    params = list(inspect.signature(handler).parameters)
+    assert len(params) == 2, f"{handler.__qualname__} must take (req, body): it takes {params}"
+    return hints.get(params[1]), hints.get("return")
+
+
+@pytest.mark.parametrize(("service", "name", "handler"), _registered(),
+                         ids=[f"{s}.{n}" for s, n, _ in _registered()])
+def test_handler_takes_and_returns_its_contract_types(service: str, name: str, handler: Any) -> None:
+    if (service, name) in PENDING:
+        assert contract.spec(service, name) is None or contract.spec(service, name).service == "*", (
+            f"{service}.{name} is typed now: take it out of PENDING")
+        pytest.skip(f"{service}.{name}: its service is not converted yet")
+    s = contract.spec(service, name)
+    assert s is not None, f"{service}.{name} has no request/reply type in proto/"
+    request_type, reply_type = _signature_types(handler)
+    # the runtime's `status` takes the base request and answers with the service's own subclass of its reply
+    assert request_type is s.request or (isinstance(request_type, type) and issubclass(s.request, request_type)), (
+        f"{service}.{name} takes {request_type}, its contract says {s.request}")
+    assert reply_type is s.reply or (isinstance(reply_type, type) and issubclass(s.reply, reply_type)), (
+        f"{service}.{name} returns {reply_type}, its contract says {s.reply}")
+
+
+def test_pending_names_only_registered_commands() -> None:
+    registered = {(s, n) for s, n, _ in _registered()}
+    assert PENDING <= registered, f"PENDING lists commands no service registers: {PENDING - registered}"
+
+
+def test_every_registered_type_is_a_contract_type() -> None:
+    for s in contract.specs():
+        assert issubclass(s.request, Call) and issubclass(s.reply, Reply), s.name
+        # a request type refuses a misspelt field instead of ignoring it
+        assert s.request.__struct_config__.forbid_unknown_fields, s.name
+
+
+def test_a_body_outside_the_contract_is_refused_naming_the_field() -> None:
+    s = contract.spec("memory", "ping")
+    assert s is not None
+    with pytest.raises(Exception, match="unknown field `surprise`"):
+        contract.decode_request(s, {"surprise": 1})
+    assert msgspec.to_builtins(contract.decode_request(s, {})) == {}
