@@ -36,6 +36,7 @@ from batos import curve
 from batos.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, Settings, load
 from batos.errors import ServiceError
 from proto import Envelope, ErrorCode, Kind, contract
+from proto.bodies.broker import BrokerPing, BrokerPingReply, Held
 from proto.contract import Call, Reply
 
 R = TypeVar("R", bound=Reply)
@@ -154,7 +155,7 @@ class Client:
         if self.broker_boot_id is None and service != proto.Service.BROKER:
             # learn which broker incarnation will hold this request, to notice if it restarts
             with contextlib.suppress(ServiceError):
-                self.broker_boot_id = (await self.ping(timeout=HEARTBEAT_INTERVAL))["boot_id"]
+                self.broker_boot_id = (await self.ping(timeout=HEARTBEAT_INTERVAL)).boot_id
         req = proto.request(service, command, body, idempotent=idempotent)
         call = PendingCall(self, req)
         self.pending[req.id] = call
@@ -243,10 +244,10 @@ class Client:
         if request_id in self.pending and self.sock is not None:
             self._send_nowait(proto.control(Kind.CANCEL, corr=request_id))
 
-    async def ping(self, timeout: float = 2.0) -> dict[str, Any]:
-        return await self.call(proto.Service.BROKER, "ping", timeout=timeout)
+    async def ping(self, timeout: float = 2.0) -> BrokerPingReply:
+        return await self.request(BrokerPing(), timeout=timeout)
 
-    async def wait_for_broker(self, timeout: float = 30.0) -> dict[str, Any]:
+    async def wait_for_broker(self, timeout: float = 30.0) -> BrokerPingReply:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -317,7 +318,7 @@ class Client:
     async def _check_broker(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            pong = await self.call(proto.Service.BROKER, "ping", timeout=HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS)
+            pong = await self.ping(timeout=HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS)
         except ServiceError:
             # probably restarting (supervisord brings it back in ~2 s): wait it out, within limits
             now = loop.time()
@@ -330,7 +331,7 @@ class Client:
                                only=self._waiting())
             return
         self._unreachable_since = None
-        boot = pong.get("boot_id")
+        boot = pong.boot_id
         previous, self.broker_boot_id = self.broker_boot_id, boot
         if previous is not None and boot != previous:
             # A new broker: it holds only what was sent to it, and what workers hand over as they
@@ -347,8 +348,8 @@ class Client:
             self._settle = set()
             return
         try:
-            held = set((await self.call(proto.Service.BROKER, "held", {"ids": [c.id for c in calls]},
-                                        timeout=HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS))["held"])
+            held = set((await self.request(Held(ids=[c.id for c in calls]),
+                                           timeout=HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS)).held)
         except ServiceError:
             held = set()
         missing = [c for c in calls if c.id not in held]

@@ -22,6 +22,8 @@ from batos.client import Client
 from batos.config import REPO_ROOT, Settings, load
 from batos.errors import ServiceError
 from batos.programs import PROGRAMS, REGISTERS
+from proto import contract
+from proto.bodies.broker import Workers, WorkerTable
 
 CONF = REPO_ROOT / "supervisord.conf"
 UP_TIMEOUT = 240.0  # first start converts nothing (make setup did) but loads two models on 2 cores
@@ -77,8 +79,8 @@ def fail(settings: Settings, program: str, why: str) -> int:
 
 async def registered(settings: Settings) -> dict[str, int]:
     async with Client(settings, identity=f"batosctl-{os.getpid()}") as c:
-        table = await c.call("broker", "workers", timeout=2)
-    return {s: len([w for w in ws if w["alive"]]) for s, ws in table["services"].items()}
+        table = await c.request(Workers(), timeout=2)
+    return {s: len([w for w in ws if w.alive]) for s, ws in table.services.items()}
 
 
 def up(settings: Settings) -> int:
@@ -134,35 +136,40 @@ def status(settings: Settings, as_json: bool = False) -> int:
         return 1
     raw = supervisor(settings).supervisor.getAllProcessInfo()  # --json passes every field supervisord sends
     infos = supervisor_rpc.all_process_info(raw)
-    try:
-        kernel = asyncio.run(_kernel_status(settings))
-    except ServiceError as e:
-        kernel = {"error": e.message}
+    table, kernel = asyncio.run(_live_status(settings))
     if as_json:
-        print(json.dumps({"programs": raw, "kernel": kernel}, indent=2, default=str))
+        print(json.dumps({"programs": raw, "workers": table and contract.encode(table), "kernel": kernel},
+                         indent=2, default=str))
         return 0
     print(f"{'program':15} {'state':10} {'pid':>7}  uptime")
     for p in infos:
         print(f"{p['name']:15} {p['statename']:10} {p['pid']:>7}  {p['description']}")
     print()
-    services = kernel.get("services") or kernel.get("broker", {}).get("services", {})
     if "error" in kernel:
         print(f"kernel status unavailable: {kernel['error']}")
+    if table is None:
+        print("the broker did not answer: no worker table")
+        return 0
     print(f"{'service':8} {'worker':40} {'alive':5} {'version':8} {'uptime':>8} {'served':>7} {'busy':>4}")
-    for name, workers in sorted(services.items()):
+    for name, workers in sorted(table.services.items()):
         for w in workers:
-            print(f"{name:8} {w['identity'][:40]:40} {'yes' if w['alive'] else 'NO':5} {w['version']:8} "
-                  f"{w['uptime_s']:>7.0f}s {w['served']:>7} {w['inflight']:>4}")
+            print(f"{name:8} {w.identity[:40]:40} {'yes' if w.alive else 'NO':5} {w.version:8} "
+                  f"{w.uptime_s:>7.0f}s {w.served:>7} {w.inflight:>4}")
     return 0
 
 
-async def _kernel_status(settings: Settings) -> dict[str, Any]:
+async def _live_status(settings: Settings) -> tuple[WorkerTable | None, dict[str, Any]]:
+    """The broker's worker table and the kernel's own status (each None/{"error"} when it does not answer)."""
     async with Client(settings, identity=f"batosctl-{os.getpid()}") as c:
         try:
-            return await c.call("kernel", "status", timeout=5)
+            table: WorkerTable | None = await c.request(Workers(), timeout=5)
         except ServiceError:
-            table = await c.call("broker", "workers", timeout=5)
-            return {"services": table["services"], "note": "kernel did not answer; broker's table shown"}
+            table = None
+        try:
+            kernel = await c.call("kernel", "status", timeout=5)
+        except ServiceError as e:
+            kernel = {"error": e.message}
+    return table, kernel
 
 
 def down(settings: Settings) -> int:

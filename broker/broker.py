@@ -57,7 +57,9 @@ from zmq.utils.monitor import parse_monitor_message
 import proto
 from batos.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, Settings
 from broker.roles import Access
-from proto import EnvelopeHeader, ErrorCode, Kind
+from proto import EnvelopeHeader, ErrorCode, Kind, contract
+from proto.bodies import broker as bodies
+from proto.contract import Reply
 from proto.roles import Role
 
 log = logging.getLogger("batos.broker")
@@ -127,28 +129,6 @@ class Pending:
     adopted_at: float | None = None  # handed over by a re-registering worker, its client not yet heard from
 
 
-@dataclass
-class Stats:
-    received: int = 0
-    malformed: int = 0
-    dropped_no_return: int = 0
-    late_replies: int = 0  # replies/events for requests no longer pending
-    busy: int = 0
-    redispatched: int = 0
-    adopted: int = 0  # requests a re-registering worker was still running, kept routed
-    worker_lost: int = 0
-    unroutable: int = 0
-    expired: int = 0
-    oversized: int = 0  # messages over the frame limit (a reply's request is failed)
-    internal_errors: int = 0  # a message whose handling raised: logged, counted, survived
-    clients_refused: int = 0  # new client identities answered `busy` at the cap
-    clients_expired: int = 0
-    unauthorized: int = 0  # refused by role (Curve on)
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
-
 class Broker:
     def __init__(self, settings: Settings, socket: zmq.Socket, monitor: zmq.Socket | None = None,
                  access: Access | None = None):
@@ -168,7 +148,7 @@ class Broker:
         self.trim = _malloc_trim()
         self.log_budget = LOG_BURST
         self.log_window_end = 0.0
-        self.stats = Stats()
+        self.stats = bodies.BrokerStats()
         self.started = time.time()
         self.boot_id = uuid.uuid4().hex  # lets clients notice a broker restart
         self.next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
@@ -718,55 +698,55 @@ class Broker:
     # -- the broker's own service -----------------------------------------------------------
 
     def answer_broker_request(self, client: bytes, env: EnvelopeHeader, payload: bytes) -> None:
+        reply: Reply
         match env.command:
             case "ping":
-                body = {"pong": True, "version": BROKER_VERSION, "boot_id": self.boot_id}
+                reply = bodies.BrokerPingReply(pong=True, version=BROKER_VERSION, boot_id=self.boot_id)
             case "workers":
-                body = self.describe(with_identities=self.access.role(self.access.user(self.frame)) == Role.SERVICE)
+                reply = self.describe(with_identities=self.access.role(self.access.user(self.frame)) == Role.SERVICE)
             case "status":
-                body = self.status()
+                reply = self.status()
             case "held":  # which of these request ids of the caller's does this broker hold?
                 try:
-                    ids = proto.decode_ids(payload)
+                    ids = bodies.decode_held(payload).ids
                 except proto.ProtocolError as e:
                     self.stats.malformed += 1
                     self.reply_error(client, env, e.code, e.message)
                     return
                 held = [i for i in ids if (p := self.pending.get(i)) is not None and p.client == client]
-                body = {"held": held, "boot_id": self.boot_id}
+                reply = bodies.HeldReply(held=held, boot_id=self.boot_id)
             case _:
                 self.reply_error(client, env, ErrorCode.UNKNOWN_COMMAND,
                                  f"the broker answers ping, status, workers and held, not {env.command!r}")
                 return
-        self.send(client, proto.encode(proto.reply(env, body)))
+        self.send(client, proto.encode(proto.reply(env, contract.encode(reply))))
 
-    def status(self) -> dict:
-        return {"pid": os.getpid(), "boot_id": self.boot_id, "version": BROKER_VERSION,
-                "uptime_s": round(time.time() - self.started, 1), "clients": len(self.clients),
-                "workers": len(self.workers), "pending": len(self.pending), "stats": self.stats.as_dict()}
+    def status(self) -> bodies.BrokerStatusReply:
+        return bodies.BrokerStatusReply(
+            pid=os.getpid(), boot_id=self.boot_id, version=BROKER_VERSION,
+            uptime_s=round(time.time() - self.started, 1), clients=len(self.clients), workers=len(self.workers),
+            pending=len(self.pending), stats=self.stats)
 
-    def describe(self, with_identities: bool = True) -> dict:
+    def describe(self, with_identities: bool = True) -> bodies.WorkerTable:
         now = time.monotonic()
-        services: dict[str, list[dict]] = {}
+        services: dict[str, list[bodies.WorkerInfo]] = {}
         for w in self.workers.values():
-            services.setdefault(w.service, []).append({
+            services.setdefault(w.service, []).append(bodies.WorkerInfo(
                 # consoles see no identities (Curve on): nothing to impersonate
-                "identity": w.identity.decode("utf-8", "replace") if with_identities else "",
-                "pid": w.pid,
-                "version": w.version,
-                "uptime_s": round(time.time() - w.registered_at, 1),
-                "last_seen_s": round(now - w.last_seen, 2),
-                "alive": now - w.last_seen <= HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS,
-                "inflight": len(w.inflight),
-                "waiting_on_others": w.waiting,
-                "capacity": w.capacity,
-                "served": w.served,
-            })
-        return {
-            "broker": {"version": BROKER_VERSION, "uptime_s": round(time.time() - self.started, 1),
-                       "pending": len(self.pending),
-                       "queued": {s: n for s in {*self.queues, *self.control_queues}
-                                  if (n := len(self.queues.get(s, ())) + len(self.control_queues.get(s, ())))},
-                       "stats": self.stats.as_dict()},
-            "services": services,
-        }
+                identity=w.identity.decode("utf-8", "replace") if with_identities else "",
+                pid=w.pid,
+                version=w.version,
+                uptime_s=round(time.time() - w.registered_at, 1),
+                last_seen_s=round(now - w.last_seen, 2),
+                alive=now - w.last_seen <= HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS,
+                inflight=len(w.inflight),
+                waiting_on_others=w.waiting,
+                capacity=w.capacity,
+                served=w.served,
+            ))
+        queued = {s: n for s in {*self.queues, *self.control_queues}
+                  if (n := len(self.queues.get(s, ())) + len(self.control_queues.get(s, ())))}
+        return bodies.WorkerTable(
+            broker=bodies.BrokerSummary(version=BROKER_VERSION, uptime_s=round(time.time() - self.started, 1),
+                                        pending=len(self.pending), queued=queued, stats=self.stats),
+            services=services)

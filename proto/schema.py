@@ -161,21 +161,12 @@ class _HeartbeatFrame(msgspec.Struct):
     body: HeartbeatBody = msgspec.field(default_factory=HeartbeatBody)
 
 
-class _IdsBody(msgspec.Struct):
-    ids: Annotated[list[Id], msgspec.Meta(max_length=100_000)] = msgspec.field(default_factory=list)
-
-
-class _IdsFrame(msgspec.Struct):
-    body: _IdsBody = msgspec.field(default_factory=_IdsBody)
-
-
 # msgspec decodes msgpack and validates types in one pass; the bytes are the same msgpack
 # ormsgpack writes. The slow path below only runs to explain a frame that failed.
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
 _header_decoder = msgspec.msgpack.Decoder(EnvelopeHeader)
 _ready_decoder = msgspec.msgpack.Decoder(_ReadyFrame)
 _heartbeat_decoder = msgspec.msgpack.Decoder(_HeartbeatFrame)
-_ids_decoder = msgspec.msgpack.Decoder(_IdsFrame)
 # RecursionError: msgspec (even when it only skips a field) recurses once per nesting level and
 # stops at the interpreter's recursion limit; that is a malformed frame, not a crash. ValueError
 # covers what msgspec lets through from Python itself (UnicodeDecodeError on a bad UTF-8 string,
@@ -232,11 +223,6 @@ def decode_ready(frame: bytes) -> ReadyBody:
 
 def decode_heartbeat(frame: bytes) -> HeartbeatBody:
     return _decode_body(_heartbeat_decoder, frame, "HEARTBEAT").body
-
-
-def decode_ids(frame: bytes) -> list[str]:
-    """The ``ids`` list of a request body (the broker's ``held`` command)."""
-    return _decode_body(_ids_decoder, frame, "request").body.ids
 
 
 _Frame = TypeVar("_Frame")

@@ -3,4 +3,4 @@
 Importing this package registers them all; :func:`proto.contract.spec` does it on first use.
 """
 
-from proto.bodies import ingest, kernel, llm, memory, runtime, steward  # noqa: F401
+from proto.bodies import broker, ingest, kernel, llm, memory, runtime, steward  # noqa: F401

@@ -38,7 +38,7 @@ class BrokerMonitor:
                             f"{DOWN_INTERVAL:g} s (commands fail until it is back)", "warning")
             self.up = False
             return False
-        boot = pong.get("boot_id")
+        boot = pong.boot_id
         if self.up is False:
             self.notify(f"connected to the broker at {self.endpoint}", "notice")
         elif self.up is True and self.boot_id is not None and boot != self.boot_id:

@@ -130,7 +130,7 @@ def test_a_request_waiting_on_another_service_holds_no_slot() -> None:
     assert requests_to(sock, b"w1") == [first]
     heartbeat(b, b"w1", waiting=1)  # `first` waits on memory
     assert requests_to(sock, b"w1") == [first, second]
-    assert b.describe()["services"]["echo"][0]["waiting_on_others"] == 1
+    assert b.describe().services["echo"][0].waiting_on_others == 1
     reply(b, b"w1", first)
     heartbeat(b, b"w1", waiting=5)  # more than it holds: capped
     assert b.workers[b"w1"].waiting == 1

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
+import proto
 from batos import worker
 from proto import contract
 from proto.contract import Call, Reply
@@ -95,3 +96,27 @@ def test_a_body_outside_the_contract_is_refused_naming_the_field() -> None:
     with pytest.raises(Exception, match="unknown field `surprise`"):
         contract.decode_request(s, {"surprise": 1})
     assert msgspec.to_builtins(contract.decode_request(s, {})) == {}
+
+
+def test_the_broker_answers_each_of_its_commands_in_its_contract_type() -> None:
+    """The broker is not a worker: it builds its replies itself. Each decodes into its proto type."""
+    from proto.roles import BROKER_COMMANDS_FOR_CONSOLES
+    from tests.unit.test_broker_restarts import make_broker, ready, request
+
+    b, sock = make_broker()
+    ready(b, b"w1", capacity=2)
+    held_id = request(b, b"c1", idempotent=True)
+    for name in sorted(BROKER_COMMANDS_FOR_CONSOLES):
+        s = contract.spec("broker", name)
+        assert s is not None and s.service == "broker", f"broker.{name} has no type in proto/bodies/broker.py"
+        body = {"ids": [held_id, "not-held"]} if name == "held" else {}
+        env = proto.request("broker", name, body)
+        b.handle(b"c1", proto.encode(env))
+        (answer,) = [e for e in sock.to(b"c1") if e.corr == env.id]
+        assert answer.kind == proto.Kind.REPLY, answer.body
+        reply = contract.decode_reply(s, answer.body)
+        assert isinstance(reply, s.reply)
+        if name == "held":
+            assert reply.held == [held_id]  # type: ignore[attr-defined]
+        if name == "workers":
+            assert reply.services["echo"][0].capacity == 2  # type: ignore[attr-defined]
