@@ -50,7 +50,6 @@ PENDING: set[tuple[str, str]] = {
                            "deactivate_adapter", "info")),
     *(("forge", c) for c in ("run", "history")),
     ("steward", "upgrade"), ("forge", "curate"),
-    ("ingest", "ingest"), ("ingest", "chunk"),
 }
 
 
