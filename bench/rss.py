@@ -14,7 +14,11 @@ Prints one row per program: RSS at start, after the ingest, after ask 1, 10, 25 
 ask over the last half of the asks (least squares, MiB/ask), and the last ask's RSS beside the baseline
 (the mean after the first asks) as a ratio. A bounded program shows a slope near 0 and a ratio near 1.
 
-    nice -n 15 .venv/bin/python bench/rss.py [--asks 50] [--lines 100000] [--json out.json]
+    nice -n 15 .venv/bin/python bench/rss.py [--asks 50] [--lines 100000] [--json out.json] [--worktree]
+
+The programs run from a snapshot of HEAD (``git archive`` into the temp dir; the bench re-runs itself from
+there), so edits in the working tree during a run of tens of minutes cannot break it; ``--worktree`` runs the
+working tree as it is instead.
 
 Any BATOS_* variable in the environment (e.g. BATOS_LLM_MODEL) is passed to every service, except the ones
 that place the system (var dir, broker, ZEO).
@@ -27,6 +31,7 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -113,6 +118,21 @@ def rss_mib(pid: int) -> tuple[float, int]:
         except psutil.NoSuchProcess:
             pass
     return total / MIB, len(procs) - 1
+
+
+def rss_parts(pid: int) -> dict[str, float]:
+    """The main process's RSS split as the kernel counts it: anonymous (heap, KV cache), file-backed (mapped
+    model weights and libraries, which the kernel can drop and re-read), shared memory; MiB."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "RssFile", "RssShmem", "VmHWM"):
+                    out[key] = int(value.split()[0]) / 1024
+    except OSError:
+        pass
+    return out
 
 
 def sample(pids: dict[str, int]) -> dict[str, float]:
@@ -206,6 +226,7 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         pids = await start(system, src)
         await asyncio.sleep(args.settle)
         record["start"] = start_rss = sample(pids)
+        record["parts_start"] = {name: rss_parts(pid) for name, pid in pids.items()}
         print(f"start: { {k: round(v) for k, v in start_rss.items()} }", flush=True)
         async with Client(system.settings, identity="rss-bench") as client:
             t0 = time.monotonic()
@@ -223,6 +244,7 @@ async def run(args: argparse.Namespace, work: Path) -> int:
                 print(f"ask {i + 1}: {seconds:.1f} s {status}; "
                       f"{ {k: round(v) for k, v in asks[-1].items()} } load {os.getloadavg()[0]:.1f}", flush=True)
         children = {name: rss_mib(pid)[1] for name, pid in pids.items()}
+        record["parts_end"] = {name: rss_parts(pid) for name, pid in pids.items()}
     finally:
         system.stop_all()
         if args.keep_logs:
@@ -233,9 +255,27 @@ async def run(args: argparse.Namespace, work: Path) -> int:
           f"median {sorted(a['s'] for a in record['asks'])[len(asks) // 2]:.1f} s")
     print("RSS in MiB, each program with its child processes:")
     print("\n".join(table(start_rss, ingested, asks)))
+    print("\nmain process only, MiB, start -> end: anonymous | file-backed | peak (VmHWM)")
+    for name in pids:
+        a, b = record["parts_start"].get(name, {}), record["parts_end"].get(name, {})
+        print(f"  {PROGRAMS[name]:14} {fmt(a.get('RssAnon', float('nan')))} -> {fmt(b.get('RssAnon', float('nan')))}"
+              f" | {fmt(a.get('RssFile', float('nan')))} -> {fmt(b.get('RssFile', float('nan')))}"
+              f" | {fmt(b.get('VmHWM', float('nan')))}")
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1))
     return 0
+
+
+def from_snapshot(tmp: Path) -> int:
+    """Run this bench again from a snapshot of HEAD (its own python, its own tests/conftest.py)."""
+    tree = tmp / "head"
+    tree.mkdir()
+    archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=REPO, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    print(f"running from a snapshot of HEAD {head.strip()}", flush=True)
+    argv = [sys.executable, str(tree / "bench" / "rss.py"), *sys.argv[1:], "--worktree"]
+    return subprocess.run(argv, cwd=tree).returncode
 
 
 def main() -> int:
@@ -245,8 +285,11 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=5.0, help="seconds idle before the start figure")
     parser.add_argument("--json", help="write every sample here")
     parser.add_argument("--keep-logs", help="copy the programs' logs here at the end")
+    parser.add_argument("--worktree", action="store_true", help="run the working tree, not a snapshot of HEAD")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="batos-bench-rss-") as tmp:
+        if not args.worktree:
+            return from_snapshot(Path(tmp))
         return asyncio.run(run(args, Path(tmp)))
 
 
