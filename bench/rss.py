@@ -250,6 +250,8 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         if args.keep_logs:
             shutil.copytree(system.var / "log", args.keep_logs, dirs_exist_ok=True)
 
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1))
     print(f"\nload average at the end: {os.getloadavg()}; child processes at the end: {children}")
     print(f"ingest: {record['ingest']} ({lines:,} lines); asks: {len(asks)}, "
           f"median {sorted(a['s'] for a in record['asks'])[len(asks) // 2]:.1f} s")
@@ -261,8 +263,6 @@ async def run(args: argparse.Namespace, work: Path) -> int:
         print(f"  {PROGRAMS[name]:14} {fmt(a.get('RssAnon', float('nan')))} -> {fmt(b.get('RssAnon', float('nan')))}"
               f" | {fmt(a.get('RssFile', float('nan')))} -> {fmt(b.get('RssFile', float('nan')))}"
               f" | {fmt(b.get('VmHWM', float('nan')))}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=1))
     return 0
 
 
