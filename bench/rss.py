@@ -37,16 +37,16 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from batos.client import Client  # noqa: E402
-from bench.qa_questions import QUESTIONS  # noqa: E402
-from tests.conftest import PY, System  # noqa: E402
+if TYPE_CHECKING:  # imported when the bench runs (from the snapshot), not by the process that makes it
+    from batos.client import Client
+    from tests.conftest import System
 
 # Packages first (the QA questions' codebases lead, so the asks find their code), then top-level modules.
 PACKAGES = ("json", "http", "logging", "csv", "email", "asyncio", "concurrent", "xml", "importlib", "unittest",
@@ -158,6 +158,9 @@ def passthrough_env() -> dict[str, str]:
 
 
 async def start(system: System, src: Path) -> dict[str, int]:
+    from batos.client import Client
+    from tests.conftest import PY
+
     env = {**passthrough_env(), "BATOS_AUTOTELIC_PERIOD": "36000",  # no background work beside the bench
            "BATOS_INGEST_ROOTS": str(src)}
     procs = {"broker": system.start_broker(), "zeo": system.start_zeo()}
@@ -171,6 +174,8 @@ async def start(system: System, src: Path) -> dict[str, int]:
 
 
 def question(i: int) -> str:
+    from bench.qa_questions import QUESTIONS
+
     text = QUESTIONS[i % len(QUESTIONS)].text
     return text if i < len(QUESTIONS) else f"{text} (ask {i + 1})"
 
@@ -217,6 +222,9 @@ def table(start: dict[str, float], ingested: dict[str, float], asks: list[dict[s
 
 
 async def run(args: argparse.Namespace, work: Path) -> int:
+    from batos.client import Client
+    from tests.conftest import System
+
     src = work / "src"
     files, lines = copy_tree(src, args.lines)
     print(f"tree: {files} files, {lines:,} lines of Python under {src}", flush=True)
