@@ -13,27 +13,25 @@ retried once enough new history has accumulated. A busy persona is never due.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import msgspec
+
 from batos import personas
 from batos.audit import normalized_timestamp
-from services.forge.curation import (
-    GOLDEN_EVENT_TYPES,
-    SUCCESS,
-    extract_example,
-    final_status,
-    group_cycles,
-    parse_event,
-)
+from batos.errors import ServiceError
+from batos.fractals import MemoryRequest, query_all
+from proto import contract
+from proto.bodies.memory import QueryFractals
+from proto.schema import ProtocolError
+from services.forge.curation import GOLDEN_EVENT_TYPES, SUCCESS, extract_example, parse_event
 
 Call = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]  # (service, command, body) -> reply
 
-QUERY_LIMIT = 10_000  # fractals per query; the counts only need to reach the threshold
-CYCLE_QUERY_CONCURRENCY = 8
+QUERY_LIMIT = 100_000  # golden events read per audit: a guard (the query is paged within the frame limit)
 
 
 @dataclass
@@ -95,41 +93,33 @@ def personas_due(counts: Mapping[str, int], threshold: int, busy: Iterable[str])
 # -- the protocol -----------------------------------------------------------------------------------
 
 
-async def _cycle_succeeded(call: Call, cycle_id: str, sem: asyncio.Semaphore) -> bool:
-    async with sem:
-        reply = await call("memory", "query_fractals", {"cycle_id": cycle_id, "limit": 1000})
-    events = list(group_cycles(parse_event(f) for f in reply.get("fractals", [])).values())
-    return bool(events) and final_status(events[0]) == SUCCESS
+def memory_of(call: Call) -> MemoryRequest:
+    """Memory's typed bodies over a ``(service, command, body)`` caller: encoded and decoded by proto.contract."""
+    async def request(body: Any) -> Any:
+        s = contract.spec_of(body)
+        try:
+            return contract.decode_reply(s, await call(s.service, s.command, contract.encode(body)))
+        except ProtocolError as e:
+            raise ServiceError(e.code, e.message) from None
+
+    return request
 
 
 async def count_new_successes(call: Call, since: Mapping[str, str], threshold: int,
                               persona_names: Iterable[str]) -> dict[str, int]:
-    """Per persona, successful golden cycles since its last forge, counted up to ``threshold`` (no further:
-    the decision needs no more, and each count costs one query per cycle)."""
+    """Per persona, successful golden cycles since its last forge, counted up to ``threshold``: ONE query (memory's
+    history index answers "successful golden events of cycles that ended in SUCCESS, since the earliest of the
+    personas' last forges"); each persona's own ``since`` and the golden-path check are applied here."""
     wanted = [p.upper() for p in persona_names]
-    fractals: list[dict[str, Any]] = []
-    for persona in wanted:  # one narrow query per persona and event type, each from that persona's last forge
-        for event_type in GOLDEN_EVENT_TYPES:
-            body: dict[str, Any] = {"persona": persona, "status": SUCCESS, "event_type": event_type,
-                                    "limit": QUERY_LIMIT}
-            if since.get(persona):
-                body["since"] = since[persona]
-            fractals += (await call("memory", "query_fractals", body)).get("fractals", [])
-    candidates = golden_candidates(fractals, since)
-    sem = asyncio.Semaphore(CYCLE_QUERY_CONCURRENCY)
-    counts: dict[str, int] = {}
-    for persona in wanted:
-        counts[persona] = 0
-        cycles = candidates.get(persona, [])
-        # Newest first, a threshold-sized batch at a time, stopping as soon as the threshold is reached.
-        for start in range(0, len(cycles), threshold):
-            batch = cycles[start:start + threshold]
-            ok = await asyncio.gather(*(_cycle_succeeded(call, c, sem) for c in batch))
-            counts[persona] += sum(ok)
-            if counts[persona] >= threshold:
-                counts[persona] = threshold
-                break
-    return counts
+    if not wanted:
+        return {}
+    oldest = min(since.get(p, "") for p in wanted)
+    query = QueryFractals(persona=wanted[0] if len(wanted) == 1 else None, status=SUCCESS,
+                          event_types=list(GOLDEN_EVENT_TYPES), cycle_status=SUCCESS, since=oldest or None)
+    fractals = await query_all(memory_of(call), query, QUERY_LIMIT)
+    candidates = golden_candidates((msgspec.to_builtins(f) for f in fractals if f.meta.get("persona") in wanted),
+                                   since)
+    return {p: min(threshold, len(candidates.get(p, []))) for p in wanted}
 
 
 async def audit_cognitive_history(call: Call, threshold: int, *,

@@ -23,8 +23,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from batos.errors import ServiceError
 from proto import ErrorCode
+from proto.bodies import memory as M
 from services.ingestor import walker
 from services.ingestor.files import Outcome, chunk_file, classify
 from services.ingestor.model import FileChunks
@@ -42,25 +45,26 @@ RunBlocking = Callable[..., Awaitable[Any]]
 
 
 class MemoryClient:
-    """The calls ingestion makes to ``memory`` (anything with ``call(service, command, body, ...)``)."""
+    """The calls ingestion makes to ``memory``, with its typed bodies (anything with batos.client's ``request``)."""
 
     def __init__(self, client: Any):
         self.client = client
 
     async def file_hashes(self, root: str) -> dict[str, str]:
-        reply = await self.client.call("memory", "file_hashes", {"root": root}, timeout=CALL_TIMEOUT_BASE)
-        hashes = reply.get("hashes") or {}
-        return {p: h for p, h in hashes.items() if p == root or p.startswith(root.rstrip(os.sep) + os.sep)}
+        reply = await self.client.request(M.FileHashes(root=root), timeout=CALL_TIMEOUT_BASE)
+        return {p: h for p, h in reply.hashes.items() if p == root or p.startswith(root.rstrip(os.sep) + os.sep)}
 
     async def replace(self, batch: list[FileChunks]) -> None:
         n = sum(len(f.chunks) + len(f.summaries) for f in batch)
         timeout = CALL_TIMEOUT_BASE + CALL_TIMEOUT_PER_CHUNK * n
-        payloads = [f.payload(with_context_header=True) for f in batch]
-        await self.client.call("memory", "replace_files", {"files": payloads}, timeout=timeout, idempotent=True)
+        try:  # memory's own request type checks the batch here, before it travels
+            body = msgspec.convert({"files": [f.payload(with_context_header=True) for f in batch]}, M.ReplaceFiles)
+        except msgspec.ValidationError as e:
+            raise ServiceError(ErrorCode.BAD_ARGS, f"memory.replace_files: {e}") from None
+        await self.client.request(body, timeout=timeout, idempotent=True)
 
     async def delete(self, path: str) -> None:
-        await self.client.call("memory", "delete_file", {"file_path": path}, timeout=CALL_TIMEOUT_BASE,
-                               idempotent=True)
+        await self.client.request(M.DeleteFile(file_path=path), timeout=CALL_TIMEOUT_BASE, idempotent=True)
 
 
 @dataclass

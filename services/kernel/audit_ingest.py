@@ -33,9 +33,11 @@ from typing import IO, Any
 
 import msgspec
 
-from batos.audit import AuditEventStruct, active_base, normalized_timestamp, rotated_segments
+from batos.audit import AuditEvent, AuditEventStruct, active_base, normalized_timestamp, rotated_segments
+from batos.fractals import MemoryRequest
+from proto.bodies.memory import AuditOffset, CreateFractals, FractalEvent, FractalMeta, Offset
 
-MemoryCall = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+LlmCall = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 Summarize = Callable[[Any, dict[str, Any]], Awaitable[str | None]]  # (AuditEventStruct, event_data) -> text
 Progress = Callable[[dict[str, Any]], Awaitable[None] | None]
 
@@ -307,7 +309,7 @@ SUMMARY_PROMPT = (
 )
 
 
-def llm_summarizer(llm_call: MemoryCall, *, persona: str = "ALFRED", max_tokens: int = 60) -> Summarize:
+def llm_summarizer(llm_call: LlmCall, *, persona: str = "ALFRED", max_tokens: int = 60) -> Summarize:
     """A ``summarize`` callable backed by the llm service's ``generate`` (``llm_call(command, body)``)."""
 
     async def summarize(ev: Any, data: dict[str, Any]) -> str | None:
@@ -381,30 +383,21 @@ class IngestReport:
         return asdict(self)
 
 
-def fractal_of(ev: Any, raw: bytes, summary: str) -> dict[str, Any]:
+def fractal_of(ev: Any, raw: bytes, summary: str) -> FractalEvent:
     """The ``create_fractals`` item for one event: its summary, its exact JSON line, and the query keys."""
-    return {
-        "event_id": ev.event_id,
-        "summary": summary,
-        "full_json": raw.decode("utf-8"),
-        "meta": {
-            "cycle_id": ev.cycle_id,
-            "mission_type": ev.mission_type,
-            "persona": ev.active_persona,
-            "status": ev.status,
-            "timestamp": normalized_timestamp(datetime.fromisoformat(ev.timestamp)),
-            "event_type": ev.event_type,
-            "psm_state": ev.psm_state,
-        },
-    }
+    return FractalEvent(
+        event_id=ev.event_id, summary=summary, full_json=raw.decode("utf-8"),
+        meta=FractalMeta(cycle_id=ev.cycle_id, mission_type=ev.mission_type, persona=ev.active_persona,
+                         status=ev.status, timestamp=normalized_timestamp(datetime.fromisoformat(ev.timestamp)),
+                         event_type=ev.event_type, psm_state=ev.psm_state))
 
 
-async def ingest_audit_log(path: str | os.PathLike[str], memory_call: MemoryCall, summarize: Summarize | None = None,
+async def ingest_audit_log(path: str | os.PathLike[str], memory: MemoryRequest, summarize: Summarize | None = None,
                            batch: int = 200, progress: Progress | None = None, *, key: str | None = None,
                            summary_budget_s: float = 60.0, summary_timeout_s: float = 20.0) -> IngestReport:
     """Ingest every complete line after memory's stored offset; returns what happened.
 
-    ``memory_call(command, body) -> dict`` reaches the memory service (``audit_offset``, ``create_fractals``).
+    ``memory(body)`` reaches the memory service with its typed bodies (``audit_offset``, ``create_fractals``).
     ``summarize(event, event_data)`` (optional, e.g. :func:`llm_summarizer`) is tried within ``summary_budget_s``
     of total time for this run; events past the budget, and any failure, get the template summary.
     ``progress(dict)`` gets ``{stage, done, total, events, malformed, rate, eta_s}`` after each batch.
@@ -415,9 +408,9 @@ async def ingest_audit_log(path: str | os.PathLike[str], memory_call: MemoryCall
     path = Path(path)
     key = key or str(path)
     started = time.monotonic()
-    stored = (await memory_call("audit_offset", {"path": key})).get("value") or 0
-    reader = await asyncio.to_thread(LogReader, path, int(stored))
-    report = IngestReport(path=key, start_offset=reader.start_offset, end_offset=int(stored),
+    stored = (await memory(AuditOffset(path=key))).value
+    reader = await asyncio.to_thread(LogReader, path, stored)
+    report = IngestReport(path=key, start_offset=reader.start_offset, end_offset=stored,
                           log_end=reader.end_at_open, reset=reader.reset, gap_bytes=reader.gap_bytes)
     summarizer = _Summarizer(summarize, summary_budget_s, summary_timeout_s)
     reasons: Counter[str] = Counter()
@@ -433,13 +426,12 @@ async def ingest_audit_log(path: str | os.PathLike[str], memory_call: MemoryCall
                 fractals.append(fractal_of(ev, raw, await summarizer(ev, _event_data(raw))))
                 if i % YIELD_EVERY == 0:
                     await asyncio.sleep(0)  # ~10 µs an event: keep each loop step well under a millisecond
-            reply = await memory_call("create_fractals", {"events": fractals,
-                                                          "offset": {"path": key, "value": got.end_offset}})
+            reply = await memory(CreateFractals(events=fractals, offset=Offset(path=key, value=got.end_offset)))
             report.end_offset = got.end_offset
             report.batches += 1
             report.lines += len(fractals)
-            report.created += int(reply.get("created", 0))
-            report.skipped += int(reply.get("skipped", 0))
+            report.created += reply.created
+            report.skipped += reply.skipped
             _count_malformed(report, reasons, got.malformed)
             await _notify(progress, report, started)
             if position >= reader.end_at_open:
@@ -451,6 +443,24 @@ async def ingest_audit_log(path: str | os.PathLike[str], memory_call: MemoryCall
     report.summary_failures = summarizer.failures
     report.seconds = round(time.monotonic() - started, 4)
     return report
+
+
+def cycle_events_after(path: str | os.PathLike[str], offset: int, cycle_id: str) -> list[AuditEvent]:
+    """One cycle's valid events in the log from ``offset`` on (complete lines; blocking: run it in a thread).
+    ``trace`` reads the part of the log memory has not ingested yet this way, instead of ingesting it first."""
+    reader = LogReader(Path(path), offset)
+    out: list[AuditEvent] = []
+    position = reader.start_offset
+    try:
+        while position < reader.end_at_open:  # lines written meanwhile belong to a later trace
+            got = reader.read_batch(1000)
+            out += [AuditEvent.model_validate_json(raw) for ev, raw in got.events if ev.cycle_id == cycle_id]
+            if got.end_offset == position:
+                break
+            position = got.end_offset
+        return out
+    finally:
+        reader.close()
 
 
 def _event_data(raw: bytes) -> dict[str, Any]:

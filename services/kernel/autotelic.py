@@ -20,17 +20,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from ZODB.POSException import ConflictError
 
+from batos.audit import AuditEvent
 from batos.config import MEMORY_BATCH_TIMEOUT
+from proto.bodies.memory import AuditOffset
+from proto.contract import Call, Reply
 from services.kernel import cycle as records
-from services.kernel import forge_follow
-from services.kernel.audit_ingest import Progress, ingest_audit_log, llm_summarizer
+from services.kernel import forge_follow, history
+from services.kernel.audit_ingest import Progress, cycle_events_after, ingest_audit_log, llm_summarizer
 from services.kernel.env import KernelEnv
 
 log = logging.getLogger("batos.kernel.autotelic")
+R = TypeVar("R", bound=Reply)
 
 SUMMARY_BUDGET_S = 30.0  # LLM time per periodic run; the rest of a run's events get template summaries
 SUMMARY_TIMEOUT_S = 15.0
@@ -54,8 +59,8 @@ class Autotelic:
         self.forge_task: asyncio.Task[None] | None = None  # the forge run this loop dispatched, followed
         self.last_forge: dict[str, Any] | None = None
 
-    async def memory_call(self, command: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.env.client.call("memory", command, body, timeout=MEMORY_BATCH_TIMEOUT)
+    async def memory(self, body: Call[R]) -> R:
+        return await self.env.client.request(body, timeout=MEMORY_BATCH_TIMEOUT)
 
     async def llm_call(self, command: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self.env.client.call("llm", command, body, timeout=SUMMARY_TIMEOUT_S)
@@ -67,7 +72,7 @@ class Autotelic:
             if flush is not None:
                 await flush()
             summarize = llm_summarizer(self.llm_call) if llm_summaries else None
-            report = await ingest_audit_log(self.env.settings.audit_log, self.memory_call, summarize,
+            report = await ingest_audit_log(self.env.settings.audit_log, self.memory, summarize,
                                             progress=progress, summary_budget_s=SUMMARY_BUDGET_S,
                                             summary_timeout_s=SUMMARY_TIMEOUT_S)
             try:
@@ -79,6 +84,19 @@ class Autotelic:
             self.last_run_at = time.time()
             self.last_error = None
             return self.last
+
+    async def trace(self, cycle_id: str) -> list[AuditEvent]:
+        """A cycle's events in time order: those memory holds (one indexed query) and those logged since the last
+        ingestion, read from the kernel's own log rather than pushed into memory first."""
+        flush = getattr(self.env.audit, "flush", None)
+        if flush is not None:
+            await flush()
+        log_path = self.env.settings.audit_log
+        offset = (await self.memory(AuditOffset(path=str(Path(log_path))))).value  # before the query: no gap
+        stored = await history.trace_cycle(self.memory, cycle_id)
+        pending = await asyncio.to_thread(cycle_events_after, log_path, offset, cycle_id)
+        seen = {e.event_id for e in stored}
+        return sorted([*stored, *(e for e in pending if e.event_id not in seen)], key=lambda e: e.timestamp)
 
     @property
     def forging(self) -> bool:

@@ -21,7 +21,7 @@ from batos.config import MEMORY_TIMEOUT
 from batos.errors import ServiceError
 from proto import ErrorCode, Table1Command
 from services.kernel import cycle as records
-from services.kernel import forge_follow, history
+from services.kernel import forge_follow
 from services.kernel.env import Emit
 
 if TYPE_CHECKING:
@@ -145,9 +145,8 @@ async def trace(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any
     notes: list[str] = []
     events: list[dict[str, Any]] = []
     try:
-        # Catch the audit log up first (template summaries: quick), so the trace holds the newest events.
-        await kernel.autotelic.ingest(progress=progress_to(emit), llm_summaries=False)
-        found = await history.trace_cycle(kernel.autotelic.memory_call, cycle_id)
+        # memory's indexed history plus what the kernel logged since the last ingestion (read, not ingested)
+        found = await kernel.autotelic.trace(cycle_id)
         events = [_trimmed(e.model_dump(mode="json")) for e in found]
     except ServiceError as e:
         notes.append(f"audit events unavailable ({e.code}: {e.message}); the image's record is shown")

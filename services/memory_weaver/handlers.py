@@ -1,78 +1,96 @@
-"""The `memory` service's whitelist: command name -> handler (thin; logic lives in weaver.py)."""
+"""The `memory` service's whitelist: command name -> handler (thin; logic lives in weaver.py).
+
+Each handler takes its command's request type from proto/bodies/memory.py, decoded and checked once by the
+worker runtime, and returns the command's reply type.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
+
 from batos import paging
 from batos.errors import ServiceError
+from batos.worker import Request
 from proto import ErrorCode
+from proto.bodies import memory as M
 
 from . import verify
-from .payloads import MAX_K
 from .weaver import MemoryWeaver
 
-Handler = Callable[[Any], Awaitable[dict[str, Any]]]
 
-
-def _weaver(req: Any) -> MemoryWeaver:
-    weaver = req.ctx.state.get("weaver")
+def _weaver(req: Request) -> MemoryWeaver:
+    weaver: MemoryWeaver | None = req.ctx.state.get("weaver")
     if weaver is None:
         raise ServiceError(ErrorCode.UNAVAILABLE, "memory weaver is not started")
     return weaver
 
 
-def _plain(name: str) -> Handler:
-    async def handle(req: Any) -> dict[str, Any]:
-        return await getattr(_weaver(req), name)(req.args)
-
-    handle.__name__ = f"handle_{name}"
-    return handle
-
-
-def _cancellable(name: str) -> Handler:
-    """Commands that embed: the requester's cancel stops the embedding between batches."""
-
-    async def handle(req: Any) -> dict[str, Any]:
-        return await getattr(_weaver(req), name)(req.args, req.cancelled)
-
-    handle.__name__ = f"handle_{name}"
-    return handle
-
-
-def _page_bytes(req: Any) -> int:
+def _page_bytes(req: Request) -> int:
     return paging.page_budget(int(req.ctx.settings.max_frame_bytes))
 
 
-async def handle_query_fractals(req: Any) -> dict[str, Any]:
-    """One page of fractals and ``next`` (batos.paging): a 10,000-event history never outgrows a message."""
-    return await _weaver(req).query_fractals(req.args, _page_bytes(req))
+async def handle_replace_files(req: Request, body: M.ReplaceFiles) -> M.ReplaceFilesReply:
+    """The requester's cancel stops the embedding between batches."""
+    return await _weaver(req).replace_files(body, req.cancelled)
 
 
-async def handle_search(req: Any) -> dict[str, Any]:
+async def handle_create_fractals(req: Request, body: M.CreateFractals) -> M.CreateFractalsReply:
+    return await _weaver(req).create_fractals(body, req.cancelled)
+
+
+async def handle_file_hashes(req: Request, body: M.FileHashes) -> M.FileHashesReply:
+    return await _weaver(req).file_hashes(body)
+
+
+async def handle_delete_file(req: Request, body: M.DeleteFile) -> M.DeleteFileReply:
+    return await _weaver(req).delete_file(body)
+
+
+async def handle_search(req: Request, body: M.Search) -> M.SearchReply:
     """``search`` in pages: the ``k`` best hits are ranked as before; the reply holds those from ``after`` (an
     offset cursor) that fit one page, and ``next``. Every page re-ranks the same query (milliseconds)."""
-    body = dict(req.args) if isinstance(req.args, dict) else req.args
-    start = paging.offset_cursor(body.pop("after", None), MAX_K) if isinstance(body, dict) else 0
-    hits = (await _weaver(req).search(body))["hits"]
+    start = paging.offset_cursor(body.after, M.MAX_K)
+    hits = await _weaver(req).search(body)
     page, more = paging.take_page(hits[start:], _page_bytes(req), len(hits))
-    return {"hits": page, "next": str(start + len(page)) if more else None}
+    reply: M.SearchReply = msgspec.convert({"hits": page, "next": str(start + len(page)) if more else None},
+                                           M.SearchReply)
+    return reply
 
 
-HANDLERS: dict[str, Handler] = {
-    "replace_file": _cancellable("replace_file"),
-    "replace_files": _cancellable("replace_files"),
-    "create_chunks": _cancellable("create_chunks"),
-    "create_fractals": _cancellable("create_fractals"),
-    "file_hashes": _plain("file_hashes"),
-    "delete_file": _plain("delete_file"),
+async def handle_inspect(req: Request, body: M.Inspect) -> M.InspectReply:
+    return await _weaver(req).inspect(body)
+
+
+async def handle_stats(req: Request, body: M.Stats) -> M.StatsReply:
+    return await _weaver(req).stats()
+
+
+async def handle_audit_offset(req: Request, body: M.AuditOffset) -> M.AuditOffsetReply:
+    return await _weaver(req).audit_offset(body)
+
+
+async def handle_query_fractals(req: Request, body: M.QueryFractals) -> M.QueryFractalsReply:
+    """One page of fractals and ``next`` (batos.paging): a 10,000-event history never outgrows a message."""
+    return await _weaver(req).query_fractals(body, _page_bytes(req))
+
+
+async def handle_verify(req: Request, body: M.Verify) -> M.VerifyReply:
+    """Memory's invariants (verify.py); ``repair`` fixes what the check finds."""
+    return await verify.run(_weaver(req), body)
+
+
+HANDLERS: dict[str, Callable[[Request, Any], Awaitable[Any]]] = {
+    "replace_files": handle_replace_files,
+    "create_fractals": handle_create_fractals,
+    "file_hashes": handle_file_hashes,
+    "delete_file": handle_delete_file,
     "search": handle_search,
-    "get": _plain("get"),
-    "inspect": _plain("get"),
-    "children": _plain("children"),
-    "stats": _plain("stats"),
-    "audit_offset": _plain("audit_offset"),
+    "inspect": handle_inspect,
+    "stats": handle_stats,
+    "audit_offset": handle_audit_offset,
     "query_fractals": handle_query_fractals,
-    "verify": lambda req: verify.run(_weaver(req), req.args),  # invariants; {"repair": true} fixes them
+    "verify": handle_verify,
 }

@@ -1,4 +1,4 @@
-"""Plain-data views of image objects for `get`/`inspect`/`children` (any object, by OID)."""
+"""Plain-data views of image objects for `inspect` (any object, by OID)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ REPR_CHARS = 300  # a slot's rendering is cut here; `get` is for looking, not fo
 MAX_CHILDREN = 1000
 
 
-def resolve(conn: Any, oid: Any) -> persistent.Persistent:
-    if not isinstance(oid, str | int) or isinstance(oid, bool):
-        raise ServiceError(ErrorCode.BAD_ARGS, f"oid must be a hex string, got {type(oid).__name__}")
+def resolve(conn: Any, oid: str | int) -> persistent.Persistent:
     try:
         return resolve_oid(conn, oid)
     except KeyError as e:
@@ -48,7 +46,7 @@ def render_value(value: Any, limit: int = REPR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def inspect_object(root: Any, conn: Any, oid: Any) -> dict[str, Any]:
+def inspect_object(root: Any, conn: Any, oid: str | int) -> dict[str, Any]:
     obj = resolve(conn, oid)
     if isinstance(obj, UvmObject):
         chain_methods = []
@@ -80,37 +78,3 @@ def _is_live(root: Any, obj: UvmObject) -> bool | None:
             "memory_chunk", "contextual_summary", "context_fractal"):
         return None
     return int.from_bytes(obj._p_oid, "big") in mem.objects
-
-
-def children(root: Any, conn: Any, oid: Any) -> list[dict[str, Any]]:
-    """A summary's chunks; otherwise the persistent objects an object's slots refer to."""
-    obj = resolve(conn, oid)
-    if isinstance(obj, UvmObject):
-        kids = obj.get_slot("child_chunks")
-        if kids is None:
-            kids = []
-            for value in obj.own_slots().values():
-                if isinstance(value, UvmObject):
-                    kids.append(value)
-                elif isinstance(value, list | tuple):
-                    kids.extend(v for v in value if isinstance(v, UvmObject))
-    elif hasattr(obj, "values"):
-        kids = [v for v in list(obj.values())[:MAX_CHILDREN] if isinstance(v, persistent.Persistent)]
-    else:
-        kids = []
-    return [_child(root, k) for k in list(kids)[:MAX_CHILDREN]]
-
-
-def _child(root: Any, obj: persistent.Persistent) -> dict[str, Any]:
-    if not isinstance(obj, UvmObject):
-        return {"oid": _oid(obj), "name": type(obj).__name__, "prototype": ""}
-    out: dict[str, Any] = {"oid": _oid(obj), "name": obj.uvm_name, "prototype": prototype_of(obj, root["prototypes"])}
-    meta = obj.get_slot("metadata")
-    if isinstance(meta, dict):
-        out["metadata"] = dict(meta)
-    for key in ("source_text", "summary_text", "summary"):
-        text = obj.get_slot(key)
-        if isinstance(text, str):
-            out["text"] = text
-            break
-    return out

@@ -12,7 +12,8 @@ Every function here runs inside a ZODB transaction on a connection-owning thread
   hash per chunk would otherwise add a record to every chunk's commit)
 - ``counts``       OOBTree  prototype name -> Length (conflict-free counters)
 - ``vectors``      VectorStore (append-only shards; see vectors.py)
-- ``fractals_by_event`` / ``fractals_by_time`` ((timestamp, event_id)) / ``fractals_by_cycle``
+- ``fractals_by_event`` OOBTree  event_id -> ContextFractal (an event is stored once)
+- ``history``      the audit history's indexes (history_index.py): by time, cycle, persona, status, ...
 - ``offsets``      OOBTree  audit-log path -> read position
 
 MemoryChunk, ContextualSummary and ContextFractal are UvmObjects cloned from their
@@ -39,12 +40,13 @@ from batos import paging
 from batos.errors import ServiceError
 from batos.uvm import UvmObject, parse_oid, prototype_of
 from proto import ErrorCode
+from proto.bodies.memory import ChunkIn, FractalEvent, QueryFractals, SummaryIn
 
-from .payloads import ChunkIn, FractalEvent, SummaryIn
+from . import history_index
 from .vectors import LEVEL_CHUNK, LEVEL_FRACTAL, LEVEL_SUMMARY, VectorStore
 
-_SET_ATTRS = ("by_node_name", "by_node_type", "by_hash", "fractals_by_cycle")
-_MAP_ATTRS = ("files", "counts", "fractals_by_event", "fractals_by_time", "offsets")
+_SET_ATTRS = ("by_node_name", "by_node_type", "by_hash")
+_MAP_ATTRS = ("files", "counts", "fractals_by_event", "offsets")
 _MAX_OID = 2**64 - 1
 
 
@@ -69,13 +71,15 @@ class MemoryIndexes(persistent.Persistent):
         for name in _MAP_ATTRS:
             setattr(self, name, OOBTree())
         self.vectors = VectorStore(dim, shard_rows)
+        self.history = history_index.HistoryIndex()
 
 
 def ensure_memory(root: Any, dim: int, shard_rows: int) -> MemoryIndexes:
-    """root["memory"], created on first start (idempotent)."""
+    """root["memory"], created on first start (idempotent); an older image's missing indexes are built."""
     mem = root.get("memory")
     if mem is None:
         mem = root["memory"] = MemoryIndexes(dim, shard_rows)
+    history_index.ensure(mem)
     return mem
 
 
@@ -471,9 +475,11 @@ def read_blob(blob: Blob) -> bytes:
 def create_fractals(
     root: Any, conn: Any, events: list[FractalEvent], vectors: dict[str, np.ndarray],
     offset: tuple[str, int] | None,
-) -> dict[str, Any]:
-    """ContextFractals for new event ids (idempotent) and the audit offset, in one transaction."""
+) -> int:
+    """ContextFractals for new event ids (idempotent) and the audit offset, in one transaction; how many
+    were created."""
     mem = memory(root)
+    hx = mem.history
     proto = root["prototypes"]["context_fractal"]
     made: list[UvmObject] = []
     for ev in events:
@@ -487,8 +493,7 @@ def create_fractals(
         conn.add(obj)
         oid = _index(mem, obj, "context_fractal", None)
         mem.fractals_by_event[ev.event_id] = obj
-        mem.fractals_by_time[(meta.get("timestamp") or "", ev.event_id)] = obj
-        _set_add(mem.fractals_by_cycle, meta.get("cycle_id"), oid)
+        hx.add(history_index.key_of(meta, ev.event_id), history_index.Row.of(oid, meta))
         made.append(obj)
     if made:
         mem.vectors.append(np.stack([np.frombuffer(o.get_slot("vector_embedding"), dtype=np.float32) for o in made]),
@@ -496,20 +501,22 @@ def create_fractals(
                            [lex_doc(o, LEVEL_FRACTAL) for o in made])
     if offset is not None:
         mem.offsets[offset[0]] = offset[1]
-    return {"created": len(made), "skipped": len(events) - len(made)}
+    return len(made)
 
 
 def audit_offset(root: Any, path: str) -> int:
     return int(memory(root).offsets.get(path, 0))
 
 
-def query_fractals(root: Any, q: Any, page_bytes: int = paging.PAGE_BYTES) -> dict[str, Any]:
+def query_fractals(root: Any, q: QueryFractals, page_bytes: int = paging.PAGE_BYTES) -> dict[str, Any]:
     """One page of the fractals matching ``q`` in (timestamp, event id) order, and the ``next`` cursor (None on
-    the last page). A cursor is the last returned key: fractals are never deleted, so a page that follows it is
-    exact even while new events are ingested."""
-    page, more = paging.take_page(_fractals_matching(root, q), page_bytes, q.limit)
-    next_cursor = _fractal_cursor(page[-1]) if more else None
-    return {"fractals": page, "next": next_cursor}
+    the last page), answered from the history indexes. A cursor is the last returned key: fractals are never
+    deleted, so a page that follows it is exact even while new events are ingested."""
+    after = _parse_fractal_cursor(q.after) if q.after is not None else None
+    mem = memory(root)
+    rendered = (_render_fractal(mem.objects[row.oid]) for _, row in mem.history.matching(q, after))
+    page, more = paging.take_page(rendered, page_bytes, q.limit)
+    return {"fractals": page, "next": _fractal_cursor(page[-1]) if more else None}
 
 
 def _fractal_cursor(rendered: dict[str, Any]) -> str:
@@ -526,34 +533,10 @@ def _parse_fractal_cursor(cursor: str) -> tuple[str, str]:
     raise ServiceError(ErrorCode.BAD_ARGS, "`after` is not a cursor this query returned")
 
 
-def _fractals_matching(root: Any, q: Any) -> Iterable[dict[str, Any]]:
-    mem = memory(root)
-    after = _parse_fractal_cursor(q.after) if q.after is not None else None
-    if q.cycle_id is not None:
-        found = members(mem.fractals_by_cycle, q.cycle_id)
-        objs: Iterable[Any] = sorted((mem.objects[o] for o in found if o in mem.objects),
-                                     key=lambda f: ((f.get_slot("meta") or {}).get("timestamp") or "",
-                                                    f.get_slot("event_id")))
-    elif after is not None:
-        hi = (q.until + "\uffff",) if q.until else None
-        objs = mem.fractals_by_time.values(min=after, max=hi, excludemin=True)
-    else:
-        lo = (q.since,) if q.since else None
-        hi = (q.until + "\uffff",) if q.until else None
-        objs = mem.fractals_by_time.values(min=lo, max=hi)
-    wanted = {k: getattr(q, k) for k in ("mission_type", "persona", "status", "event_type") if getattr(q, k)}
-    for f in objs:
-        meta = f.get_slot("meta") or {}
-        ts = meta.get("timestamp") or ""
-        if after is not None and (ts, f.get_slot("event_id")) <= after:
-            continue
-        if (q.since and ts < q.since) or (q.until and ts > q.until):
-            continue
-        if any(meta.get(k) != v for k, v in wanted.items()):
-            continue
-        yield {"oid": format(oid_int(f), "x"), "summary": f.get_slot("summary"),
-               "full_json": read_blob(f.get_slot("full_content_blob")).decode("utf-8"), "meta": dict(meta),
-               "event_id": f.get_slot("event_id")}
+def _render_fractal(f: UvmObject) -> dict[str, Any]:
+    return {"oid": format(oid_int(f), "x"), "summary": f.get_slot("summary"),
+            "full_json": read_blob(f.get_slot("full_content_blob")).decode("utf-8"),
+            "meta": dict(f.get_slot("meta") or {}), "event_id": f.get_slot("event_id")}
 
 
 def counts(root: Any) -> dict[str, int]:

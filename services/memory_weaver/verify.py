@@ -14,13 +14,16 @@ Invariants of ``root["memory"]`` (store.py's layout):
   live rows;
 - vectors: every live row belongs to a live object whose ``row_of`` is that row, at the object's
   level, holding the object's own embedding; every chunk, summary and fractal has a live row;
-  the worker's in-memory matrix has the same live oids as the image.
+  the worker's in-memory matrix has the same live oids as the image;
+- history: the audit history's indexes (history_index.py) hold exactly the stored fractals, each
+  under its own fields, and each cycle's outcome as its events say.
 
 ``suspect_files`` is the cheap structural part (file entries only, objects stay ghosts): the
 ``file_hashes`` reply gives such files an empty hash, so the next ingest re-sends them and
 ``replace_file`` rewrites them, instead of calling them unchanged. ``repair`` does the rest:
 files that fail get an empty hash (re-ingest rewrites them), orphans are dropped, missing
-vector rows are re-added from the object's stored embedding, dead rows tombstoned, counters set.
+vector rows are re-added from the object's stored embedding, dead rows tombstoned, counters set,
+and history indexes that disagree with the fractals are rebuilt from them.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from . import store
+from proto.bodies.memory import Verify, VerifyReply
+
+from . import history_index, store
 from .vectors import LEVEL_CHUNK, LEVEL_FRACTAL, LEVEL_SUMMARY, VectorIndex, VectorStore, normalize
 
 VECTOR_PROTOS = {"memory_chunk": LEVEL_CHUNK, "contextual_summary": LEVEL_SUMMARY, "context_fractal": LEVEL_FRACTAL}
@@ -55,6 +60,7 @@ class Report:
     missing_rows: list[int] = field(default_factory=list)  # oids of objects without a live row
     live: tuple[int, int] = (0, 0)  # (vectors.live counter, live rows)
     stale_keys: list[tuple[Any, int]] = field(default_factory=list)  # by_hash pairs of no such object
+    history_bad: bool = False  # the history indexes disagree with the fractals: repair rebuilds them
 
     def add(self, kind: str, detail: str, *, file_path: str | None = None, oid: int | None = None) -> None:
         self.counts[kind] += 1
@@ -68,9 +74,9 @@ class Report:
                 item["oid"] = format(oid, "x")
             self.problems.append(item)
 
-    def reply(self) -> dict[str, Any]:
-        return {"ok": not self.counts, "problems": self.problems, "problem_counts": dict(self.counts),
-                "bad_files": sorted(self.bad_files), "checked": self.checked}
+    def reply(self) -> VerifyReply:
+        return VerifyReply(ok=not self.counts, problems=self.problems, problem_counts=dict(self.counts),
+                           bad_files=sorted(self.bad_files), checked=self.checked)
 
 
 def _oid(obj: Any) -> int:
@@ -174,6 +180,9 @@ def check(root: Any, conn: Any = None, index: VectorIndex | None = None) -> Repo
         if said != real:
             rep.add("counter", f"counts[{proto!r}] says {said}, {real} objects exist")
     _check_key_sets(rep, mem)
+    for problem in history_index.problems(mem.history, mem.fractals_by_event.values()):
+        rep.history_bad = True
+        rep.add("history_index", problem)
     _check_vectors(rep, mem.vectors, vector_oids, owner)
     if index is not None:
         _check_index(rep, mem.vectors, index)
@@ -366,21 +375,19 @@ def repair(root: Any, rep: Report) -> dict[str, int]:
     if vs.live() != live:
         vs.live.set(live)
         fixed += 1
+    rebuilt = mem.history.rebuild(mem.fractals_by_event.values()) if rep.history_bad else 0
     return {"files_marked": marked, "orphans_dropped": dropped, "rows_tombstoned": len(rep.dead_rows),
             "rows_readded": readded, "counters_fixed": fixed,
-            "stale_keys_removed": len(rep.stale_keys)}
+            "stale_keys_removed": len(rep.stale_keys), "history_reindexed": rebuilt}
 
 
 # -- the command ----------------------------------------------------------------------------
 
 
-async def run(weaver: Any, body: dict[str, Any] | None) -> dict[str, Any]:
+async def run(weaver: Any, req: Verify) -> VerifyReply:
     """The `verify` command: ``{"repair": bool}``. Checks in a read transaction on the search lane
     (so the in-memory index is compared with the same snapshot), repairs in a write transaction
     that checks again first, then reports the state after."""
-    from .payloads import Verify, parse
-
-    req = parse(Verify, body or {})
     lane = weaver._search_lane()
 
     def read(root: Any, conn: Any) -> Report:
@@ -389,13 +396,13 @@ async def run(weaver: Any, body: dict[str, Any] | None) -> dict[str, Any]:
 
     rep = await weaver.image.read(read, lane=lane)
     out = rep.reply()
-    if req.repair and not out["ok"]:
+    if req.repair and not out.ok:
         def fix(root: Any, conn: Any) -> dict[str, int]:
             return repair(root, check(root, conn))
 
-        out["repaired"] = await weaver._write(fix)
+        out.repaired = await weaver._write(fix)
         after = (await weaver.image.read(read, lane=lane)).reply()
-        out["after"] = {k: after[k] for k in ("ok", "problem_counts", "bad_files")}
+        out.after = {"ok": after.ok, "problem_counts": after.problem_counts, "bad_files": after.bad_files}
     return out
 
 

@@ -1,6 +1,7 @@
 """The Memory Weaver: the `memory` service's logic, usable without the broker.
 
-Each command validates its body (payloads.py), does CPU work (embedding) in a thread
+Each command takes its typed request (proto/bodies/memory.py, checked once at the worker boundary), does
+CPU work (embedding) in a thread
 outside any transaction, then runs one short transaction on an Image thread (store.py).
 Searches run on one dedicated connection thread (a Lane) that owns the in-memory vector
 matrix, so the matrix always matches the snapshot of the connection that reads the hits.
@@ -15,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import numpy as np
 from ZODB.POSException import ConflictError
 from ZODB.utils import p64
@@ -23,9 +25,9 @@ from batos import paging
 from batos.errors import ServiceError
 from batos.image import Image, Lane
 from proto import ErrorCode
+from proto.bodies import memory as M
 
 from . import hybrid, render, store
-from . import payloads as P
 from .embedder import EmbeddingCancelled, TextEmbedder
 from .lexical import LexDoc
 from .vectors import LEVEL_CHUNK, LEVEL_CODES, LEVEL_FRACTAL, LEVEL_NAMES, LEVEL_SUMMARY, VectorIndex, VectorStore
@@ -87,7 +89,7 @@ class MemoryWeaver:
             raise ServiceError(ErrorCode.CANCELLED, "cancelled while embedding") from None
 
     async def _vectors_for(
-        self, items: list[P.ChunkIn | P.SummaryIn], reuse: dict[str, tuple[np.ndarray, int]],
+        self, items: list[M.ChunkIn | M.SummaryIn], reuse: dict[str, tuple[np.ndarray, int]],
         cancelled: threading.Event | None,
     ) -> dict[str, tuple[np.ndarray, int]]:
         """embed-hash -> (vector, windows) for every item, embedding only texts not in ``reuse``."""
@@ -112,26 +114,23 @@ class MemoryWeaver:
         return out
 
     # -- commands ----------------------------------------------------------------------------
-    async def replace_file(self, body: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
-        return (await self._replace([P.parse(P.ReplaceFile, body)], cancelled))[0]
+    async def replace_files(self, req: M.ReplaceFiles, cancelled: threading.Event | None = None) -> M.ReplaceFilesReply:
+        """Several files' replace in ONE transaction (and one embedding batch): ingestion's batches."""
+        return M.ReplaceFilesReply(files=await self._replace(req.files, cancelled))
 
-    async def replace_files(self, body: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
-        """Several files' replace_file in ONE transaction (and one embedding batch): ingestion's batches."""
-        req = P.parse(P.ReplaceFiles, body)
-        return {"files": await self._replace(req.files, cancelled)}
-
-    async def _replace(self, files: list[P.ReplaceFile], cancelled: threading.Event | None) -> list[dict[str, Any]]:
+    async def _replace(self, files: list[M.FileIn], cancelled: threading.Event | None) -> list[M.FileReplaced]:
         def before(root: Any, conn: Any) -> list[tuple[Any, dict]]:
             return [(store.file_state(root, f.file_path), store.reusable_vectors(root, f.file_path)) for f in files]
 
         known = await self.image.read(before)
-        results: dict[int, dict[str, Any]] = {}
+        results: dict[int, M.FileReplaced] = {}
         todo: list[int] = []
         reuse: dict[str, tuple[np.ndarray, int]] = {}
         for i, (f, (state, vecs)) in enumerate(zip(files, known, strict=True)):
             if state is not None and f.file_hash and state["file_hash"] == f.file_hash:
-                results[i] = {"file_path": f.file_path, "chunks": state["chunks"], "summaries": state["summaries"],
-                              "oids": state["oids"], "unchanged": True, "reused_vectors": 0}
+                results[i] = M.FileReplaced(file_path=f.file_path, chunks=state["chunks"],
+                                            summaries=state["summaries"], oids=state["oids"], unchanged=True,
+                                            reused_vectors=0)
             else:
                 todo.append(i)
                 reuse.update(vecs)
@@ -145,40 +144,32 @@ class MemoryWeaver:
         for i, result in zip(todo, await self._write(txn) if todo else [], strict=True):
             f = files[i]
             reused = sum(1 for it in _items(f) if store.text_hash(store.embed_text_of(it)) in reuse)
-            results[i] = {**result, "unchanged": False, "reused_vectors": reused}
+            results[i] = M.FileReplaced(**result, unchanged=False, reused_vectors=reused)
         return [results[i] for i in range(len(files))]
 
-    async def create_chunks(self, body: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
-        req = P.parse(P.CreateChunks, body)
-        new_s, new_c = await self.image.read(lambda root, conn: store.fresh_items(root, req.summaries, req.chunks))
-        vectors = await self._vectors_for([*new_s, *new_c], {}, cancelled)
-        return await self._write(store.create_chunks, req.summaries, req.chunks, vectors)
+    async def file_hashes(self, req: M.FileHashes) -> M.FileHashesReply:
+        return M.FileHashesReply(hashes=await self.image.read(lambda root, conn: store.file_hashes(root, req.root)))
 
-    async def file_hashes(self, body: dict[str, Any]) -> dict[str, Any]:
-        prefix = body.get("root")
-        if prefix is not None and not isinstance(prefix, str):
-            raise P.bad("`root` must be a string")
-        return {"hashes": await self.image.read(lambda root, conn: store.file_hashes(root, prefix))}
+    async def delete_file(self, req: M.DeleteFile) -> M.DeleteFileReply:
+        return M.DeleteFileReply(deleted=await self._write(lambda root, conn: store.delete_file(root, req.file_path)))
 
-    async def delete_file(self, body: dict[str, Any]) -> dict[str, Any]:
-        path = _str_arg(body, "file_path")
-        return {"deleted": await self._write(lambda root, conn: store.delete_file(root, path))}
-
-    async def search(self, body: dict[str, Any]) -> dict[str, Any]:
-        req = P.parse(P.Search, body)
+    async def search(self, req: M.Search) -> list[dict[str, Any]]:
+        """The ``k`` best hits, ranked (the handler pages them)."""
         mode = req.mode if req.text is not None and req.vector is None else "dense"
         query: np.ndarray | None = None
         if req.vector is not None:
             query = np.asarray(req.vector, dtype=np.float32)
             if query.shape != (self.embedder.dim,):
-                raise P.bad(f"vector has {query.size} values; the index has dimension {self.embedder.dim}")
+                raise ServiceError(ErrorCode.BAD_ARGS,
+                                   f"vector has {query.size} values; the index has dimension {self.embedder.dim}")
         elif mode != "lexical":
             query = await self._query_vector(req.text or "")
         levels = LEVELS[req.level]
         if req.within is not None:
             levels = levels & {LEVEL_CHUNK} or {LEVEL_CHUNK}  # `within` means the summaries' child chunks
-        hits = await self.image.read(self._search_in_txn, query, req, levels, mode, lane=self._search_lane())
-        return {"hits": hits}
+        hits: list[dict[str, Any]] = await self.image.read(self._search_in_txn, query, req, levels, mode,
+                                                           lane=self._search_lane())
+        return hits
 
     def _search_lane(self) -> Lane:
         if self._lane is None:
@@ -195,7 +186,7 @@ class MemoryWeaver:
                     self.index.lexical.add(row, LexDoc(*doc))
         return vs
 
-    def _search_in_txn(self, root: Any, conn: Any, query: np.ndarray | None, req: P.Search, levels: set[int],
+    def _search_in_txn(self, root: Any, conn: Any, query: np.ndarray | None, req: M.Search, levels: set[int],
                        mode: hybrid.Mode) -> list:
         vs = self._refresh(root)
         rows = None
@@ -235,15 +226,11 @@ class MemoryWeaver:
                 self._queries.popitem(last=False)
         return vec
 
-    async def get(self, body: dict[str, Any]) -> dict[str, Any]:
-        oid = body.get("oid")
-        return await self.image.read(lambda root, conn: render.inspect_object(root, conn, oid))
+    async def inspect(self, req: M.Inspect) -> M.InspectReply:
+        view = await self.image.read(lambda root, conn: render.inspect_object(root, conn, req.oid))
+        return msgspec.convert(view, M.InspectReply)
 
-    async def children(self, body: dict[str, Any]) -> dict[str, Any]:
-        oid = body.get("oid")
-        return {"children": await self.image.read(lambda root, conn: render.children(root, conn, oid))}
-
-    async def stats(self, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def stats(self) -> M.StatsReply:
         def read(root: Any, conn: Any) -> dict[str, Any]:
             vs = store.vector_store(root)
             return {"counts": store.counts(root), "vectors": {"rows": vs.total_rows, "live": vs.live(),
@@ -251,46 +238,36 @@ class MemoryWeaver:
                     "storage_bytes": int(conn.db().getSize())}
 
         out = await self.image.read(read)
-        out["index"] = self.index.stats()
-        return out
+        return M.StatsReply(**out, index=self.index.stats())
 
-    async def create_fractals(self, body: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
-        req = P.parse(P.CreateFractals, body)
+    async def create_fractals(self, req: M.CreateFractals, cancelled: threading.Event | None = None
+                              ) -> M.CreateFractalsReply:
         known = await self.image.read(lambda root, conn: store.existing_events(root, [e.event_id for e in req.events]))
         fresh = [e for e in req.events if e.event_id not in known]
         vecs, _ = await self._embed([e.summary for e in fresh], cancelled)
         vectors = {e.event_id: v for e, v in zip(fresh, vecs, strict=True)}
         offset = (req.offset.path, req.offset.value) if req.offset else None
 
-        def txn(root: Any, conn: Any) -> dict[str, Any]:
+        def txn(root: Any, conn: Any) -> M.CreateFractalsReply:
             # fractals are never deleted, so `known` stays known; a fresh event another writer
             # stored meanwhile is skipped inside store.create_fractals
-            result = store.create_fractals(root, conn, fresh, vectors, offset)
-            result["skipped"] += len(req.events) - len(fresh)
-            return result
+            created = store.create_fractals(root, conn, fresh, vectors, offset)
+            return M.CreateFractalsReply(created=created, skipped=len(req.events) - created)
 
-        return await self._write(txn)
+        reply: M.CreateFractalsReply = await self._write(txn)
+        return reply
 
-    async def audit_offset(self, body: dict[str, Any]) -> dict[str, Any]:
-        path = _str_arg(body, "path")
-        return {"value": await self.image.read(lambda root, conn: store.audit_offset(root, path))}
+    async def audit_offset(self, req: M.AuditOffset) -> M.AuditOffsetReply:
+        return M.AuditOffsetReply(value=await self.image.read(lambda root, conn: store.audit_offset(root, req.path)))
 
-    async def query_fractals(self, body: dict[str, Any], page_bytes: int = paging.PAGE_BYTES) -> dict[str, Any]:
+    async def query_fractals(self, req: M.QueryFractals, page_bytes: int = paging.PAGE_BYTES
+                             ) -> M.QueryFractalsReply:
         """One page (batos.paging): ``fractals`` and ``next``, the cursor to send back as ``after``."""
-        q = P.parse(P.QueryFractals, body)
-        return await self.image.read(lambda root, conn: store.query_fractals(root, q, page_bytes))
+        page = await self.image.read(lambda root, conn: store.query_fractals(root, req, page_bytes))
+        return msgspec.convert(page, M.QueryFractalsReply)
 
 
-def _str_arg(body: dict[str, Any], name: str) -> str:
-    if not isinstance(body, dict):
-        raise P.bad("request body must be a map")
-    value = body.get(name)
-    if not isinstance(value, str) or not value:
-        raise P.bad(f"`{name}` must be a non-empty string")
-    return value
-
-
-def _items(f: P.ReplaceFile) -> list[P.ChunkIn | P.SummaryIn]:
+def _items(f: M.FileIn) -> list[M.ChunkIn | M.SummaryIn]:
     """What a file's replace embeds and stores: its summaries, then its chunks."""
     return [*f.summaries, *f.chunks]
 

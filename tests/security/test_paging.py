@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 import proto
-from batos import paging
+from batos import fractals, paging
 from batos.audit import AuditEvent, new_id
 from batos.errors import ServiceError
+from proto import contract
 from services.kernel import history
-from services.memory_weaver import handlers
+from tests.unit.memory_wire import Wire
 from tests.unit.test_memory_image import image, settings, zeo_addr  # noqa: F401  (fixtures)
 from tests.unit.test_memory_weaver import weaver  # noqa: F401  (fixture)
 
@@ -46,11 +46,6 @@ def _event(i: int, cycle: str = "c1", pad: int = BIG) -> dict[str, Any]:
                      "timestamp": ev.timestamp.isoformat()}}
 
 
-def _req(memory: Any, args: dict[str, Any], frame: int) -> Any:
-    return SimpleNamespace(args=args, ctx=SimpleNamespace(state={"weaver": memory},
-                                                          settings=SimpleNamespace(max_frame_bytes=frame)))
-
-
 @pytest.mark.parametrize("by", ["cycle", "time"])
 async def test_history_pages_fit_the_frame_and_add_up_to_everything(weaver, by):  # noqa: F811
     await weaver.create_fractals({"events": [_event(i) for i in range(40)] + [_event(99, cycle="c2")]})
@@ -61,7 +56,7 @@ async def test_history_pages_fit_the_frame_and_add_up_to_everything(weaver, by):
     pages = 0
     while True:
         body = {**query, "limit": 10_000, **({"after": after} if after else {})}
-        reply = await handlers.HANDLERS["query_fractals"](_req(weaver, body, frame))
+        reply = await Wire(weaver.weaver, max_frame_bytes=frame).query_fractals(body)
         pages += 1
         assert paging.encoded_size(reply) < frame, f"page {pages} is over the frame limit"
         assert reply["fractals"], "a page that is not the last is never empty"
@@ -77,9 +72,10 @@ async def test_history_pages_fit_the_frame_and_add_up_to_everything(weaver, by):
 
 async def test_a_page_holds_at_least_one_item_and_a_bad_cursor_is_refused(weaver):  # noqa: F811
     await weaver.create_fractals({"events": [_event(i, pad=3 * PAGE) for i in range(2)]})
-    reply = await weaver.query_fractals({"cycle_id": CYCLES["c1"]}, page_bytes=PAGE)
+    small = Wire(weaver.weaver, max_frame_bytes=4 * PAGE)  # page_budget(4 * PAGE) == PAGE
+    reply = await small.query_fractals({"cycle_id": CYCLES["c1"]})
     assert len(reply["fractals"]) == 1 and reply["next"]  # larger than a page: it travels alone
-    last = await weaver.query_fractals({"cycle_id": CYCLES["c1"], "after": reply["next"]}, page_bytes=PAGE)
+    last = await small.query_fractals({"cycle_id": CYCLES["c1"], "after": reply["next"]})
     assert [f["event_id"] for f in last["fractals"]] == [eid(1)] and last["next"] is None
     for bad in ("nope", json.dumps([1, 2]), "[]"):
         with pytest.raises(ServiceError) as e:
@@ -90,23 +86,24 @@ async def test_a_page_holds_at_least_one_item_and_a_bad_cursor_is_refused(weaver
 async def test_kernel_history_follows_pages(weaver):  # noqa: F811
     await weaver.create_fractals({"events": [_event(i) for i in range(30)]})
     calls: list[dict[str, Any]] = []
+    wire = Wire(weaver.weaver, max_frame_bytes=4 * PAGE)
 
-    async def memory_call(command: str, body: dict[str, Any]) -> dict[str, Any]:
-        calls.append(body)
-        return await handlers.HANDLERS[command](_req(weaver, dict(body), 4 * PAGE))
+    async def memory(body: Any) -> Any:  # Client.request, over the worker's decode and encode
+        s = contract.spec_of(body)
+        calls.append(contract.encode(body))
+        return contract.decode_reply(s, await wire.call(s.command, contract.encode(body)))
 
-    events = await history.trace_cycle(memory_call, CYCLES["c1"])
+    events = await history.trace_cycle(memory, CYCLES["c1"])
     assert [e.event_id for e in events] == [eid(i) for i in range(30)]
-    assert len(calls) > 1 and all(c.get("limit", 0) <= history.PAGE_ITEMS for c in calls)
+    assert len(calls) > 1 and all(c.get("limit", 0) <= fractals.PAGE_ITEMS for c in calls)
 
 
 class _BigHits:
     """A weaver whose search returns ``k`` hits of 50 KB each (large chunks, large k)."""
 
-    async def search(self, body: dict[str, Any]) -> dict[str, Any]:
-        assert "after" not in body  # the page cursor never reaches the typed Search body
-        return {"hits": [{"oid": format(i, "x"), "text": "y" * 50_000, "score": 1.0 - i / 1000}
-                         for i in range(body["k"])]}
+    async def search(self, body: Any) -> list[dict[str, Any]]:
+        return [{"oid": format(i, "x"), "level": "chunk", "text": "y" * 50_000, "score": 1.0 - i / 1000,
+                 "metadata": {}, "token_count": None} for i in range(body.k)]
 
 
 async def test_search_pages_and_the_console_follows_them():
@@ -115,7 +112,7 @@ async def test_search_pages_and_the_console_follows_them():
 
     async def fetch(after: str | None) -> dict[str, Any]:
         args = {"text": "q", "k": 40, **({"after": after} if after else {})}
-        reply = await handlers.HANDLERS["search"](_req(fake, args, frame))
+        reply = await Wire(fake, max_frame_bytes=frame).search(args)  # type: ignore[arg-type]
         assert paging.encoded_size(reply) < frame
         return reply
 

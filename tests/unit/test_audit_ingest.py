@@ -12,6 +12,8 @@ import pytest
 
 from batos.audit import AuditEvent, AuditLog, Status, log_segments, new_id, prune_segments, rotated_segments
 from batos.errors import ServiceError
+from batos.outcome import Outcome
+from proto import contract
 from services.kernel import audit_ingest
 from services.kernel.audit_ingest import (
     LogReader,
@@ -23,21 +25,25 @@ from services.kernel.audit_ingest import (
 
 
 class FakeMemory:
-    """memory's create_fractals / audit_offset / query_fractals, in dicts: a batch and its offset commit together."""
+    """memory's create_fractals / audit_offset / query_fractals over a dict, by scanning: a batch and its offset
+    commit together. Called like ``Client.request``: a typed body in, the typed reply out (proto.contract)."""
 
     def __init__(self) -> None:
         self.fractals: dict[str, dict[str, Any]] = {}
         self.offsets: dict[str, int] = {}
         self.creates = 0
+        self.queries = 0
         self.fail_before: int | None = None  # create_fractals call index that fails without committing
         self.fail_after: int | None = None  # ... that commits, then fails (the reply is lost)
 
-    async def __call__(self, command: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def __call__(self, typed: Any) -> Any:
         await asyncio.sleep(0)
-        return getattr(self, command)(body)
+        s = contract.spec_of(typed)
+        assert s.service == "memory"
+        return contract.decode_reply(s, getattr(self, s.command)(contract.encode(typed)))
 
     def audit_offset(self, body: dict[str, Any]) -> dict[str, Any]:
-        return {"value": self.offsets.get(body["path"])}
+        return {"value": self.offsets.get(body["path"], 0)}
 
     def create_fractals(self, body: dict[str, Any]) -> dict[str, Any]:
         index, self.creates = self.creates, self.creates + 1
@@ -47,7 +53,7 @@ class FakeMemory:
         skipped = 0
         for fractal in body["events"]:
             assert set(fractal) == {"event_id", "summary", "full_json", "meta"}
-            assert set(fractal["meta"]) == {"cycle_id", "mission_type", "persona", "status", "timestamp",
+            assert set(fractal["meta"]) <= {"cycle_id", "mission_type", "persona", "status", "timestamp",
                                             "event_type", "psm_state"}
             if fractal["event_id"] in self.fractals or fractal["event_id"] in staged:
                 skipped += 1
@@ -60,13 +66,25 @@ class FakeMemory:
             raise ServiceError("timeout", "reply lost")
         return {"created": len(staged), "skipped": skipped}
 
+    def outcome(self, cycle_id: str) -> str:
+        out = Outcome()
+        for f in self.fractals.values():
+            m = f["meta"]
+            if m.get("cycle_id") == cycle_id:
+                out = out.add((m["timestamp"], f["event_id"]), m.get("event_type"), m.get("psm_state"), m.get("status"))
+        return out.status
+
     def query_fractals(self, body: dict[str, Any]) -> dict[str, Any]:
-        keys = {"cycle_id": "cycle_id", "mission_type": "mission_type", "persona": "persona", "status": "status",
-                "event_type": "event_type"}
+        self.queries += 1
         out = []
-        for fractal in self.fractals.values():
+        for fractal in sorted(self.fractals.values(), key=lambda f: (f["meta"]["timestamp"], f["event_id"])):
             meta = fractal["meta"]
-            if any(body.get(k) is not None and meta[m] != body[k] for k, m in keys.items()):
+            if any(body.get(k) is not None and meta.get(k) != body[k]
+                   for k in ("cycle_id", "mission_type", "persona", "status", "event_type")):
+                continue
+            if body.get("event_types") is not None and meta.get("event_type") not in body["event_types"]:
+                continue
+            if body.get("cycle_status") is not None and self.outcome(meta.get("cycle_id")) != body["cycle_status"]:
                 continue
             if body.get("since") and meta["timestamp"] < body["since"]:
                 continue

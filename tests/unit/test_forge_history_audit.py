@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from batos.outcome import Outcome
 from services.forge.history_audit import (
     audit_cognitive_history,
     last_forge_times,
@@ -13,13 +16,22 @@ from tests.unit.test_forge_curation import dnu_cycle
 
 
 class FakeMemory:
-    """memory's query_fractals over a list, with its filter semantics (meta equality, since on timestamps), and
-    the steward's status (its record of forges)."""
+    """memory's query_fractals over a list, by scanning, with its filter semantics (meta equality, event types,
+    the cycle's outcome, since on timestamps), and the steward's status (its record of forges)."""
 
     def __init__(self, fractals, steward=None):
-        self.fractals = sorted(fractals, key=lambda f: f["meta"]["timestamp"])
+        self.fractals = sorted(({**f, "event_id": json.loads(f["full_json"])["event_id"]} for f in fractals),
+                               key=lambda f: (f["meta"]["timestamp"], f["event_id"]))
         self.steward = steward or {"runs": [], "last_forge": {}, "busy": []}
         self.calls: list[tuple[str, str, dict]] = []
+
+    def outcome(self, cycle_id):
+        out = Outcome()
+        for f in self.fractals:
+            m = f["meta"]
+            if m["cycle_id"] == cycle_id:
+                out = out.add((m["timestamp"], f["event_id"]), m["event_type"], m["psm_state"], m["status"])
+        return out.status
 
     async def __call__(self, service, command, body):
         self.calls.append((service, command, dict(body)))
@@ -29,9 +41,12 @@ class FakeMemory:
         out = []
         for f in self.fractals:
             meta = f["meta"]
-            if body.get("cycle_id") and meta["cycle_id"] != body["cycle_id"]:
+            if any(body.get(k) and meta[k] != body[k] for k in ("cycle_id", "status", "event_type", "persona",
+                                                                 "mission_type")):
                 continue
-            if any(body.get(k) and meta[k] != body[k] for k in ("status", "event_type", "persona", "mission_type")):
+            if body.get("event_types") is not None and meta["event_type"] not in body["event_types"]:
+                continue
+            if body.get("cycle_status") is not None and self.outcome(meta["cycle_id"]) != body["cycle_status"]:
                 continue
             if body.get("since") and meta["timestamp"] < body["since"]:
                 continue
@@ -65,10 +80,19 @@ async def test_only_history_after_the_last_forge_counts():
     report = await audit_cognitive_history(memory, 3)
     assert report.since["BRICK"].startswith("2025-09-01T12:10:00") and report.counts["BRICK"] == 2
     assert report.due == []
-    # The queries themselves were narrowed: BRICK's by time, every one by persona.
-    queries = [body for _, _, body in memory.calls if "event_type" in body]
-    assert {b["persona"] for b in queries} == {"ALFRED", "BABS", "BRICK", "ROBIN"}
-    assert all(b.get("since") == (report.since["BRICK"] if b["persona"] == "BRICK" else None) for b in queries)
+
+
+async def test_the_audit_is_one_query():
+    """Successful golden events of cycles that ended in SUCCESS, from the oldest last forge: one memory query
+    (paged), not one per persona and event type plus one per candidate cycle."""
+    memory = FakeMemory(cycles(4) + cycles(3, start=10, final="FAILURE"),
+                        steward={"last_forge": {"BRICK": "2025-09-01T12:01:30+00:00"}, "busy": []})
+    report = await audit_cognitive_history(memory, 10)
+    queries = [body for service, _, body in memory.calls if service == "memory"]
+    assert len(queries) == 1
+    assert queries[0]["cycle_status"] == "SUCCESS" and set(queries[0]["event_types"]) == {"DNU_OUTCOME", "LLM_CALL"}
+    assert queries[0].get("since") is None  # the other personas were never forged: their history starts at 0
+    assert report.counts["BRICK"] == 2  # minutes 2 and 3: after BRICK's forge at 1:30; the failures never count
 
 
 async def test_a_busy_persona_is_never_due():

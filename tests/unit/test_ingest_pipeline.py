@@ -10,13 +10,8 @@ from typing import Any
 import pytest
 
 from batos.errors import ServiceError
-from proto import ErrorCode
+from proto import ErrorCode, contract
 from services.ingestor import pipeline
-
-try:  # memory's own request schema, when that service is present: our payloads must pass it
-    from services.memory_weaver import payloads as memory_payloads
-except ImportError:  # pragma: no cover
-    memory_payloads = None
 
 
 class FakeMemory:
@@ -31,10 +26,13 @@ class FakeMemory:
         self.in_flight = 0
         self.max_in_flight = 0
 
-    async def call(self, service: str, command: str, body: dict[str, Any] | None = None, *, timeout: float = 60.0,
-                   idempotent: bool = False, on_event: Any = None) -> dict[str, Any]:
-        assert service == "memory"
-        body = body or {}
+    async def request(self, typed: contract.Call[Any], *, timeout: float = 60.0, idempotent: bool = False) -> Any:
+        """Like batos.client's: memory's typed bodies in, its typed replies out (the dicts between are the wire's)."""
+        s = contract.spec_of(typed)
+        assert s.service == "memory"
+        return contract.decode_reply(s, await self.call(s.command, contract.encode(typed)))
+
+    async def call(self, command: str, body: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(command)
         if command in self.fail:
             raise self.fail[command]
@@ -43,11 +41,9 @@ class FakeMemory:
             return {"hashes": {p: h for p, h in self.hashes.items() if p == root or p.startswith(root + "/")}}
         if command == "delete_file":
             self.hashes.pop(body["file_path"], None)
-            return {"deleted": self.files.pop(body["file_path"], None) is not None}
+            return {"deleted": int(self.files.pop(body["file_path"], None) is not None)}
         assert command == "replace_files", command  # the ingestor writes in batches, nothing else
         files = body["files"]
-        if memory_payloads is not None:
-            memory_payloads.parse(memory_payloads.ReplaceFiles, {"files": files})
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -57,7 +53,8 @@ class FakeMemory:
         for f in files:
             self.hashes[f["file_path"]] = f["file_hash"]
             self.files[f["file_path"]] = f
-        return {"files": [{"file_path": f["file_path"]} for f in files]}
+        return {"files": [{"file_path": f["file_path"], "chunks": len(f["chunks"]), "summaries": len(f["summaries"]),
+                           "oids": [], "unchanged": False, "reused_vectors": 0} for f in files]}
 
 
 def _tree(root: Path, n_modules: int = 6) -> None:

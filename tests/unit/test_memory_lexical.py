@@ -92,8 +92,9 @@ async def test_lexical_index_follows_another_process_and_old_segments(weaver, we
 
     await weaver2.image.transact(strip_documents)
     from services.memory_weaver.weaver import MemoryWeaver
+    from tests.unit.memory_wire import Wire
 
-    fresh = MemoryWeaver(weaver2.image, weaver2.embedder, weaver2.shard_rows)
+    fresh = Wire(MemoryWeaver(weaver2.image, weaver2.embedder, weaver2.shard_rows))
     await fresh.start()
     try:
         hits = (await fresh.search({"text": "delta writer", "k": 2, "mode": "lexical", "level": "chunks"}))["hits"]

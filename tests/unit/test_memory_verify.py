@@ -7,7 +7,7 @@ import hashlib
 
 import numpy as np
 
-from services.memory_weaver import store, verify
+from services.memory_weaver import store
 from tests.unit.test_memory_image import image, settings, zeo_addr  # noqa: F401  (fixtures)
 from tests.unit.test_memory_weaver import weaver  # noqa: F401  (fixture)
 
@@ -34,7 +34,7 @@ async def ingest(w, *paths):
 
 
 async def verify_reply(w, repair=False):
-    return await verify.run(w, {"repair": repair})
+    return await w.verify({"repair": repair})
 
 
 async def test_a_clean_image_verifies(weaver):  # noqa: F811
@@ -148,17 +148,16 @@ async def test_the_in_memory_matrix_is_compared_with_the_image(weaver):  # noqa:
 def test_the_console_and_the_kernel_route_verify_to_memory():
     import pytest
 
-    from services.console.commands import CommandError, Request, parse_line
-    from services.kernel import commands as kernel_commands
+    from proto import contract
+    from services.console.commands import CommandError, parse_line
     from services.kernel.handlers import HANDLERS
 
-    assert parse_line("verify") == Request("verify", {"repair": False}, label="verify")
-    assert parse_line("verify repair") == Request("verify", {"repair": True}, label="verify")
+    for line, repair in (("verify", False), ("verify repair", True)):
+        call = parse_line(line).call
+        assert contract.spec_of(call).name == "kernel.verify" and call.repair is repair
     with pytest.raises(CommandError):
         parse_line("verify everything")
-    cmd = kernel_commands.from_console("verify", {"repair": True})
-    assert (cmd.command, cmd.mission_brief.kwargs) == ("verify", {"repair": True})
-    assert "verify" in kernel_commands.COMMANDS and "verify" in HANDLERS
+    assert "verify" in HANDLERS
 
 
 async def test_an_object_listed_twice_is_reported(weaver):  # noqa: F811

@@ -1,0 +1,53 @@
+"""How a cognitive cycle ended, from its audit events (Table 3): one rule for BABS's curation and memory's index.
+
+The outcome is the status of the latest event that entered a terminal PSM state (a STATE_TRANSITION is logged in
+the state it enters; entering FAILED is a FAILURE whatever the event's status says), else the status of its
+latest event with a terminal status, else "" (still running, or its end is not in the log yet).
+
+:class:`Outcome` folds events in one at a time, in any order, and keeps only two (key, status) pairs, so memory
+maintains it per cycle as fractals arrive (services/memory_weaver/history_index.py).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+# Statuses that say how something ended (IN_PROGRESS does not). SUCCESS_DEGRADED (an answer produced with a
+# fallback) is an ending but not a golden path.
+TERMINAL_STATUSES = frozenset({"SUCCESS", "SUCCESS_DEGRADED", "FAILURE", "FAILED", "ERROR", "ABORTED",
+                               "CANCELLED", "TIMEOUT"})
+TERMINAL_PSM_STATES = frozenset({"COMPLETE", "FAILED"})  # services/kernel/psm.py's end states
+NO_KEY: tuple[str, str] = ("", "")
+
+
+def ending(event_type: str | None, psm_state: str | None, status: str | None) -> tuple[str | None, str | None]:
+    """(status if the event entered a terminal state, status if the event has a terminal status)."""
+    status = (status or "").upper()
+    state = (psm_state or "").upper()
+    entered = None
+    if event_type == "STATE_TRANSITION" and state in TERMINAL_PSM_STATES:
+        entered = "FAILURE" if state == "FAILED" else status
+    return entered, (status if status in TERMINAL_STATUSES else None)
+
+
+class Outcome(NamedTuple):
+    """The latest terminal transition and the latest terminal status of one cycle, by (timestamp, event id)."""
+
+    end_key: tuple[str, str] = NO_KEY
+    end_status: str = ""
+    last_key: tuple[str, str] = NO_KEY
+    last_status: str = ""
+
+    def add(self, key: tuple[str, str], event_type: str | None, psm_state: str | None, status: str | None
+            ) -> Outcome:
+        entered, terminal = ending(event_type, psm_state, status)
+        out = self
+        if entered is not None and key >= out.end_key:
+            out = out._replace(end_key=key, end_status=entered)
+        if terminal is not None and key >= out.last_key:
+            out = out._replace(last_key=key, last_status=terminal)
+        return out
+
+    @property
+    def status(self) -> str:
+        return self.end_status if self.end_key != NO_KEY else self.last_status
