@@ -14,6 +14,7 @@ import zmq.asyncio
 import proto
 from batos.client import Client
 from batos.errors import ServiceError
+from tests.waiting import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -166,9 +167,16 @@ async def streaming_call(c: Client, *, steps: int, idempotent: bool, timeout: fl
     seen: list[dict] = []
     call = asyncio.create_task(c.call("echo", "slow", {"steps": steps, "delay": 0.1}, on_event=seen.append,
                                       idempotent=idempotent, timeout=timeout))
-    while len(seen) < after_events:
-        await asyncio.sleep(0.05)
+    await until(lambda: len(seen) >= after_events, what=f"{after_events} events of echo.slow")
     return call, seen
+
+
+async def queued_at_broker(c: Client, service: str) -> int:
+    return int((await c.call("broker", "workers"))["broker"]["queued"].get(service, 0))
+
+
+async def waiting_on_others(c: Client, n: int = 3) -> bool:
+    return (await c.call("broker", "workers"))["services"]["echo"][0]["waiting_on_others"] >= n
 
 
 async def test_retry_safe_request_waits_for_the_next_worker(system):
@@ -181,7 +189,8 @@ async def test_retry_safe_request_waits_for_the_next_worker(system):
         await system.wait_registered(c, {"echo": 1})
         call, seen = await streaming_call(c, steps=40, idempotent=True, timeout=10, after_events=30)  # 3 s in
         first.signal(signal.SIGKILL)
-        await asyncio.sleep(2.0)
+        # the next worker starts once the broker has re-queued the request (the wait counts from there)
+        await until(lambda: any(e.get("event") == "retrying" for e in seen), what="the broker's re-queue")
         second = system.start_test_worker("echo", name="second")
         result = await asyncio.wait_for(call, 30)
         assert result == {"done": 40, "pid": second.pid}
@@ -218,12 +227,13 @@ async def test_control_commands_never_queue_behind_work(system):
     system.start_test_worker("echo", BATOS_TEST_CAPACITY="1")
     async with Client(system.settings) as c:
         await system.wait_registered(c, {"echo": 1})
-        slow = asyncio.create_task(c.call("echo", "slow", {"steps": 40, "delay": 0.1}))
-        await asyncio.sleep(0.5)
+        started: list[dict] = []
+        slow = asyncio.create_task(c.call("echo", "slow", {"steps": 40, "delay": 0.1}, on_event=started.append))
+        await until(lambda: started, what="the slow request running")
         status = await c.call("echo", "status", timeout=2.0)
         assert status["inflight"] == 2 and not slow.done()  # the slow request and this status
         queued = asyncio.create_task(c.call("echo", "echo", {"n": 1}))
-        await asyncio.sleep(0.5)
+        await until(lambda: queued_at_broker(c, "echo"), what="the echo request queued at the broker")
         assert not queued.done()  # capacity still bounds work
         assert (await slow)["done"] == 40
         assert (await queued)["echo"] == {"n": 1}
@@ -239,7 +249,7 @@ async def test_waiting_on_a_dead_neighbour_holds_no_slot(system):
         seen: list[dict] = []
         relays = [asyncio.create_task(c.call("echo", "relay", {"service": "neighbour"}, on_event=seen.append,
                                              timeout=30)) for _ in range(3)]
-        await asyncio.sleep(1.0)
+        await until(lambda: waiting_on_others(c), what="three requests waiting on the neighbour")
         assert not any(r.done() for r in relays)
         assert (await c.call("echo", "echo", {"n": 2}, timeout=3.0))["echo"] == {"n": 2}
         table = await c.call("broker", "workers")
