@@ -19,6 +19,7 @@ import proto
 from batos import curve
 from batos.client import Client
 from batos.errors import ServiceError
+from tests.waiting import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -72,8 +73,7 @@ async def test_console_key_reaches_only_console_commands(curve_system):
 async def test_console_key_cannot_register_or_answer(curve_system):
     system = curve_system
     ctx, fake = _raw_dealer(system, "console", b"memory-fake-worker")
-    try:
-        await asyncio.sleep(0.2)
+    try:  # sent at once: the DEALER queues it until its Curve handshake is done
         fake.send(proto.encode(proto.control(proto.Kind.READY, service="memory", body={"capacity": 4})))
         assert fake.poll(5000), "no answer to the READY"
         env = proto.decode(fake.recv())
@@ -86,15 +86,19 @@ async def test_console_key_cannot_register_or_answer(curve_system):
         ctx.term()
 
 
+async def unauthorized(client: Client) -> int:
+    return int((await client.call("broker", "status"))["stats"]["unauthorized"])
+
+
 async def test_a_worker_identity_taken_over_by_another_key_is_not_served(curve_system):
     system = curve_system
     async with Client(_settings(system), curve_key="services") as svc:
         table = await system.wait_registered(svc, {"echo": 1})
         victim = table["services"]["echo"][0]
         ctx, thief = _raw_dealer(system, "console", victim["identity"].encode())
-        try:
-            await asyncio.sleep(0.3)  # ROUTER_HANDOVER gives the thief the identity's routing
+        try:  # delivered after the handshake, when ROUTER_HANDOVER has given the thief the identity's routing
             thief.send(proto.encode(proto.control(proto.Kind.HEARTBEAT, service="echo")))
+            await until(lambda: unauthorized(svc), what="the thief's heartbeat refused by the broker")
             deadline = time.monotonic() + 20
             while True:  # the broker dropped the worker; the real one re-registers and serves again
                 try:
@@ -138,8 +142,7 @@ async def test_a_service_key_serves_only_the_services_on_its_list(listed_system)
         for key, service in (("memory-host", "llm"), ("memory-host", "kernel"), ("service-nolist", "memory")):
             ctx, sock = _raw_dealer(system, key, f"{key}-as-{service}".encode())
             try:
-                await asyncio.sleep(0.2)
-                _ready(sock, service)
+                _ready(sock, service)  # queued by the DEALER until its handshake is done
                 assert sock.poll(5000), f"no answer to {key}'s READY for {service}"
                 env = proto.decode(sock.recv())
                 assert env.kind == proto.Kind.ERROR and env.body["code"] == "unauthorized", (key, service, env)

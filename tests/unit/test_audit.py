@@ -30,6 +30,7 @@ from batos.audit import (
     rotated_segments,
     struct_from_model,
 )
+from tests.waiting import until
 
 TABLE3 = {"event_id", "cycle_id", "timestamp", "psm_state", "active_persona", "event_type", "event_data", "status"}
 DECODER = msgspec.json.Decoder(AuditEventStruct)
@@ -314,7 +315,9 @@ async def test_log_threadsafe_from_a_worker_thread(tmp_path):
     async with AuditLog(path) as audit:
         events = sample_events()
         await asyncio.to_thread(lambda: [audit.log_threadsafe(e) for e in events])
-        await asyncio.sleep(0.05)
+        # each reaches the queue through a task of its own: wait for them all, then for the writes
+        await until(lambda: audit.stats["written"] + audit.stats["queued"] >= len(events), what="every event queued",
+                    timeout=5.0)
         await audit.flush()
     assert [DECODER.decode(line).event_id for line in read_lines(path)] == [e.event_id for e in events]
 
