@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUCCESS = "SUCCESS"
-# Statuses that say how something ended (IN_PROGRESS does not). SUCCESS_DEGRADED (an answer produced with
-# a fallback) is an ending but not a golden path.
-TERMINAL_STATUSES = frozenset({"SUCCESS", "SUCCESS_DEGRADED", "FAILURE", "FAILED", "ERROR", "ABORTED",
-                               "CANCELLED", "TIMEOUT"})
+from batos.audit import Status
+
+SUCCESS = Status.SUCCESS.value
+# Statuses that say how something ended: Table 3's, but IN_PROGRESS. SUCCESS_DEGRADED (an answer produced
+# with a fallback) is an ending but not a golden path.
+TERMINAL_STATUSES = frozenset(s.value for s in Status) - {Status.IN_PROGRESS.value}
 # PSM states that end a cycle (services/kernel/psm.py): the event entering one carries the final status.
 TERMINAL_PSM_STATES = frozenset({"COMPLETE", "FAILED"})
 GOLDEN_EVENT_TYPES = ("DNU_OUTCOME", "LLM_CALL")
@@ -143,14 +144,12 @@ def final_status(cycle_events: Sequence[Mapping[str, Any]]) -> str:
     """How the cycle ended: the status of the event that entered a terminal PSM state, else the status of
     its last event with a terminal status ("" while it is still in progress)."""
     for event in reversed(cycle_events):
-        data = event.get("event_data") or {}
-        state = str(data.get("to") or event.get("psm_state") or "").upper()
+        state = event["event_data"].get("to")
         if event.get("event_type") == "STATE_TRANSITION" and state in TERMINAL_PSM_STATES:
-            return "FAILURE" if state == "FAILED" else str(event.get("status") or "").upper()
+            return Status.FAILURE.value if state == "FAILED" else str(event.get("status"))
     for event in reversed(cycle_events):
-        status = str(event.get("status") or "").upper()
-        if status in TERMINAL_STATUSES:
-            return status
+        if event.get("status") in TERMINAL_STATUSES:
+            return str(event["status"])
     return ""
 
 
