@@ -49,9 +49,9 @@ def strip_fences(text: str) -> str:
 
 
 def is_react_action(text: str) -> bool:
-    from services.forge.structured import DEFAULT_ACTIONS, parse_action
+    from services.forge.structured import parse_action
 
-    action, _ = parse_action(text, DEFAULT_ACTIONS)
+    action, _ = parse_action(text)  # proto.react's vocabulary: the one the kernel asks in
     return action is not None
 
 

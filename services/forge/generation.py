@@ -1,8 +1,9 @@
-"""The llm service's logic, independent of the broker: validated requests, a fair queue that runs one
-generation at a time, deadlines, cancellation, and adapters that survive a restart.
+"""The llm service's logic, independent of the broker: a fair queue that runs one generation at a time,
+deadlines, cancellation, and adapters that survive a restart.
 
-Handlers (handlers_llm.py) only translate between requests and these methods. Generation runs in a
-thread (``run_blocking``); tokens leave through ``on_token`` from that thread.
+The engine takes and answers the typed bodies of proto/bodies/llm.py (checked once, where they were decoded);
+handlers (handlers_llm.py) only hand them on. Generation runs in a thread (``run_blocking``); tokens leave
+through ``on_token`` from that thread.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+import msgspec
 
 import proto
 from batos import personas
+from proto.bodies import llm as bodies
 from services.forge.backends.base import (
     CANCELLED,
     TIMEOUT,
@@ -32,67 +34,14 @@ from services.forge.backends.base import (
     GenerationResult,
     TokenCallback,
 )
-from services.forge.structured import DEFAULT_ACTIONS, run_action
+from services.forge.structured import run_action
 
 log = logging.getLogger(__name__)
 
 QUEUE_POLL = 0.1  # how often a queued request looks at its cancel flag and deadline
-MAX_TOKENS_LIMIT = 32_768
 ADAPTER_REGISTRY = "llm_adapters.json"  # in settings.lora_dir: persona -> {path, meta}
 
 RunBlocking = Callable[..., Awaitable[Any]]
-ArgsT = TypeVar("ArgsT", bound=BaseModel)
-
-
-# -- request bodies -----------------------------------------------------------------------------
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class _PersonaArgs(BaseModel):
-    model_config = {"extra": "ignore"}
-    persona: str = personas.DEFAULT_PERSONA
-
-    @field_validator("persona", mode="before")
-    @classmethod
-    def _persona(cls, value: Any) -> str:
-        return personas.normalize(value)
-
-
-class _ChatArgs(_PersonaArgs):
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int = Field(256, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(0.0, ge=0.0, le=5.0)
-    timeout: float | None = Field(None, gt=0)
-
-
-class GenerateArgs(_ChatArgs):
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list, max_length=16)
-    json_schema: dict[str, Any] | None = None
-    repetition_penalty: float = Field(1.0, gt=0.0, le=3.0)
-
-
-class ActionArgs(_ChatArgs):
-    actions: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ACTIONS), min_length=1)
-    constrained: bool = True  # xgrammar / response_format; False measures the bare model
-    reask: bool = True
-
-
-class AdapterArgs(_PersonaArgs):
-    path: str = Field(min_length=1)
-    meta: dict[str, Any] = Field(default_factory=dict)
-
-
-def parse_args(model: type[ArgsT], body: dict[str, Any]) -> ArgsT:
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
-        raise BackendError(proto.ErrorCode.BAD_ARGS, problems) from e
 
 
 # -- the queue ------------------------------------------------------------------------------------
@@ -208,72 +157,71 @@ class LLMEngine:
 
     async def generate(
         self,
-        body: dict[str, Any],
+        args: bodies.Generate,
         *,
         on_token: TokenCallback | None = None,
         cancelled: threading.Event | None = None,
         run_blocking: RunBlocking = _to_thread,
-    ) -> dict[str, Any]:
-        args = parse_args(GenerateArgs, body)
+    ) -> bodies.GenerateReply:
         cancelled = cancelled or threading.Event()
         deadline = self._deadline(args.timeout)
         params = GenerationParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, stop=args.stop,
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, stop=list(args.stop),
             json_schema=args.json_schema, repetition_penalty=args.repetition_penalty, deadline=deadline,
         )  # fmt: skip
-        messages = personas.with_system_prompt(args.persona, [m.model_dump() for m in args.messages])
+        messages = personas.with_system_prompt(args.persona, _plain(args.messages))
         result, queue_s = await self._run(
             lambda: self.backend.generate(args.persona, messages, params, on_token, cancelled),
             cancelled, deadline, run_blocking,
         )  # fmt: skip
         _raise_if_interrupted(result, args.timeout or self.request_timeout)
-        return {**result.as_dict(), "persona": args.persona, "queue_s": queue_s}
+        return bodies.GenerateReply(**result.as_dict(), persona=args.persona, queue_s=queue_s)
 
     async def action(
         self,
-        body: dict[str, Any],
+        args: bodies.Action,
         *,
         on_token: TokenCallback | None = None,
         cancelled: threading.Event | None = None,
         run_blocking: RunBlocking = _to_thread,
-    ) -> dict[str, Any]:
-        args = parse_args(ActionArgs, body)
+    ) -> bodies.ActionReply:
         cancelled = cancelled or threading.Event()
         deadline = self._deadline(args.timeout)
-        messages = personas.with_system_prompt(args.persona, [m.model_dump() for m in args.messages])
+        messages = personas.with_system_prompt(args.persona, _plain(args.messages))
         outcome, queue_s = await self._run(
             lambda: run_action(
-                self.backend, args.persona, messages, actions=args.actions, max_tokens=args.max_tokens,
-                temperature=args.temperature, deadline=deadline, constrained=args.constrained, reask=args.reask,
-                on_token=on_token, cancel=cancelled,
+                self.backend, args.persona, messages, max_tokens=args.max_tokens, temperature=args.temperature,
+                deadline=deadline, constrained=args.constrained, reask=args.reask, on_token=on_token,
+                cancel=cancelled,
             ),
             cancelled, deadline, run_blocking,
         )  # fmt: skip
-        results: list[GenerationResult] = outcome.pop("results")
+        results = outcome.results
         _raise_if_interrupted(results[-1], args.timeout or self.request_timeout)
-        return {
-            **outcome,
-            "persona": args.persona,
-            "prompt_tokens": sum(r.prompt_tokens for r in results),
-            "completion_tokens": sum(r.completion_tokens for r in results),
-            "total_s": sum(r.total_s for r in results),
-            "queue_s": queue_s,
-            "adapter": results[-1].adapter,
-            "model": results[-1].model,
-        }
+        return bodies.ActionReply(
+            action=outcome.action, valid=outcome.action is not None, raw=results[-1].text,
+            attempts=len(results), problem=outcome.problem, persona=args.persona,
+            prompt_tokens=sum(r.prompt_tokens for r in results),
+            completion_tokens=sum(r.completion_tokens for r in results),
+            total_s=sum(r.total_s for r in results), queue_s=queue_s, adapter=results[-1].adapter,
+            model=results[-1].model,
+        )  # fmt: skip
 
-    def count_tokens(self, body: dict[str, Any]) -> dict[str, Any]:
-        text = body.get("text")
-        if not isinstance(text, str):
-            raise BackendError(proto.ErrorCode.BAD_ARGS, "count_tokens needs text: str")
-        return {"tokens": self.backend.count_tokens(text), "exact": self.backend.name in ("local", "llamacpp")}
+    def count_tokens(self, text: str) -> bodies.CountTokensReply:
+        return bodies.CountTokensReply(tokens=self.backend.count_tokens(text),
+                                       exact=self.backend.name in ("local", "llamacpp"))
 
-    def adapters(self) -> dict[str, Any]:
+    def adapter(self, persona: str) -> bodies.AdapterInfo | None:
+        """The adapter serving ``persona`` now, None for the base model."""
+        return self.adapters().personas.get(persona)
+
+    def adapters(self) -> bodies.AdaptersReply:
         loaded = self.backend.adapters()
-        return {"personas": {p: loaded.get(p) for p in personas.PERSONAS}, "backend": self.backend.info()}
+        return msgspec.convert({"personas": {p: loaded.get(p) for p in personas.PERSONAS},
+                                "backend": self.backend.info()}, bodies.AdaptersReply)
 
-    async def activate_adapter(self, body: dict[str, Any], run_blocking: RunBlocking = _to_thread) -> dict[str, Any]:
-        args = parse_args(AdapterArgs, body)
+    async def activate_adapter(self, args: bodies.ActivateAdapter,
+                               run_blocking: RunBlocking = _to_thread) -> bodies.ActivateAdapterReply:
         async with self._adapter_lock:
             # the queue slot: never swap adapters under a running generation
             async with self.queue.slot(threading.Event(), self._deadline(None)):
@@ -281,17 +229,17 @@ class LLMEngine:
             entries = self.registry.load()
             entries[args.persona] = {"path": args.path, "meta": args.meta}
             self.registry.save(entries)
-        return {"persona": args.persona, "adapter": info}
+        return bodies.ActivateAdapterReply(persona=args.persona, adapter=msgspec.convert(info, bodies.AdapterInfo))
 
-    async def deactivate_adapter(self, body: dict[str, Any], run_blocking: RunBlocking = _to_thread) -> dict[str, Any]:
-        args = parse_args(_PersonaArgs, body)
+    async def deactivate_adapter(self, persona: str,
+                                 run_blocking: RunBlocking = _to_thread) -> bodies.DeactivateAdapterReply:
         async with self._adapter_lock:
             async with self.queue.slot(threading.Event(), self._deadline(None)):
-                removed = await run_blocking(self.backend.deactivate_adapter, args.persona)
+                removed = await run_blocking(self.backend.deactivate_adapter, persona)
             entries = self.registry.load()
-            entries.pop(args.persona, None)
+            entries.pop(persona, None)
             self.registry.save(entries)
-        return {"persona": args.persona, "removed": removed}
+        return bodies.DeactivateAdapterReply(persona=persona, removed=removed)
 
     async def restore_adapters(self, run_blocking: RunBlocking = _to_thread) -> dict[str, str]:
         """Re-activate the adapters recorded before a restart; report persona -> outcome."""
@@ -304,6 +252,10 @@ class LLMEngine:
                 log.warning("adapter for %s not restored: %s", persona, e.message)
                 outcome[persona] = f"failed: {e.message}"
         return outcome
+
+
+def _plain(messages: list[bodies.Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
 
 
 def _raise_if_interrupted(result: GenerationResult, timeout: float) -> None:

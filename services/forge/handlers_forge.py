@@ -1,14 +1,13 @@
 """The ``forge`` service: golden-path curation, fine-tuning runs via the steward, adapter incarnation.
 
-Commands:
-  run {persona, mission_type?, epochs=1, max_steps=-1, generate_script=true, cycle_id?, format_prompts=4}
-      curation -> BRICK's script (or the template) -> the steward's instruction. Streams ``progress`` events
+Commands (bodies in proto/bodies/llm.py):
+  run: curation -> BRICK's script (or the template) -> the steward's instruction. Streams ``progress`` events
       (stage curation | script | upgrade_requested) and replies with {instruction_id, instruction, ...}: the
       caller (the kernel) hands ``instruction`` to steward ``upgrade``, which stops this very process, trains,
       starts it again and streams the run's events. The instruction carries the script, its config and the
       dataset: nothing is passed through files.
-  curate {persona, mission_type?, cap?, eval_percent?}: the dataset only -> {counts, dataset}.
-  history {}: ALFRED's audit of the history (the steward's record + memory's fractals) -> {counts, due, ...}.
+  curate: the dataset only -> {counts, dataset}.
+  history: ALFRED's audit of the history (the steward's record + memory's fractals) -> {counts, due, ...}.
 
 ``startup`` incarnates new LoRA experts from the Living Image in the background (services/forge/incarnation.py).
 """
@@ -27,12 +26,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 import proto
 from batos import personas
+from batos.client import Client
 from batos.config import MEMORY_TIMEOUT
 from batos.errors import ServiceError
 from batos.image import Image
-from batos.worker import Context, Request
+from batos.worker import Context, Handler, Request
+from proto.bodies import llm as bodies
+from proto.bodies.steward import Instruction
 from services.forge import curation, history_audit, incarnation, training_script
 
 log = logging.getLogger("batos.forge")
@@ -107,11 +111,11 @@ async def curate_dataset(call: Call, persona: str, mission_type: str | None, out
 # -- a forge run ---------------------------------------------------------------------------------------
 
 
-def brick_generator(call: Call, timeout: float) -> training_script.Generate:
+def brick_generator(client: Client, timeout: float) -> training_script.Generate:
     async def generate(messages: list[dict[str, str]]) -> str:
-        reply = await asyncio.wait_for(call("llm", "generate", {
-            "persona": "BRICK", "messages": messages, "max_tokens": SCRIPT_MAX_TOKENS, "temperature": 0.0}), timeout)
-        return str(reply.get("text", ""))
+        ask = bodies.Generate(persona="BRICK", messages=msgspec.convert(messages, list[bodies.Message]),
+                              max_tokens=SCRIPT_MAX_TOKENS)
+        return (await client.request(ask, timeout=timeout)).text
     return generate
 
 
@@ -121,14 +125,14 @@ async def busy_personas(call: Call) -> set[str]:
         status = await asyncio.wait_for(call("steward", "status", {}), STEWARD_STATUS_TIMEOUT)
     except (ServiceError, TimeoutError):
         return set()
-    return {str(p).upper() for p in status.get("busy") or []}
+    return set(status["busy"])  # proto.bodies.steward.StewardStatusReply: canonical persona names
 
 
 async def prepare_forge(settings: Any, call: Call, emit: Emit, *, persona: str, mission_type: str | None = None,
                         epochs: int = 1, max_steps: int = -1, generate: training_script.Generate | None = None,
                         previous_expert: str | None = None, cycle_id: str | None = None,
                         format_prompts: int = 4, eval_max_new_tokens: int | None = None,
-                        logging_steps: int | None = None) -> dict[str, Any]:
+                        logging_steps: int | None = None) -> bodies.ForgeRunReply:
     """Curate, produce the script; returns the steward's instruction (the dataset and script inline)."""
     if persona in await busy_personas(call):
         raise ServiceError(proto.ErrorCode.BUSY, f"a forge of {persona} is already running")
@@ -162,23 +166,17 @@ async def prepare_forge(settings: Any, call: Call, emit: Emit, *, persona: str, 
     for key in ("train_path", "eval_path", "output_dir"):  # this host's temp paths mean nothing to the steward
         config.pop(key, None)
     await emit("progress", stage="script", done=2, total=3, **choice.describe())
-    instruction = {"id": instruction_id, "persona": persona, "script": choice.source, "config": config,
-                   "files": files, "program": settings.forge_program, "origin": choice.origin,
-                   "timeout_s": settings.forge_train_timeout, "previous_expert": previous_expert}
+    instruction = msgspec.convert({
+        "id": instruction_id, "persona": persona, "script": choice.source, "config": config, "files": files,
+        "program": settings.forge_program, "origin": choice.origin, "timeout_s": settings.forge_train_timeout,
+        "previous_expert": previous_expert}, Instruction)  # checked here, as the steward will check it
     await emit("progress", stage="upgrade_requested", done=3, total=3, instruction_id=instruction_id)
     described = {k: v for k, v in dataset.describe().items() if not k.endswith("_path")}
-    return {"instruction_id": instruction_id, "instruction": instruction, "dataset": described,
-            "counts": counts, "script": choice.describe()}
+    return msgspec.convert({"instruction_id": instruction_id, "instruction": instruction, "dataset": described,
+                            "counts": counts, "script": choice.describe()}, bodies.ForgeRunReply)
 
 
 # -- handlers -------------------------------------------------------------------------------------------
-
-
-def _persona(req: Request) -> str:
-    try:
-        return personas.normalize(req.arg("persona", str, required=True))
-    except personas.UnknownPersona as e:
-        raise ServiceError(proto.ErrorCode.BAD_ARGS, str(e)) from e
 
 
 def _caller(req: Request, timeout: float = MEMORY_TIMEOUT) -> Call:
@@ -187,51 +185,47 @@ def _caller(req: Request, timeout: float = MEMORY_TIMEOUT) -> Call:
     return call
 
 
-def _active_adapter(ctx: Context, persona: str) -> dict[str, Any] | None:
+def _active_adapter(ctx: Context, persona: str) -> bodies.AdapterInfo | None:
     from services.forge.handlers_llm import ENGINE  # the llm service shares this process
 
     engine = ctx.state.get(ENGINE)
-    return engine.adapters()["personas"].get(persona) if engine is not None else None
+    return engine.adapter(persona) if engine is not None else None
 
 
-async def handle_run(req: Request) -> dict[str, Any]:
-    persona = _persona(req)
+async def handle_run(req: Request, body: bodies.ForgeRun) -> bodies.ForgeRunReply:
     settings = req.ctx.settings
-    generate = None
-    if req.arg("generate_script", bool, True):
-        generate = brick_generator(_caller(req, settings.llm_request_timeout), settings.llm_request_timeout)
-    previous = ((_active_adapter(req.ctx, persona) or {}).get("meta") or {}).get("expert")
+    generate = brick_generator(req.client, settings.llm_request_timeout) if body.generate_script else None
+    active = _active_adapter(req.ctx, body.persona)
+    if body.reason:
+        log.info("forge of %s asked: %s", body.persona, body.reason)
     try:
         return await prepare_forge(
-            settings, _caller(req), req.emit, persona=persona, mission_type=req.arg("mission_type", str, None),
-            epochs=req.arg("epochs", int, 1), max_steps=req.arg("max_steps", int, -1), generate=generate,
-            previous_expert=previous, cycle_id=req.arg("cycle_id", str, None),
-            format_prompts=req.arg("format_prompts", int, 4), logging_steps=req.arg("logging_steps", int, None))
+            settings, _caller(req), req.emit, persona=body.persona, mission_type=body.mission_type,
+            epochs=body.epochs, max_steps=body.max_steps, generate=generate,
+            previous_expert=active.meta.get("expert") if active is not None else None, cycle_id=body.cycle_id,
+            format_prompts=body.format_prompts, logging_steps=body.logging_steps)
     except curation.CurationError as e:
         raise ServiceError(proto.ErrorCode.INTERNAL, f"curation failed: {e}") from e
 
 
-async def handle_curate(req: Request) -> dict[str, Any]:
-    persona = _persona(req)
-    mission_type = req.arg("mission_type", str, None)
-    out_dir = Path(req.ctx.settings.var_dir) / "forge_datasets" / f"{persona.lower()}_{_stamp()}"
+async def handle_curate(req: Request, body: bodies.Curate) -> bodies.CurateReply:
+    out_dir = Path(req.ctx.settings.var_dir) / "forge_datasets" / f"{body.persona.lower()}_{_stamp()}"
     try:
-        result, dataset = await curate_dataset(
-            _caller(req), persona, mission_type, out_dir,
-            cap=req.arg("cap", int, curation.DEFAULT_CAP_PER_MISSION),
-            eval_percent=req.arg("eval_percent", int, curation.DEFAULT_EVAL_PERCENT))
+        result, dataset = await curate_dataset(_caller(req), body.persona, body.mission_type, out_dir,
+                                               cap=body.cap, eval_percent=body.eval_percent)
     except curation.CurationError as e:
         raise ServiceError(proto.ErrorCode.BAD_ARGS, str(e)) from e
     await req.emit("progress", stage="curation", done=1, total=1, **result.counts())
-    return {"persona": persona, "mission_type": mission_type, "counts": result.counts(), "dataset": dataset.describe()}
+    return msgspec.convert({"persona": body.persona, "mission_type": body.mission_type, "counts": result.counts(),
+                            "dataset": dataset.describe()}, bodies.CurateReply)
 
 
-async def handle_history(req: Request) -> dict[str, Any]:
+async def handle_history(req: Request, body: bodies.History) -> bodies.HistoryReply:
     report = await history_audit.audit_cognitive_history(_caller(req), int(req.ctx.settings.forge_threshold))
-    return report.describe()
+    return msgspec.convert(report.describe(), bodies.HistoryReply)
 
 
-forge_handlers: dict[str, Callable[[Request], Awaitable[dict[str, Any]]]] = {
+forge_handlers: dict[str, Handler] = {
     "run": handle_run,
     "curate": handle_curate,
     "history": handle_history,
@@ -250,12 +244,16 @@ def incarnation_deps(ctx: Context, image: Image) -> incarnation.Deps | None:
         return None
 
     async def activate(persona: str, path: str, meta: dict[str, Any]) -> None:
-        await engine.activate_adapter({"persona": persona, "path": path, "meta": meta})
+        await engine.activate_adapter(bodies.ActivateAdapter(persona=persona, path=path, meta=meta))
+
+    def active(persona: str) -> dict[str, Any] | None:
+        adapter = engine.adapter(persona)
+        return msgspec.to_builtins(adapter) if adapter is not None else None
 
     async def record(event: dict[str, Any]) -> None:
         await ctx.client.call("kernel", "audit_event", {"event": event}, timeout=10.0)
 
-    return incarnation.Deps(active=lambda p: engine.adapters()["personas"].get(p), activate=activate,
+    return incarnation.Deps(active=active, activate=activate,
                             read=image.read, transact=image.transact, record=record,
                             cache_dir=Path(ctx.settings.lora_dir))
 

@@ -1,4 +1,4 @@
-"""The ``llm`` service's command table: each handler maps a request onto LLMEngine.
+"""The ``llm`` service's command table: each handler hands its typed request (proto/bodies/llm.py) to LLMEngine.
 
 Commands: generate, action, count_tokens, adapters, activate_adapter, deactivate_adapter, info.
 """
@@ -9,11 +9,14 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 import proto
 from batos.errors import ServiceError
-from batos.worker import Context, Request
+from batos.worker import Context, Handler, Request
+from proto.bodies import llm as bodies
 from services.forge.backends import BackendError, make_backend
 from services.forge.generation import AdapterRegistry, LLMEngine, registry_path
 
@@ -21,6 +24,9 @@ log = logging.getLogger(__name__)
 
 ENGINE = "llm"  # ctx.state key of the LLMEngine
 LOAD_ERROR = "llm_error"  # ctx.state key of the reason the backend did not load
+
+B = TypeVar("B")
+R = TypeVar("R")
 
 
 def _engine(req: Request) -> LLMEngine:
@@ -31,13 +37,13 @@ def _engine(req: Request) -> LLMEngine:
     return engine
 
 
-def _translating(fn: Callable[[Request], Awaitable[dict[str, Any]]]) -> Callable[[Request], Awaitable[dict[str, Any]]]:
+def _translating(fn: Callable[[Request, B], Awaitable[R]]) -> Callable[[Request, B], Awaitable[R]]:
     """BackendError (the library's) -> ServiceError (the wire's)."""
 
     @functools.wraps(fn)
-    async def handler(req: Request) -> dict[str, Any]:
+    async def handler(req: Request, body: B) -> R:
         try:
-            return await fn(req)
+            return await fn(req, body)
         except BackendError as e:
             raise ServiceError(e.code, e.message) from e
 
@@ -49,48 +55,48 @@ def _token_emitter(req: Request) -> Callable[[str], None]:
 
 
 @_translating
-async def handle_generate(req: Request) -> dict[str, Any]:
-    return await _engine(req).generate(
-        req.args, on_token=_token_emitter(req), cancelled=req.cancelled, run_blocking=req.run_blocking
-    )
+async def handle_generate(req: Request, body: bodies.Generate) -> bodies.GenerateReply:
+    return await _engine(req).generate(body, on_token=_token_emitter(req), cancelled=req.cancelled,
+                                       run_blocking=req.run_blocking)
 
 
 @_translating
-async def handle_action(req: Request) -> dict[str, Any]:
+async def handle_action(req: Request, body: bodies.Action) -> bodies.ActionReply:
     # tokens stream only on request: a ReAct loop wants the parsed action, not JSON fragments
-    on_token = _token_emitter(req) if req.args.get("stream") else None
-    return await _engine(req).action(
-        req.args, on_token=on_token, cancelled=req.cancelled, run_blocking=req.run_blocking
-    )
+    on_token = _token_emitter(req) if body.stream else None
+    return await _engine(req).action(body, on_token=on_token, cancelled=req.cancelled,
+                                     run_blocking=req.run_blocking)
 
 
 @_translating
-async def handle_count_tokens(req: Request) -> dict[str, Any]:
-    return await req.run_blocking(_engine(req).count_tokens, req.args)
+async def handle_count_tokens(req: Request, body: bodies.CountTokens) -> bodies.CountTokensReply:
+    reply: bodies.CountTokensReply = await req.run_blocking(_engine(req).count_tokens, body.text)
+    return reply
 
 
 @_translating
-async def handle_adapters(req: Request) -> dict[str, Any]:
+async def handle_adapters(req: Request, body: bodies.Adapters) -> bodies.AdaptersReply:
     return _engine(req).adapters()
 
 
 @_translating
-async def handle_activate_adapter(req: Request) -> dict[str, Any]:
-    return await _engine(req).activate_adapter(req.args, run_blocking=req.run_blocking)
+async def handle_activate_adapter(req: Request, body: bodies.ActivateAdapter) -> bodies.ActivateAdapterReply:
+    return await _engine(req).activate_adapter(body, run_blocking=req.run_blocking)
 
 
 @_translating
-async def handle_deactivate_adapter(req: Request) -> dict[str, Any]:
-    return await _engine(req).deactivate_adapter(req.args, run_blocking=req.run_blocking)
+async def handle_deactivate_adapter(req: Request, body: bodies.DeactivateAdapter) -> bodies.DeactivateAdapterReply:
+    return await _engine(req).deactivate_adapter(body.persona, run_blocking=req.run_blocking)
 
 
 @_translating
-async def handle_info(req: Request) -> dict[str, Any]:
+async def handle_info(req: Request, body: bodies.Info) -> bodies.InfoReply:
     engine = _engine(req)
-    return {**engine.backend.info(), "queue_waiting": engine.queue.waiting, "busy": engine.queue.busy}
+    info = {**engine.backend.info(), "queue_waiting": engine.queue.waiting, "busy": engine.queue.busy}
+    return msgspec.convert(info, bodies.InfoReply)
 
 
-HANDLERS = {
+HANDLERS: dict[str, Handler] = {
     "generate": handle_generate,
     "action": handle_action,
     "count_tokens": handle_count_tokens,
@@ -131,6 +137,7 @@ async def shutdown(ctx: Context) -> None:
 
 
 async def status(ctx: Context) -> dict[str, Any]:
+    """What the runtime's status adds for the llm service: proto.bodies.llm.LLMState."""
     engine: LLMEngine | None = ctx.state.get(ENGINE)
     if engine is None:
         return {"llm": {"ready": False, "error": ctx.state.get(LOAD_ERROR)}}

@@ -39,18 +39,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from batos.supervisor_rpc import Supervisor, SupervisorError
+from proto.bodies.steward import Instruction
 from services.forge import confine
 
 log = logging.getLogger("batos.steward")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_TRAIN_TIMEOUT = 6 * 3600.0  # seconds; a CPU run of 1-3 epochs on a few hundred examples fits easily
 EVALUATION_MODULE = "services.forge.evaluation"
 OUTPUT_TAIL_LINES = 20  # the last lines of a failed step go into the reason
 DECISION_POLL_S = 0.5  # how often the steward looks for the restarted worker's decision in the image
@@ -72,10 +74,6 @@ class ConfinementUnavailable(RuntimeError):
     """The training script must run confined and cannot be here."""
 
 
-class InstructionError(ValueError):
-    """An upgrade request that cannot be handled (missing fields, a bad id or file name)."""
-
-
 class StewardBusy(RuntimeError):
     """Another upgrade is running: one at a time (each stops the worker)."""
 
@@ -94,47 +92,6 @@ def adapter_problem(adapter: Path) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
-
-
-@dataclass
-class Instruction:
-    """The body of ``steward.upgrade`` (forge ``run`` replies with it as ``instruction``)."""
-
-    id: str
-    persona: str
-    script: str  # the training script's source
-    config: dict[str, Any]  # the config the script and the evaluation read; paths are set by the steward
-    files: dict[str, str] = field(default_factory=dict)  # train.jsonl / eval.jsonl contents
-    program: str = "forge"
-    origin: str = "template"  # "generated" or "template": who wrote the script
-    evaluate: bool = True  # run the evaluation module after a successful training script
-    timeout_s: float = DEFAULT_TRAIN_TIMEOUT
-    previous_expert: str | None = None  # the expert active for the persona: the evaluation's reference
-    created_at: str = field(default_factory=_now)
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> Instruction:
-        if not isinstance(raw, dict):
-            raise InstructionError("an instruction must be a map")
-        missing = [k for k in ("id", "persona", "script", "config") if not raw.get(k)]
-        if missing:
-            raise InstructionError(f"instruction lacks {', '.join(missing)}")
-        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw and raw[k] is not None}
-        if not str(known["id"]).replace("-", "").replace("_", "").isalnum():
-            raise InstructionError(f"instruction id {known['id']!r} must be alphanumeric (it names a directory)")
-        if not isinstance(known["config"], dict) or not isinstance(known.get("files", {}), dict):
-            raise InstructionError("config and files must be maps")
-        unknown = set(known.get("files", {})) - DATASET_FILES
-        if unknown:
-            raise InstructionError(f"files may hold only {sorted(DATASET_FILES)}, not {sorted(unknown)}")
-        return cls(**known)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "persona": self.persona, "program": self.program, "origin": self.origin,
-                "created_at": self.created_at}
 
 
 @dataclass
@@ -213,7 +170,7 @@ class Steward:
         if current is not None:
             last[current.persona] = max(last.get(current.persona, ""), current.created_at)
         return {"runs": runs[-RECENT_RUNS:], "last_forge": last, "busy": busy,
-                "current": current.describe() if current is not None else None}
+                "current": _brief(current) if current is not None else None}
 
     # -- driving ---------------------------------------------------------------------------------
 
@@ -235,9 +192,9 @@ class Steward:
             self.current = ins
         work = self.state_dir / "runs" / ins.id
         try:
-            _write_json(self.current_file, {**ins.describe(), "work_dir": str(work)})
+            _write_json(self.current_file, {**_brief(ins), "work_dir": str(work)})
             result = self._run(ins, work, emit)
-            self._record_run(ins.to_dict(), result)
+            self._record_run(msgspec.to_builtins(ins), result)
             return result
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -397,7 +354,7 @@ class Steward:
                                            errors="replace")
             child = self._child
         # the pid and what it runs, for the next steward to kill it if this one dies (recover)
-        _write_json(self.current_file, {**ins.describe(), "child_pid": child.pid, "stage": stage,
+        _write_json(self.current_file, {**_brief(ins), "child_pid": child.pid, "stage": stage,
                                         "argv": argv[-2:]})
         timed_out = threading.Event()
 
@@ -490,6 +447,12 @@ def _kill_orphan(pid: int, marker: str) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def _brief(ins: Instruction) -> dict[str, Any]:
+    """id, persona, program, origin, created_at: what current.json, runs.jsonl and ``status`` say of a run."""
+    out: dict[str, Any] = msgspec.to_builtins(ins.describe())
+    return out
 
 
 def _plain(value: Any) -> Any:

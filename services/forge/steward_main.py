@@ -1,10 +1,10 @@
 """``python -m services.forge.steward_main``: the steward program supervisord runs, the broker service ``steward``.
 
-Commands (services/forge/steward.py does the work):
-  upgrade {id, persona, script, config, files, program?, origin?, evaluate?, timeout_s?, previous_expert?}
-      one forge run: events started, stopped, stage, progress, output, stage_done, stored, restarted,
-      finished, incarnated; the reply is the run's result. ``busy`` while another runs.
-  status {}: the runtime's status plus runs (the last few), last_forge (persona -> time), busy, current.
+Commands (bodies in proto/bodies/steward.py; services/forge/steward.py does the work):
+  upgrade: one forge run (the Instruction forge ``run`` answered with): events started, stopped, stage,
+      progress, output, stage_done, stored, restarted, finished, incarnated; the reply is the run's result.
+      ``busy`` while another runs.
+  status: the runtime's status plus runs (the last few), last_forge (persona -> time), busy, current.
 
 It registers with the service key like every worker (batos.worker), so only services may call it.
 """
@@ -16,13 +16,16 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
+
 from batos.errors import ServiceError
 from batos.image import Image
 from batos.supervisor_rpc import Supervisor, url_for
 from batos.worker import Context, Request, run_services
 from proto import ErrorCode
+from proto.bodies.steward import Instruction, UpgradeReply
 from services.forge import lora_experts
-from services.forge.steward import ImageOps, Instruction, InstructionError, Steward, StewardBusy
+from services.forge.steward import ImageOps, Steward, StewardBusy
 
 log = logging.getLogger("batos.steward")
 
@@ -45,11 +48,7 @@ def image_ops(image: Image, loop: asyncio.AbstractEventLoop) -> ImageOps:
         get=lambda name: wait(image.read(lora_experts.get, name)))
 
 
-async def handle_upgrade(req: Request) -> dict[str, Any]:
-    try:
-        ins = Instruction.from_dict(req.args)
-    except InstructionError as e:
-        raise ServiceError(ErrorCode.BAD_ARGS, str(e)) from e
+async def handle_upgrade(req: Request, ins: Instruction) -> UpgradeReply:
     steward: Steward = req.ctx.state[STEWARD]
 
     def emit(event: str, **data: Any) -> None:
@@ -57,7 +56,7 @@ async def handle_upgrade(req: Request) -> dict[str, Any]:
         req.emit_threadsafe(event, **{**data, "ts": datetime.now(UTC).isoformat()})
 
     try:
-        return await req.run_blocking(steward.run, ins, emit)
+        return msgspec.convert(await req.run_blocking(steward.run, ins, emit), UpgradeReply)
     except StewardBusy as e:
         raise ServiceError(ErrorCode.BUSY, str(e)) from e
 
@@ -66,6 +65,7 @@ HANDLERS = {"upgrade": handle_upgrade}
 
 
 async def status(ctx: Context) -> dict[str, Any]:
+    """What the runtime's status adds: proto.bodies.steward.StewardStatusReply's own fields."""
     return ctx.state[STEWARD].status()
 
 

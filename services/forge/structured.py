@@ -8,6 +8,8 @@ gets a mild repetition penalty. The parser then accepts what a model plausibly w
 prose around the object, a cut-off tail, ``Action: x`` lines) and normalises it; if that still fails the
 model is asked once more, told what was wrong. The same path serves the openai backend, which passes
 the schema as ``response_format``.
+
+The vocabulary (action names, the schema and its bounds) is proto.react's, the one the kernel's loop uses.
 """
 
 from __future__ import annotations
@@ -16,40 +18,32 @@ import json
 import re
 import threading
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from services.forge.backends.base import CANCELLED, TIMEOUT, Backend, GenerationParams, Messages, TokenCallback
+import msgspec
 
-THOUGHT_MAX = 200
-QUERY_MAX = 120
-SUMMARY_IDS_MAX = 3
-SUMMARY_ID_MAX = 32  # OIDs are short hex strings
+from proto.react import (
+    ACTIONS,
+    ANSWER,
+    QUERY_MAX,
+    SUMMARY_ID_MAX,
+    SUMMARY_IDS_MAX,
+    THOUGHT_MAX,
+    ReactAction,
+    action_schema,
+)
+from services.forge.backends.base import (
+    CANCELLED,
+    TIMEOUT,
+    Backend,
+    GenerationParams,
+    GenerationResult,
+    Messages,
+    TokenCallback,
+)
+
 ACTION_REPETITION_PENALTY = 1.1  # mild: breaks "server-server-server" loops without mangling JSON
-
-DEFAULT_ACTIONS: dict[str, str] = {
-    "search_summaries": "search the file and class summaries (broad); query says what to look for",
-    "search_chunks": "search the code chunks (detailed), within summary_ids when given",
-    "answer": "the context is enough to answer; query says what the answer must cover",
-}
-
-
-def action_schema(actions: Iterable[str]) -> dict[str, Any]:
-    # "thought" comes first so the model reasons before it commits to an action.
-    return {
-        "type": "object",
-        "properties": {
-            "thought": {"type": "string", "maxLength": THOUGHT_MAX},
-            "action": {"type": "string", "enum": list(actions)},
-            "query": {"type": "string", "maxLength": QUERY_MAX},
-            "summary_ids": {
-                "type": "array",
-                "items": {"type": "string", "maxLength": SUMMARY_ID_MAX},
-                "maxItems": SUMMARY_IDS_MAX,
-            },
-        },
-        "required": ["thought", "action", "query", "summary_ids"],
-        "additionalProperties": False,
-    }
 
 
 def action_instructions(actions: Mapping[str, str]) -> str:
@@ -129,25 +123,26 @@ def _ids(value: Any) -> list[str]:
     return [str(v)[:SUMMARY_ID_MAX] for v in value if isinstance(v, str | int) and str(v)][:SUMMARY_IDS_MAX]
 
 
-def normalize_action(obj: Mapping[str, Any], names: list[str]) -> tuple[dict[str, Any] | None, str]:
+def normalize_action(obj: Mapping[str, Any], names: list[str]) -> tuple[ReactAction | None, str]:
     fields = {str(k).strip().lower(): v for k, v in obj.items()}
     name = _action_name(fields.get("action"), names)
     if name is None:
         return None, f"action must be one of {names}, got {fields.get('action')!r}"
     query = fields.get("query")
     query = str(query).strip() if isinstance(query, str | int | float) else ""
-    if not query and name != "answer":
+    if not query and name != ANSWER:
         return None, f"query must not be empty for {name}"
     thought = fields.get("thought")
-    return {
+    # convert, not the constructor: the bounds are checked, so a limit here can never outgrow proto.react's
+    return msgspec.convert({
         "thought": (str(thought).strip() if isinstance(thought, str | int | float) else "")[:THOUGHT_MAX],
         "action": name,
         "query": query[:QUERY_MAX],
         "summary_ids": _ids(fields.get("summary_ids")),
-    }, ""
+    }, ReactAction), ""
 
 
-def parse_action(raw: str, actions: Iterable[str]) -> tuple[dict[str, Any] | None, str]:
+def parse_action(raw: str, actions: Iterable[str] = ACTIONS) -> tuple[ReactAction | None, str]:
     """(action, "") or (None, what was wrong)."""
     names = list(actions)
     text = raw.strip()
@@ -170,6 +165,13 @@ def parse_action(raw: str, actions: Iterable[str]) -> tuple[dict[str, Any] | Non
 # -- the helper: generate, parse, re-ask once -------------------------------------------------------
 
 
+@dataclass
+class ActionOutcome:
+    action: ReactAction | None  # None: no attempt parsed
+    problem: str  # what was wrong with the last attempt ("" when it parsed)
+    results: list[GenerationResult]  # one per attempt; the last one's text is the raw output
+
+
 def run_action(
     backend: Backend,
     persona: str,
@@ -183,9 +185,9 @@ def run_action(
     reask: bool = True,
     on_token: TokenCallback | None = None,
     cancel: threading.Event | None = None,
-) -> dict[str, Any]:
-    """Blocking; returns {action, valid, raw, attempts, problem, results} (results: GenerationResults)."""
-    actions = dict(actions or DEFAULT_ACTIONS)
+) -> ActionOutcome:
+    """Blocking: generate, parse, ask once more if it did not parse (``reask``)."""
+    actions = dict(actions or ACTIONS)
     names = list(actions)
     convo = action_messages(messages, actions)
     params = GenerationParams(
@@ -195,9 +197,9 @@ def run_action(
         repetition_penalty=ACTION_REPETITION_PENALTY if constrained else 1.0,
         deadline=deadline,
     )
-    results = []
+    results: list[GenerationResult] = []
     attempts_allowed = 2 if reask else 1
-    action: dict[str, Any] | None = None
+    action: ReactAction | None = None
     problem = ""
     for attempt in range(1, attempts_allowed + 1):
         result = backend.generate(persona, convo, params, on_token, cancel)
@@ -210,11 +212,4 @@ def run_action(
             {"role": "assistant", "content": result.text},
             {"role": "user", "content": f"That reply was not usable: {problem}. Reply with only the JSON object."},
         ]
-    return {
-        "action": action,
-        "valid": action is not None,
-        "raw": results[-1].text,
-        "attempts": len(results),
-        "problem": problem,
-        "results": results,
-    }
+    return ActionOutcome(action, problem, results)

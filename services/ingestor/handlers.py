@@ -6,7 +6,7 @@ from functools import partial
 
 import msgspec
 
-from batos.worker import Request, ServiceError
+from batos.worker import Handler, Request, ServiceError
 from proto import ErrorCode
 from proto.bodies.ingest import Chunk, ChunkReply, Ingest, IngestReply
 from services.ingestor import pipeline, roots
@@ -41,4 +41,4 @@ async def handle_chunk(req: Request, body: Chunk) -> ChunkReply:
                       summaries=[s.payload() for s in result.summaries] if result else [])
 
 
-HANDLERS = {"ingest": handle_ingest, "chunk": handle_chunk}
+HANDLERS: dict[str, Handler] = {"ingest": handle_ingest, "chunk": handle_chunk}

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from proto.bodies.llm import Generate, GenerateReply, Message
 from services.kernel import degenerate, grounding
 from services.kernel.react import Evidence, ReactResult, path_root
 from services.kernel.run import CycleRun
@@ -152,12 +153,10 @@ def relabel(chunks: list[Evidence]) -> list[Evidence]:
 # -- SYNTHESIZING -------------------------------------------------------------------------------------------
 
 
-async def _generate(run: CycleRun, prompt: str, persona: str, max_tokens: int, kind: str) -> dict[str, Any]:
-    body: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                            "temperature": 0.0, "repetition_penalty": ANSWER_REPETITION_PENALTY}
-    if kind == "answer":
-        body["stop"] = STOP
-    return await run.llm("generate", body, persona=persona, stream=True)
+async def _generate(run: CycleRun, prompt: str, persona: str, max_tokens: int, kind: str) -> GenerateReply:
+    return await run.llm(Generate(persona=persona, messages=[Message("user", prompt)], max_tokens=max_tokens,
+                                  repetition_penalty=ANSWER_REPETITION_PENALTY,
+                                  stop=list(STOP) if kind == "answer" else []), stream=True)
 
 
 async def _assemble(run: CycleRun, question: str, summaries: list[Evidence], chunks: list[Evidence], *,
@@ -196,11 +195,12 @@ async def write(run: CycleRun, question: str, evidence: ReactResult, *, persona:
     assembled = await _assemble(run, question, summaries, pieces, persona=persona, kind=kind, extra=extra,
                                 ask=ASK if kind == "answer" else "", retrieved=retrieved)
     reply = await _generate(run, assembled.prompt, persona, max_tokens, kind)
-    draft.text = str(reply.get("text") or "")
+    draft.text = reply.text
     draft.summaries, draft.chunks = assembled.summaries, assembled.chunks
     draft.budget = {"budget_tokens": assembled.budget_tokens, "used_tokens": assembled.used_tokens,
                     "sections": assembled.sections}
-    draft.llm = {k: reply.get(k) for k in ("model", "adapter", "completion_tokens", "tokens_per_s")}
+    draft.llm = {"model": reply.model, "adapter": reply.adapter, "completion_tokens": reply.completion_tokens,
+                 "tokens_per_s": reply.tokens_per_s}
     return draft
 
 
@@ -275,7 +275,7 @@ async def validate(run: CycleRun, draft: Draft, result: ReactResult, *, kind: st
                                     extra=draft.extra, ask=FIRM.format(reason=verdict.reason),
                                     retrieved=draft.retrieved)
         reply = await _generate(run, assembled.prompt, draft.persona, min(draft.max_tokens, RETRY_TOKENS_CAP), kind)
-        text = str(reply.get("text") or "")
+        text = reply.text
         verdict = grounding.check(text, label_texts(assembled.chunks), draft.question)
         attempts.append((text, assembled.chunks, verdict))
     checks = [{"attempt": i, **c} for i, (_, _, v) in enumerate(attempts, 1) for c in v.record()]

@@ -58,6 +58,7 @@ from batos.uvm import (
     prototype_of,
 )
 from proto import ErrorCode
+from proto.bodies import llm
 from services.kernel import code_policy, sandbox
 from services.kernel import cycle as records
 from services.kernel.env import Emit, KernelEnv
@@ -235,11 +236,9 @@ async def _does_not_understand(run: CycleRun, selector: str, args: list[Any], kw
     await run.to(State.SYNTHESIZING, "BRICK writes the method")
 
     async def generate(prompt: str) -> str:
-        reply = await run.llm("generate", {"messages": [{"role": "user", "content": prompt}],
-                                           "max_tokens": run.env.settings.brick_max_tokens,
-                                           "temperature": 0.0},
-                              persona="BRICK", stream=True)
-        return str(reply.get("text") or "")
+        reply = await run.llm(llm.Generate(persona="BRICK", messages=[llm.Message("user", prompt)],
+                                           max_tokens=run.env.settings.brick_max_tokens), stream=True)
+        return reply.text
 
     async def trial(source: str) -> sandbox.SandboxResult:
         if run.state != State.VALIDATING.value:

@@ -16,18 +16,23 @@ to beat -- the previous adapter, else the base model -- and the adapter itself) 
 activated. A steward that dies during the run fails the request (the broker's ``worker_lost``: an upgrade is
 never retried); the error says what the steward does when it is back.
 
-This module imports nothing from other services: the steward is reached only through the broker.
+This module imports nothing from other services: the steward is reached only through the broker, with the
+typed bodies of proto/bodies/steward.py.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import msgspec
+
 from batos.errors import ServiceError
 from proto import ErrorCode
+from proto.bodies.steward import Instruction, UpgradeReply
 from services.kernel.env import Emit, ServiceCaller
 
 PROGRESS_STAGES = {"train": "TRAINING", "load": "TRAINING", "evaluate": "EVALUATING"}
@@ -59,7 +64,6 @@ class ForgeFollow:
 
     instruction_id: str
     state: str = "REQUESTED"
-    finished: dict[str, Any] | None = None
     incarnated: dict[str, Any] | None = None
     lines: int = 0
     rates: dict[str, Rate] = field(default_factory=dict)
@@ -75,7 +79,6 @@ class ForgeFollow:
             stage = str(line.get("stage", ""))
             return self._state(PROGRESS_STAGES.get(stage, stage.upper() or "STAGE"), f"{stage} step started", base)
         if kind == "finished":
-            self.finished = line
             ok = bool(line.get("ok"))
             note = _finish_note(line)
             return self._state("FINISHED" if ok else "FAILED", note, base)
@@ -115,31 +118,29 @@ class ForgeFollow:
         out.update({k: line[k] for k in PROGRESS_EXTRAS if line.get(k) is not None})
         return out
 
-    def outcome(self, reply: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The run's result: ok, reason, metrics before/after, and whether the adapter was activated."""
-        fin = self.finished or reply or {}
+    def outcome(self, reply: UpgradeReply) -> dict[str, Any]:
+        """The run's result: ok, reason, metrics before/after, and whether the adapter was activated.
+
+        The steward's reply is the result; the ``incarnated`` event, when it came, says how the restarted
+        worker judged the adapter (with the metrics it judged on)."""
         inc = self.incarnated or {}
-        metrics = _brief(inc.get("metrics") or fin.get("metrics"))
         out: dict[str, Any] = {
-            "ok": bool(fin.get("ok")),
-            "reason": fin.get("reason"),
-            "returncode": fin.get("returncode"),
-            "expert": fin.get("expert") or inc.get("expert"),
-            "expert_oid": (reply or {}).get("expert_oid") or fin.get("expert_oid"),
-            "seconds": fin.get("seconds"),
-            "restarted": fin.get("restarted"),
-            "metrics": before_after(metrics),
-            "activated": inc.get("decision") == "activated",
-            "decision": inc.get("decision"),
-            "decision_reason": inc.get("reason"),
+            "ok": reply.ok,
+            "reason": reply.reason,
+            "returncode": reply.returncode,
+            "expert": reply.expert,
+            "expert_oid": reply.expert_oid,
+            "seconds": reply.seconds,
+            "restarted": reply.restarted,
+            "metrics": before_after(_brief(inc.get("metrics") or reply.metrics)),
+            "activated": reply.decision == "activated",
+            "decision": reply.decision,
+            "decision_reason": reply.decision_reason,
             "events": self.lines,
         }
-        if self.finished is None and reply is None:
-            out["reason"] = "the steward's events ended before the run finished"
-        elif fin.get("ok") and self.incarnated is None:
-            out["decision_reason"] = (reply or {}).get("decision_reason") or (
-                "the restarted worker did not report the incarnation within the grace period; see the forge "
-                "worker's log and `audit`")
+        if reply.ok and reply.decision is None and not reply.decision_reason:
+            out["decision_reason"] = ("the restarted worker did not report the incarnation within the grace "
+                                      "period; see the forge worker's log and `audit`")
         return out
 
 
@@ -185,11 +186,18 @@ def _seconds(ts: Any) -> float | None:
         return None
 
 
-async def upgrade(client: ServiceCaller, instruction: dict[str, Any], emit: Emit, *,
+async def upgrade(client: ServiceCaller, instruction: Instruction | Mapping[str, Any], emit: Emit, *,
                   timeout: float | None) -> dict[str, Any]:
-    """``steward.upgrade`` with its events relayed as console events; return :meth:`ForgeFollow.outcome`."""
-    ident = str(instruction.get("id"))
-    state = ForgeFollow(ident)
+    """``steward.upgrade`` with its events relayed as console events; return :meth:`ForgeFollow.outcome`.
+
+    ``instruction`` is forge ``run``'s; a caller that still reads that reply as a dict hands the dict, decoded
+    here once (a bad one is ``bad_args`` before anything is sent)."""
+    if not isinstance(instruction, Instruction):
+        try:
+            instruction = msgspec.convert(instruction, Instruction)
+        except msgspec.ValidationError as e:
+            raise ServiceError(ErrorCode.BAD_ARGS, f"forge instruction: {e}") from None
+    state = ForgeFollow(instruction.id)
 
     async def relay(event: dict[str, Any]) -> None:
         converted = state.event(dict(event))
@@ -197,9 +205,9 @@ async def upgrade(client: ServiceCaller, instruction: dict[str, Any], emit: Emit
             await emit(converted[0], **converted[1])
 
     try:
-        reply = await client.call("steward", "upgrade", instruction, on_event=relay, timeout=timeout)
+        reply = await client.request(instruction, on_event=relay, timeout=timeout)
     except ServiceError as e:
-        raise explain(e, ident, state, str(instruction.get("program") or "forge")) from None
+        raise explain(e, instruction.id, state, instruction.program) from None
     return state.outcome(reply)
 
 

@@ -13,12 +13,12 @@ searches agree on rises, and a drifting model query can add a candidate but neve
 
 Sufficient evidence ends REASONING: two of the top three chunks found by more than one search (agreement), or
 the top three unchanged by a step (stable), or nothing left to read. Otherwise, while steps remain, BABS is
-asked for a thought (llm ``action``: {thought, action, query, summary_ids}); its query becomes one more chunk
-search and its summary_ids choose the next zoom; without a usable thought the program zooms into the next best
-summaries not yet read. Nothing is repeated: a search already run (same text, level and scope) is skipped, and a
-thought that repeats an earlier one is dropped and the model is not asked again (the program goes on alone).
-Unparseable model output (``valid`` False) is the stated FALLBACK: logged, emitted, audited, and the program
-goes on alone.
+asked for a thought (llm ``action``: a proto.react.ReactAction, the vocabulary and bounds the llm service
+constrains the model to); its query becomes one more chunk search and its summary_ids choose the next zoom;
+without a usable thought the program zooms into the next best summaries not yet read. Nothing is repeated: a
+search already run (same text, level and scope) is skipped, and a thought that repeats an earlier one is dropped
+and the model is not asked again (the program goes on alone). Unparseable model output (no ``action`` in the
+reply) is the stated FALLBACK: logged, emitted, audited, and the program goes on alone.
 """
 
 from __future__ import annotations
@@ -33,29 +33,22 @@ from persistent.mapping import PersistentMapping
 from ZODB.POSException import ConflictError
 
 from batos.uvm import oid_hex, resolve_oid
+from proto.bodies.llm import Action, Message
+from proto.react import CHUNK_K, SUMMARY_K, ReactAction
 from services.kernel import cycle as records
 from services.kernel.run import CycleRun
 
 log = logging.getLogger("batos.kernel.react")
 
-SUMMARY_K = 4  # level-1 hits: enough to orient, few enough for a small model to read
-CHUNK_K = 6  # level-2 hits per search; the Token Governor trims to the answer budget later
 ZOOM_DEFAULT = 2  # summaries zoomed into per step when the thought names none usable
 THOUGHT_MAX_TOKENS = 160  # room for a bounded JSON object; xgrammar ends strings within the schema
 PREVIEW_CHARS = 220  # per summary in the thought prompt
-QUERY_MAX_CHARS = 400
+SEARCH_TEXT_MAX = 400  # the program's own search text (retrieve); the model's queries are proto.react.QUERY_MAX
 RRF_K = 60  # reciprocal rank fusion's usual constant: ranks, not scores, so lists of any scorer mix
 QUESTION_WEIGHT = 1.0  # the Architect's question over all chunks
 SIDE_WEIGHT = 0.5  # zooms and the model's queries: they add candidates, the question's ranking leads
 TOP = 3  # the top chunks whose agreement or stability makes the evidence sufficient
 AGREE_MIN = 2  # of the TOP chunks, found by more than one search
-
-ACTIONS = {
-    "search_summaries": "search file and class summaries for an overview (set query)",
-    "zoom": "read the code chunks inside the summaries named in summary_ids, e.g. [\"S1\"] (set query)",
-    "search_chunks": "search all code chunks directly (set query)",
-    "answer": "the code chunks found are enough to answer the question; stop searching",
-}
 
 
 @dataclass
@@ -178,11 +171,11 @@ class ReactLoop:
         thought = await self.think(step) if self.model_on else None
         text, query, chosen = "", "", []
         if thought is not None:
-            text = _one_line(str(thought.get("thought", "")))
-            if thought.get("action") == "answer" and self.chunks():
+            text = _one_line(thought.thought)
+            if thought.action == "answer" and self.chunks():
                 return False
-            query = _one_line(str(thought.get("query") or ""))[:QUERY_MAX_CHARS]
-            chosen = [o for o in self._resolve_summary_ids(thought.get("summary_ids")) if o not in self.zoomed]
+            query = _one_line(thought.query)
+            chosen = [o for o in self._resolve_summary_ids(thought.summary_ids) if o not in self.zoomed]
         ran = False
         if len(query) >= 3 and _norm(query) != _norm(self.question):
             ran |= await self.act(step, Plan("search_chunks", query, "chunks", weight=SIDE_WEIGHT,
@@ -207,21 +200,20 @@ class ReactLoop:
             return "the top chunks did not change"
         return None
 
-    async def think(self, step: int) -> dict[str, Any] | None:
-        messages = [{"role": "user", "content": self.thought_prompt(step)}]
+    async def think(self, step: int) -> ReactAction | None:
+        ask = Action(persona=self.persona, messages=[Message("user", self.thought_prompt(step))],
+                     max_tokens=THOUGHT_MAX_TOKENS)
         self.thoughts += 1
-        reply = await self.run.llm("action", {"messages": messages, "actions": ACTIONS,
-                                              "max_tokens": THOUGHT_MAX_TOKENS}, persona=self.persona)
-        action = reply.get("action") if reply.get("valid") else None
-        if not isinstance(action, dict) or action.get("action") not in ACTIONS:
-            raw = str(reply.get("raw", ""))[:300]
+        reply = await self.run.llm(ask)
+        action = reply.action
+        if action is None:
             self.fallback = (f"step {step}: the model's output could not be used as an action "
-                             f"(valid={reply.get('valid')}, attempts={reply.get('attempts')}): {raw!r}")
+                             f"(attempts={reply.attempts}: {reply.problem}): {reply.raw[:300]!r}")
             await self.apply_fallback(step)
             return None
-        text = str(action.get("thought", "")).strip()
-        await self.run.emit("thought", step=step, text=text, action=action.get("action"),
-                            query=action.get("query", ""), summary_ids=action.get("summary_ids", []))
+        text = action.thought.strip()
+        await self.run.emit("thought", step=step, text=text, action=action.action, query=action.query,
+                            summary_ids=action.summary_ids)
         key = _norm(text)
         if key and key in self.thoughts_seen:
             self.model_on = False
@@ -236,14 +228,12 @@ class ReactLoop:
     def _top_summaries(self) -> list[str]:
         return [e.oid for e in self.summaries()[:ZOOM_DEFAULT]]
 
-    def _resolve_summary_ids(self, ids: Any) -> list[str]:
-        if not isinstance(ids, list):
-            return []
+    def _resolve_summary_ids(self, ids: list[str]) -> list[str]:
         by_label = {e.label.upper(): e.oid for e in self.summaries()}
         known = {e.oid for e in self.summaries()}
         out: list[str] = []
         for raw in ids:
-            key = str(raw).strip()
+            key = raw.strip()
             oid = by_label.get(key.upper()) or (key if key in known else None)
             if oid and oid not in out:
                 out.append(oid)
@@ -381,7 +371,7 @@ def _norm(text: str) -> str:
 
 
 def _clean_query(value: Any, question: str) -> str:
-    text = _one_line(str(value or ""))[:QUERY_MAX_CHARS]
+    text = _one_line(str(value or ""))[:SEARCH_TEXT_MAX]
     return text if len(text) >= 3 else question
 
 

@@ -15,13 +15,15 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast, overload
 
 from batos.audit import AuditEvent
 from batos.config import MEMORY_TIMEOUT
 from batos.errors import ServiceError
 from batos.uvm import Root
 from proto import ErrorCode
+from proto.bodies.llm import Action, ActionReply, Generate, GenerateReply, Message
+from proto.contract import Call
 from services.kernel import cycle as records
 from services.kernel.env import Emit, KernelEnv
 from services.kernel.psm import MACHINE, State
@@ -152,9 +154,17 @@ class CycleRun:
         await self._end("FAILURE", None, error=reason, failed_in=failed_in)
 
     # -- timed service calls ------------------------------------------------------------------------
-    async def llm(self, command: str, body: dict[str, Any], *, persona: str, stream: bool = False,
-                  audit_prompt: str = "") -> dict[str, Any]:
+    @overload
+    async def llm(self, call: Generate, *, stream: bool = False, audit_prompt: str = "") -> GenerateReply: ...
+
+    @overload
+    async def llm(self, call: Action, *, stream: bool = False, audit_prompt: str = "") -> ActionReply: ...
+
+    async def llm(self, call: Generate | Action, *, stream: bool = False,
+                  audit_prompt: str = "") -> GenerateReply | ActionReply:
         """An ``llm`` call, its time counted as LLM time, audited as LLM_CALL; tokens forwarded if streamed."""
+        command = "generate" if isinstance(call, Generate) else "action"
+
         async def forward(event: dict[str, Any]) -> None:
             if event.get("event") == "token":
                 if stream:
@@ -163,22 +173,25 @@ class CycleRun:
                 await self.emit("step_restarted", state=self.state, command=command, reason=event.get("message", ""))
 
         started = time.monotonic()
-        prompt = (audit_prompt or _render_messages(body.get("messages", [])))[:_PROMPT_AUDIT_CHARS]
+        prompt = (audit_prompt or _render_messages(call.messages))[:_PROMPT_AUDIT_CHARS]
         try:
-            reply = await self.env.client.call("llm", command, {"persona": persona, **body},
-                                               on_event=forward,
-                                               timeout=self.env.settings.llm_request_timeout)
+            # one call for both kinds: the union's reply type is narrowed below
+            ask = cast("Call[GenerateReply | ActionReply]", call)
+            reply = await self.env.client.request(ask, on_event=forward, timeout=self.env.settings.llm_request_timeout)
         except ServiceError as e:
-            await self._llm_call(persona, prompt, None, "FAILURE", command=command, error=f"{e.code}: {e.message}")
+            await self._llm_call(call.persona, prompt, None, "FAILURE", command=command,
+                                 error=f"{e.code}: {e.message}")
             raise
         finally:
             self.llm_s += time.monotonic() - started
             self.llm_calls += 1
-        raw = reply.get("text") if command == "generate" else reply.get("raw")
-        await self._llm_call(persona, prompt, raw, "SUCCESS" if reply.get("valid", True) else "FAILURE",
-                             command=command, **{k: reply[k] for k in ("prompt_tokens", "completion_tokens",
-                                                                      "total_s", "attempts", "adapter", "valid")
-                                                 if k in reply})
+        figures = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                   "total_s": reply.total_s, "adapter": reply.adapter}
+        if isinstance(reply, GenerateReply):
+            await self._llm_call(call.persona, prompt, reply.text, "SUCCESS", command=command, **figures)
+        else:
+            await self._llm_call(call.persona, prompt, reply.raw, "SUCCESS" if reply.valid else "FAILURE",
+                                 command=command, attempts=reply.attempts, valid=reply.valid, **figures)
         return reply
 
     async def _llm_call(self, persona: str, prompt: str, response: str | None, status: str, **data: Any) -> None:
@@ -203,8 +216,8 @@ def _create(root: Root, conn: Any, cycle_id: str, mission: dict[str, Any], missi
                                 target_oid=target_oid, persona=persona, instance=instance, parent_cycle=parent_cycle)
 
 
-def _render_messages(messages: list[dict[str, Any]]) -> str:
-    return "\n".join(f"[{m.get('role', '?')}] {m.get('content', '')}" for m in messages)
+def _render_messages(messages: list[Message]) -> str:
+    return "\n".join(f"[{m.role}] {m.content}" for m in messages)
 
 
 Body = Callable[[CycleRun], Awaitable[dict[str, Any]]]

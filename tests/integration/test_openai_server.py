@@ -23,9 +23,10 @@ import pytest
 
 from batos import models, personas
 from batos.errors import ServiceError
+from proto.react import ACTIONS
 from services.forge.backends.base import CANCELLED, LENGTH, GenerationParams
 from services.forge.backends.openai_compat import OpenAICompatBackend
-from services.forge.structured import DEFAULT_ACTIONS, run_action
+from services.forge.structured import run_action
 from tests.conftest import _die_with_parent
 
 pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python (with its server extras) is not installed")
@@ -92,9 +93,9 @@ def test_streamed_generation_with_usage_and_stop_strings(backend):
 def test_the_constrained_action_parses(backend):
     out = run_action(backend, "BABS", chat("BABS", "Question: How does the broker route a request?"),
                      max_tokens=96, reask=False)  # fmt: skip
-    obj = json.loads(out["raw"])  # the server applied the schema as a grammar
-    assert list(obj) == ["thought", "action", "query", "summary_ids"] and obj["action"] in DEFAULT_ACTIONS
-    assert out["valid"] and out["attempts"] == 1
+    obj = json.loads(out.results[-1].text)  # the server applied the schema as a grammar
+    assert list(obj) == ["thought", "action", "query", "summary_ids"] and obj["action"] in ACTIONS
+    assert out.action is not None and len(out.results) == 1
     assert backend._schema_style == "json_object"  # it refused OpenAI's json_schema form, took its own
 
 
@@ -127,7 +128,7 @@ async def test_the_llm_service_over_the_real_server(server_url, system, client):
         "persona": "BABS", "max_tokens": 96, "reask": False,
         "messages": [{"role": "user", "content": "Question: Where is the token budget enforced?"}],
     }, timeout=120)  # fmt: skip
-    assert action["valid"] and action["action"]["action"] in DEFAULT_ACTIONS
+    assert action["valid"] and action["action"]["action"] in ACTIONS
     status = await client.call("llm", "status", {})
     assert status["llm"]["ready"] and status["llm"]["backend"] == "openai" and status["llm"]["url"] == server_url
 

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from batos.supervisor_rpc import Supervisor
-from services.forge.steward import Instruction, Steward
+from proto.bodies.steward import Instruction
+from services.forge.steward import Steward
 
 pytestmark = pytest.mark.integration
 

@@ -43,10 +43,6 @@ def _registered() -> list[tuple[str, str, Any]]:
 PENDING: set[tuple[str, str]] = {
     *(("kernel", c) for c in ("command", "audit_event", "ask", "send", "define", "display_yourself", "ingest",
                               "search", "inspect", "stats", "trace", "audit", "forge", "verify", "watch")),
-    *(("llm", c) for c in ("generate", "action", "count_tokens", "adapters", "activate_adapter",
-                           "deactivate_adapter", "info")),
-    *(("forge", c) for c in ("run", "history")),
-    ("steward", "upgrade"), ("forge", "curate"),
 }
 
 

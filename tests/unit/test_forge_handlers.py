@@ -8,12 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 
+import msgspec
+
 from batos import personas
 from batos.errors import ServiceError
-from batos.worker import Request
+from proto.bodies.steward import Instruction
 from services.forge import handlers_forge
-from services.forge.steward import Instruction
 from services.forge.training_script import template_source
+from tests.typed_handler import call_handler
 from tests.unit.test_forge_curation import dnu_cycle
 from tests.unit.test_forge_history_audit import FakeMemory
 from tests.unit.test_forge_training_script import GOOD
@@ -52,16 +54,16 @@ async def test_run_returns_the_stewards_instruction_with_everything_inline(setti
     assert events.seen[0][1]["examples"] == 6 and events.seen[1][1]["origin"] == "template"
     assert "rejected" in events.seen[1][1]["reason"]
 
-    ins = out["instruction"]
-    parsed = Instruction.from_dict(json.loads(json.dumps(ins)))  # the steward can take it as sent
-    assert parsed.id == out["instruction_id"] and parsed.previous_expert == "brick_old"
+    ins = msgspec.to_builtins(out.instruction)
+    parsed = msgspec.convert(json.loads(json.dumps(ins)), Instruction)  # the steward can take it as sent
+    assert parsed.id == out.instruction_id and parsed.previous_expert == "brick_old"
     assert ins["persona"] == "BRICK" and ins["program"] == "forge" and ins["origin"] == "template"
     assert ins["script"] == template_source() and sorted(ins["files"]) == ["eval.jsonl", "train.jsonl"]
     assert not (settings.var_dir / "forge_runs").exists()  # nothing passed through files
 
     config = ins["config"]
     assert config["base_model"] == settings.llm_model_path and config["training"]["num_train_epochs"] == 2
-    assert config["cycle_id"] == "c-1" and config["instruction_id"] == out["instruction_id"]
+    assert config["cycle_id"] == "c-1" and config["instruction_id"] == out.instruction_id
     assert not {"train_path", "eval_path", "output_dir"} & set(config)  # the steward sets its own paths
     train = [json.loads(line) for line in ins["files"]["train.jsonl"].splitlines()]
     held = ins["files"]["eval.jsonl"].splitlines()
@@ -76,8 +78,8 @@ async def test_generated_script_is_used_when_valid(settings):
         return f"```python\n{GOOD}```"
 
     out = await handlers_forge.prepare_forge(settings, history(), Events(), persona="BRICK", generate=brick)
-    assert out["script"]["origin"] == "generated"
-    assert out["instruction"]["origin"] == "generated" and out["instruction"]["script"] == GOOD
+    assert out.script.origin == "generated"
+    assert out.instruction.origin == "generated" and out.instruction.script == GOOD
 
 
 async def test_no_examples_is_rejected_and_leaves_nothing(settings):
@@ -104,8 +106,6 @@ async def test_bad_epochs_and_missing_weights(settings):
 
 
 class FakeRequest:
-    arg = Request.arg  # the real argument checking
-
     def __init__(self, command, args, settings, memory):
         self.command, self.args = command, args
         self.ctx = SimpleNamespace(settings=settings, state={})
@@ -115,25 +115,29 @@ class FakeRequest:
     async def emit(self, name, **data):
         await self.events(name, **data)
 
+    async def run(self):
+        return await call_handler("forge", self.command, handlers_forge.HANDLERS[self.command], self, self.args)
+
 
 async def test_handlers(settings):
-    req = FakeRequest("curate", {"persona": "brick", "eval_percent": 0}, settings, history(4))
-    out = await handlers_forge.forge_handlers["curate"](req)
+    out = await FakeRequest("curate", {"persona": "brick", "eval_percent": 0}, settings, history(4)).run()
     assert out["persona"] == "BRICK" and out["counts"]["train"] == 4 and out["counts"]["eval"] == 0
     assert Path(out["dataset"]["train_path"]).is_file()
 
-    for bad in ({"persona": "JOKER"}, {}, {"persona": 7}):
+    for bad in ({"persona": "JOKER"}, {}, {"persona": 7}, {"persona": "BRICK", "epoch": 2}):
         with pytest.raises(ServiceError) as err:
-            await handlers_forge.forge_handlers["run"](FakeRequest("run", bad, settings, history()))
+            await FakeRequest("run", bad, settings, history()).run()
         assert err.value.code == "bad_args"
 
-    req = FakeRequest("run", {"persona": "BRICK", "generate_script": False, "max_steps": 2}, settings, history())
-    out = await handlers_forge.forge_handlers["run"](req)
+    req = FakeRequest("run", {"persona": "BRICK", "generate_script": False, "max_steps": 2, "reason": "6 new"},
+                      settings, history())
+    out = await req.run()
     assert out["script"]["reason"] == "script generation disabled"
     assert out["instruction"]["config"]["training"]["max_steps"] == 2
+    assert out["dataset"]["train_path"] is None and out["dataset"]["train"] + out["dataset"]["eval"] == 6
 
-    report = await handlers_forge.forge_handlers["history"](FakeRequest("history", {}, settings, history()))
+    report = await FakeRequest("history", {}, settings, history()).run()
     assert report["due"] == ["BRICK"] and report["counts"]["BRICK"] == 3  # threshold 3, 6 successes
     busy = history(steward={"busy": ["BRICK"], "last_forge": {"BRICK": "2025-09-01T00:00:00+00:00"}})
-    report = await handlers_forge.forge_handlers["history"](FakeRequest("history", {}, settings, busy))
+    report = await FakeRequest("history", {}, settings, busy).run()
     assert report["busy"] == ["BRICK"] and report["due"] == []

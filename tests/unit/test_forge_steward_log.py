@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 
 from batos.supervisor_rpc import SupervisorError
-from services.forge.steward import ImageOps, Instruction, InstructionError, Steward, StewardBusy
+from proto import ProtocolError, contract
+from proto.bodies.steward import Instruction
+from services.forge.steward import ImageOps, Steward, StewardBusy
 
 
 class StandInSupervisor:
@@ -146,13 +148,18 @@ def test_one_upgrade_at_a_time(tmp_path):
     assert s.runs()[-1]["reason"].startswith("steward stopped during the run")
 
 
-def test_the_instruction_is_checked():
-    good = instruction().to_dict()
-    assert Instruction.from_dict(json.loads(json.dumps(good))) == instruction(created_at=good["created_at"])
-    for bad, match in (({**good, "script": ""}, "script"), ({**good, "id": "../../etc"}, "alphanumeric"),
-                       ({**good, "files": {"../x.py": ""}}, "files may hold only"), (["no"], "map")):
-        with pytest.raises(InstructionError, match=match):
-            Instruction.from_dict(bad)
+def test_the_instruction_is_checked_where_it_is_decoded():
+    upgrade = contract.spec("steward", "upgrade")
+    assert upgrade is not None and upgrade.request is Instruction
+    good = contract.encode(instruction())
+    assert contract.decode_request(upgrade, json.loads(json.dumps(good))) == instruction(created_at=good["created_at"])
+    for bad, match in (({**good, "script": ""}, r"\$\.script"), ({**good, "id": "../../etc"}, r"\$\.id"),
+                       ({**good, "files": {"../x.py": ""}}, r"\$\.files"), ({**good, "config": {}}, r"\$\.config"),
+                       ({**good, "persona": "JOKER"}, "unknown persona"), ({**good, "program": "a b"}, r"\$\.program"),
+                       ({**good, "surprise": 1}, "unknown field"), (["no"], "Expected `object`")):
+        with pytest.raises(ProtocolError, match=match) as err:
+            contract.decode_request(upgrade, bad)
+        assert err.value.code == "bad_args"
 
 
 def test_recover_closes_out_a_run_a_dead_steward_left(tmp_path):
@@ -164,7 +171,7 @@ def test_recover_closes_out_a_run_a_dead_steward_left(tmp_path):
     assert orphan.stdout is not None and orphan.stdout.readline() == "up\n"
     work = s.state_dir / "runs" / "crash1"
     work.mkdir(parents=True)
-    s.current_file.write_text(json.dumps({**instruction("crash1").describe(), "work_dir": str(work),
+    s.current_file.write_text(json.dumps({**contract.encode(instruction("crash1").describe()), "work_dir": str(work),
                                           "child_pid": orphan.pid, "argv": ["train_template.py", "config.json"]}))
     recovered = s.recover()
     assert orphan.wait(10) == -9  # the orphaned training group was killed

@@ -13,7 +13,7 @@ from batos import models
 from batos.config import load
 from services.forge import handlers_forge, incarnation, lora_experts
 from services.forge.backends import llamacpp
-from services.forge.steward import Instruction, Steward
+from services.forge.steward import Steward
 from services.forge.steward_main import image_ops
 from tests.unit.test_forge_curation import dnu_cycle
 from tests.unit.test_forge_handlers import Events
@@ -46,13 +46,13 @@ async def test_template_trains_evaluates_and_incarnates(tmp_path, monkeypatch, i
     out = await handlers_forge.prepare_forge(settings, memory, Events(), persona="BRICK", max_steps=2,
                                              logging_steps=1, format_prompts=1, eval_max_new_tokens=16,
                                              generate=lambda messages: "def train(): pass  # not a script")
-    assert out["script"]["origin"] == "template"
+    assert out.script.origin == "template"
 
     supervisor = StubSupervisor()
     steward = Steward(settings.steward_dir, supervisor, image=image_ops(image, asyncio.get_running_loop()),
                       incarnation_grace=0.1)  # nobody decides here: the incarnation below does
     lines: list[dict] = []
-    result = await asyncio.to_thread(steward.run, Instruction.from_dict(out["instruction"]),
+    result = await asyncio.to_thread(steward.run, out.instruction,
                                      lambda event, **data: lines.append({"event": event, **data}))
     finished = next(line for line in lines if line["event"] == "finished")
     assert finished["ok"] is True, finished.get("reason")
@@ -65,8 +65,8 @@ async def test_template_trains_evaluates_and_incarnates(tmp_path, monkeypatch, i
     assert any(line["event"] == "progress" and line.get("model") == "adapter" for line in lines)
 
     meta = result["training_meta"]
-    assert meta["steps"] == 2 and meta["dataset_sha256"] == out["dataset"]["sha256"] and meta["device"] == "cpu"
-    assert meta["dtype"] == "float32" and meta["lora"]["r"] == 16 and meta["instruction_id"] == out["instruction_id"]
+    assert meta["steps"] == 2 and meta["dataset_sha256"] == out.dataset.sha256 and meta["device"] == "cpu"
+    assert meta["dtype"] == "float32" and meta["lora"]["r"] == 16 and meta["instruction_id"] == out.instruction_id
     metrics = result["metrics"]
     assert metrics == finished["metrics"] and metrics["eval_examples"] >= 1 and metrics["format_kind"] == "python"
     for model in ("base", "adapter"):

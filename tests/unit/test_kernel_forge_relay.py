@@ -8,10 +8,14 @@ import asyncio
 import json
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
+import msgspec
 import pytest
 
 from batos.errors import ServiceError
+from proto import contract
+from proto.bodies.steward import Instruction
 from services.forge.incarnation import audit_event as incarnation_event
 from services.kernel import commands, handlers
 from services.kernel.audit_event import record_event
@@ -112,6 +116,12 @@ INSTRUCTION = {"id": "r1", "persona": "BRICK", "script": "print()", "config": {"
                "files": {"train.jsonl": "{}\n"}, "program": "forge"}
 
 
+def as_sent(instruction: dict[str, Any]) -> dict[str, Any]:
+    """The instruction as steward.upgrade's body carries it: proto.bodies.steward.Instruction, defaults filled in
+    (``created_at`` is the moment it was decoded: left out of the comparison)."""
+    return {**contract.encode(msgspec.convert(instruction, Instruction)), "created_at": ANY}
+
+
 def fake_steward(client, events: list[dict[str, Any]], reply: dict[str, Any] | Exception, calls: list[dict[str, Any]]):
     """forge.run replies with the instruction; steward.upgrade streams ``events`` (timestamps one second apart)."""
     async def run(body: dict[str, Any], on_event: Any) -> dict[str, Any]:
@@ -145,7 +155,7 @@ async def test_forge_relays_the_stewards_events_to_the_incarnation(kernel, clien
                                             "kwargs": {"max_steps": 4, "ignored": True}}})
     out = await commands.dispatch(kernel, events, cmd)
     # forge prepared it; the kernel handed the instruction, untouched, to the steward
-    assert calls == [("forge", {"persona": "BRICK", "max_steps": 4}), ("steward", INSTRUCTION)]
+    assert calls == [("forge", {"persona": "BRICK", "max_steps": 4}), ("steward", as_sent(INSTRUCTION))]
 
     # the forge's own events first, then the steward's as console events
     assert events.items[0] == ("progress", {"stage": "curation", "done": 1, "total": 3})
@@ -258,7 +268,9 @@ async def test_the_history_audit_dispatches_a_forge_when_a_persona_is_due(env, c
     report = await loop.audit_history()
     assert report["due"] == ["BRICK"] and report["dispatched"] == {"BRICK": "started"}
     await loop.forge_task  # followed in the background: the loop goes on meanwhile
-    assert calls == [("forge", {"persona": "BRICK", "reason": "3 new successful cycles"}), ("steward", INSTRUCTION)]
+    (_, asked), handed = calls
+    assert asked["persona"] == "BRICK" and asked["reason"] == "3 new successful cycles"
+    assert handed == ("steward", as_sent(INSTRUCTION))
     assert loop.last_forge["ok"] is True and loop.last_forge["decision"] == "activated"
     described = loop.describe()
     assert described["history_audit"]["runs"] == 1 and described["forge"]["last"]["persona"] == "BRICK"

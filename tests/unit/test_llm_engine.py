@@ -1,4 +1,4 @@
-"""LLMEngine: validation, the one-at-a-time queue, cancellation, timeouts, adapters across restarts.
+"""LLMEngine: the typed bodies, the one-at-a-time queue, cancellation, timeouts, adapters across restarts.
 
 A fake backend stands in for the model (it sleeps per token and honours cancel/deadline like the real
 ones), so these run in well under a second each.
@@ -13,6 +13,8 @@ import pytest
 
 import proto
 from batos import personas
+from proto import contract
+from proto.bodies import llm as bodies
 from services.forge.backends.base import (
     CANCELLED,
     LENGTH,
@@ -83,8 +85,14 @@ class SlowFake(Backend):
         return self.active.pop(persona, None) is not None
 
 
-def body(**kw):
-    return {"persona": "ROBIN", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, **kw}
+def decoded(command, raw):
+    """The request as the worker decodes it at the boundary (proto.contract)."""
+    return contract.decode_request(contract.spec("llm", command), raw)
+
+
+def body(command="generate", **kw):
+    return decoded(command, {"persona": "ROBIN", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                             **kw})
 
 
 async def test_generate_streams_tokens_and_replies_with_the_contract_fields():
@@ -92,10 +100,10 @@ async def test_generate_streams_tokens_and_replies_with_the_contract_fields():
     engine = LLMEngine(backend)
     tokens: list[str] = []
     reply = await engine.generate(body(persona="brick"), on_token=tokens.append)
-    assert "".join(tokens) == reply["text"] == "alpha beta gamma"
-    for key in ("text", "prompt_tokens", "completion_tokens", "ttft_s", "total_s", "tokens_per_s", "adapter", "model"):
-        assert key in reply
-    assert reply["persona"] == "BRICK" and reply["model"] == "fake-1" and reply["queue_s"] >= 0
+    assert isinstance(reply, bodies.GenerateReply)
+    assert "".join(tokens) == reply.text == "alpha beta gamma"
+    assert reply.prompt_tokens == 7 and reply.completion_tokens == len(reply.text) and reply.tokens_per_s == 20.0
+    assert reply.persona == "BRICK" and reply.model == "fake-1" and reply.queue_s >= 0 and reply.adapter is None
     persona, messages = backend.seen[0]
     assert persona == "BRICK"
     assert messages[0] == {"role": "system", "content": personas.PERSONAS["BRICK"]}
@@ -114,9 +122,8 @@ async def test_generate_streams_tokens_and_replies_with_the_contract_fields():
     ],
 )
 async def test_bad_arguments_are_bad_args_naming_the_field(bad, message):
-    engine = LLMEngine(SlowFake())
-    with pytest.raises(BackendError) as err:
-        await engine.generate(body(**bad))
+    with pytest.raises(proto.ProtocolError) as err:
+        body(**bad)  # refused where the worker decodes it: the engine never sees it
     assert err.value.code == proto.ErrorCode.BAD_ARGS
     assert message in err.value.message
 
@@ -168,7 +175,7 @@ async def test_a_request_cancelled_while_queued_leaves_the_queue():
     with pytest.raises(BackendError) as err:
         await second
     assert err.value.code == proto.ErrorCode.CANCELLED and "queued" in err.value.message
-    assert (await first)["completion_tokens"] > 0
+    assert (await first).completion_tokens > 0
     assert len(backend.seen) == 1  # the cancelled one never reached the model
 
 
@@ -208,34 +215,36 @@ async def test_timeout_covers_queue_wait_and_generation():
 async def test_action_reports_attempts_and_token_totals():
     valid = '{"thought": "t", "action": "answer", "query": "q", "summary_ids": []}'
     engine = LLMEngine(SlowFake(words=["junk"]))
-    out = await engine.action(body(max_tokens=2))
-    assert out["valid"] is False and out["attempts"] == 2 and out["raw"] == "junkjunk"
-    assert out["completion_tokens"] == 16 and out["prompt_tokens"] == 14
+    out = await engine.action(body("action", max_tokens=2))
+    assert out.valid is False and out.action is None and out.attempts == 2 and out.raw == "junkjunk"
+    assert out.completion_tokens == 16 and out.prompt_tokens == 14 and "no JSON object" in out.problem
     engine = LLMEngine(SlowFake(words=[valid]))
-    out = await engine.action(body(max_tokens=1))
-    assert out["valid"] and out["attempts"] == 1 and out["action"]["action"] == "answer"
+    out = await engine.action(body("action", max_tokens=1))
+    assert out.valid and out.attempts == 1 and out.action is not None and out.action.action == "answer"
 
 
 async def test_count_tokens_and_adapters_listing():
     engine = LLMEngine(SlowFake())
-    assert engine.count_tokens({"text": "a b c"}) == {"tokens": 3, "exact": False}
-    with pytest.raises(BackendError, match="text"):
-        engine.count_tokens({})
+    assert engine.count_tokens("a b c") == bodies.CountTokensReply(tokens=3, exact=False)
+    with pytest.raises(proto.ProtocolError, match="text"):
+        decoded("count_tokens", {})
     listing = engine.adapters()
-    assert listing["personas"] == {p: None for p in personas.PERSONAS}
-    assert listing["backend"]["model"] == "fake-1"
+    assert listing.personas == {p: None for p in personas.PERSONAS}
+    assert listing.backend.model == "fake-1" and listing.backend.context_tokens == 100
 
 
 async def test_adapters_are_recorded_and_restored_after_a_restart(tmp_path):
     registry = AdapterRegistry(tmp_path / "llm_adapters.json")
     engine = LLMEngine(SlowFake(), registry=registry)
-    out = await engine.activate_adapter({"persona": "brick", "path": "/a/brick_v2", "meta": {"v": 2}})
-    assert out["persona"] == "BRICK" and out["adapter"]["name"] == "brick_1"
-    await engine.activate_adapter({"persona": "ALFRED", "path": "/a/alfred_v1"})
+    out = await engine.activate_adapter(decoded("activate_adapter", {"persona": "brick", "path": "/a/brick_v2",
+                                                                      "meta": {"v": 2}}))
+    assert out.persona == "BRICK" and out.adapter.name == "brick_1" and out.adapter.meta == {"v": 2}
+    await engine.activate_adapter(bodies.ActivateAdapter(persona="ALFRED", path="/a/alfred_v1"))
     reply = await engine.generate(body(persona="BRICK"))
-    assert reply["adapter"] == "brick_1"
-    assert (await engine.generate(body(persona="ROBIN")))["adapter"] is None
-    assert (await engine.deactivate_adapter({"persona": "ALFRED"}))["removed"] is True
+    assert reply.adapter == "brick_1"
+    assert (await engine.generate(body(persona="ROBIN"))).adapter is None
+    assert engine.adapter("ALFRED") is not None and engine.adapter("ROBIN") is None
+    assert (await engine.deactivate_adapter("ALFRED")).removed is True
     assert json.loads(registry.path.read_text()) == {"BRICK": {"path": "/a/brick_v2", "meta": {"v": 2}}}
 
     fresh = SlowFake()  # the restarted worker
@@ -248,13 +257,13 @@ async def test_a_bad_adapter_is_refused_and_not_recorded(tmp_path):
     registry = AdapterRegistry(tmp_path / "llm_adapters.json")
     engine = LLMEngine(SlowFake(), registry=registry)
     with pytest.raises(BackendError) as err:
-        await engine.activate_adapter({"persona": "BRICK", "path": "/missing/adapter"})
+        await engine.activate_adapter(bodies.ActivateAdapter(persona="BRICK", path="/missing/adapter"))
     assert err.value.code == proto.ErrorCode.BAD_ARGS
     assert registry.load() == {}
-    with pytest.raises(BackendError, match="unknown persona"):
-        await engine.activate_adapter({"persona": "JOKER", "path": "/a"})
-    with pytest.raises(BackendError, match="path"):
-        await engine.activate_adapter({"persona": "BRICK"})
+    with pytest.raises(proto.ProtocolError, match="unknown persona"):
+        decoded("activate_adapter", {"persona": "JOKER", "path": "/a"})
+    with pytest.raises(proto.ProtocolError, match="path"):
+        decoded("activate_adapter", {"persona": "BRICK"})
 
 
 async def test_restore_skips_an_adapter_whose_files_are_gone(tmp_path):

@@ -12,9 +12,10 @@ import pytest
 
 import proto
 from batos import config, personas
+from proto.react import ACTIONS
 from services.forge.backends import make_backend
 from services.forge.backends.base import CANCELLED, LENGTH, STOP, TIMEOUT, BackendError, GenerationParams
-from services.forge.structured import DEFAULT_ACTIONS, run_action
+from services.forge.structured import run_action
 
 pytest.importorskip("llama_cpp")
 from services.forge.backends.llamacpp import PREFILL_CHUNK, LlamaCppBackend
@@ -89,9 +90,9 @@ def test_stop_string_ends_generation_before_it(backend):
 def test_json_schema_constrains_the_action(backend):
     out = run_action(backend, "BABS", chat("BABS", "Question: How does the broker route a request?"),
                      max_tokens=96, reask=False)  # fmt: skip
-    obj = json.loads(out["raw"])  # the grammar admits only the schema's JSON
+    obj = json.loads(out.results[-1].text)  # the grammar admits only the schema's JSON
     assert list(obj) == ["thought", "action", "query", "summary_ids"]
-    assert obj["action"] in DEFAULT_ACTIONS and out["valid"] and out["attempts"] == 1
+    assert obj["action"] in ACTIONS and out.action is not None and len(out.results) == 1
 
 
 def test_an_unusable_schema_is_bad_args(backend):

@@ -13,11 +13,11 @@ import pytest
 
 import proto
 from batos import config, personas
+from proto.react import ACTIONS
 from services.forge.backends import make_backend
 from services.forge.backends.base import CANCELLED, LENGTH, TIMEOUT, BackendError, GenerationParams
 from services.forge.backends.local import LocalBackend
 from services.forge.streaming import IncrementalDecoder
-from services.forge.structured import DEFAULT_ACTIONS
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -94,7 +94,7 @@ def test_json_schema_constrains_the_output(backend):
     schema = {
         "type": "object",
         "properties": {
-            "action": {"type": "string", "enum": list(DEFAULT_ACTIONS)},
+            "action": {"type": "string", "enum": list(ACTIONS)},
             "query": {"type": "string", "maxLength": 12},
         },
         "required": ["action", "query"],
@@ -104,7 +104,7 @@ def test_json_schema_constrains_the_output(backend):
     result = backend.generate("BABS", messages, GenerationParams(max_tokens=40, json_schema=schema))
     obj = json.loads(result.text)
     assert list(obj) == ["action", "query"]
-    assert obj["action"] in DEFAULT_ACTIONS and len(obj["query"]) <= 12
+    assert obj["action"] in ACTIONS and len(obj["query"]) <= 12
 
 
 def test_count_tokens_and_incremental_decoding_with_the_real_tokenizer(backend):

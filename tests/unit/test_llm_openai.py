@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import proto
+from proto.react import action_schema
 from services.forge.backends.base import CANCELLED, LENGTH, STOP, TIMEOUT, BackendError, GenerationParams
 from services.forge.backends.openai_compat import OpenAICompatBackend
 from services.forge.structured import run_action
@@ -144,14 +145,10 @@ def test_stop_strings_are_sent_and_applied_locally(server, backend):
 def test_json_schema_becomes_response_format(server, backend):
     server.pieces = ['{"thought": "t", "action": "answer", ', '"query": "q", "summary_ids": []}']
     out = run_action(backend, "BABS", MESSAGES)
-    assert out["valid"] and out["attempts"] == 1
+    assert out.action is not None and len(out.results) == 1
     fmt = server.requests[0]["response_format"]
     assert fmt["type"] == "json_schema"
-    assert fmt["json_schema"]["schema"]["properties"]["action"]["enum"] == [
-        "search_summaries",
-        "search_chunks",
-        "answer",
-    ]
+    assert fmt["json_schema"]["schema"] == action_schema()  # proto.react's vocabulary, as the kernel asks in
     assert "repetition_penalty" not in server.requests[0]  # not an OpenAI parameter
 
 

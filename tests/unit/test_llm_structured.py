@@ -2,8 +2,10 @@
 
 import json
 
+import msgspec
 import pytest
 
+from proto.react import ACTIONS, QUERY_MAX, THOUGHT_MAX, ReactAction, action_schema
 from services.forge.backends.base import (
     CANCELLED,
     STOP,
@@ -11,17 +13,9 @@ from services.forge.backends.base import (
     GenerationParams,
     GenerationResult,
 )
-from services.forge.structured import (
-    DEFAULT_ACTIONS,
-    QUERY_MAX,
-    THOUGHT_MAX,
-    action_messages,
-    action_schema,
-    parse_action,
-    run_action,
-)
+from services.forge.structured import action_messages, parse_action, run_action
 
-NAMES = list(DEFAULT_ACTIONS)
+NAMES = list(ACTIONS)
 
 
 class Scripted(Backend):
@@ -87,11 +81,11 @@ GOOD = {"thought": "look at summaries", "action": "search_summaries", "query": "
 )
 def test_parser_accepts_what_a_model_plausibly_writes(raw):
     action, problem = parse_action(raw, NAMES)
-    assert problem == ""
-    assert action["action"] == "search_summaries"
-    assert action["query"] == "broker routing"
-    assert action["thought"] == "look at summaries"
-    assert isinstance(action["summary_ids"], list)
+    assert problem == "" and action is not None
+    assert action.action == "search_summaries"
+    assert action.query == "broker routing"
+    assert action.thought == "look at summaries"
+    assert isinstance(action.summary_ids, list)
 
 
 @pytest.mark.parametrize(
@@ -114,27 +108,30 @@ def test_parser_normalises_fields():
         {"THOUGHT": "t" * 500, "action": "answer", "query": 42, "summary_ids": ["a1", 7, "b2", "c3", "d4"], "x": 1}
     )
     action, _ = parse_action(raw, NAMES)
-    assert action == {"thought": "t" * THOUGHT_MAX, "action": "answer", "query": "42", "summary_ids": ["a1", "7", "b2"]}
+    assert action == ReactAction(thought="t" * THOUGHT_MAX, action="answer", query="42", summary_ids=["a1", "7", "b2"])
     single, _ = parse_action('{"action": "search_chunks", "query": "q", "summary_ids": "ab12"}', NAMES)
-    assert single["summary_ids"] == ["ab12"] and single["thought"] == ""
-    answer, _ = parse_action('{"action": "answer"}', NAMES)  # an answer may come without a query
-    assert answer["query"] == ""
+    assert single is not None and single.summary_ids == ["ab12"] and single.thought == ""
+    answer, _ = parse_action('{"action": "answer"}')  # an answer may come without a query; proto.react's names
+    assert answer is not None and answer.query == ""
+    long, _ = parse_action(json.dumps({"action": "zoom", "query": "q" * 500, "summary_ids": ["S1"]}))
+    assert long is not None and long.query == "q" * QUERY_MAX  # cut to the vocabulary's bound, never refused
+    msgspec.convert(msgspec.to_builtins(long), ReactAction)  # within every bound of the type
 
 
 def test_instructions_go_to_the_end_of_the_last_user_turn():
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Question: why?"}]
-    out = action_messages(msgs, DEFAULT_ACTIONS)
+    out = action_messages(msgs, ACTIONS)
     assert len(out) == 2 and msgs[1]["content"] == "Question: why?"  # the caller's list is not modified
     assert out[1]["content"].startswith("Question: why?\n\n")
     for name in NAMES:
         assert f"- {name}:" in out[1]["content"]
-    assert action_messages([{"role": "assistant", "content": "a"}], DEFAULT_ACTIONS)[-1]["role"] == "user"
+    assert action_messages([{"role": "assistant", "content": "a"}], ACTIONS)[-1]["role"] == "user"
 
 
 def test_valid_first_time_is_one_constrained_attempt():
     backend = Scripted([json.dumps(GOOD)])
     out = run_action(backend, "BABS", [{"role": "user", "content": "q"}])
-    assert out["valid"] and out["attempts"] == 1 and out["action"]["action"] == "search_summaries"
+    assert out.action is not None and len(out.results) == 1 and out.action.action == "search_summaries"
     params = backend.calls[0][1]
     assert params.json_schema == action_schema(NAMES)
     assert params.repetition_penalty > 1.0
@@ -143,7 +140,7 @@ def test_valid_first_time_is_one_constrained_attempt():
 def test_invalid_reply_gets_one_reask_that_names_the_problem():
     backend = Scripted(["server-server-server", json.dumps(GOOD)])
     out = run_action(backend, "BABS", [{"role": "user", "content": "q"}])
-    assert out["valid"] and out["attempts"] == 2
+    assert out.action is not None and len(out.results) == 2
     reask = backend.calls[1][0]
     assert reask[-2] == {"role": "assistant", "content": "server-server-server"}
     assert "no JSON object" in reask[-1]["content"]
@@ -152,24 +149,24 @@ def test_invalid_reply_gets_one_reask_that_names_the_problem():
 def test_two_failures_give_valid_false_and_the_raw_text():
     backend = Scripted(["nope", "still nope"])
     out = run_action(backend, "BABS", [{"role": "user", "content": "q"}])
-    assert out == {**out, "action": None, "valid": False, "raw": "still nope", "attempts": 2}
+    assert out.action is None and out.results[-1].text == "still nope" and len(out.results) == 2
 
 
 def test_without_the_helper_there_is_no_schema_and_no_reask():
     backend = Scripted(["nope"])
     out = run_action(backend, "BABS", [{"role": "user", "content": "q"}], constrained=False, reask=False)
-    assert out["attempts"] == 1 and not out["valid"]
+    assert len(out.results) == 1 and out.action is None
     assert backend.calls[0][1].json_schema is None
 
 
 def test_a_cancelled_generation_is_not_reasked():
     backend = Scripted(["{", "unused"], finish=CANCELLED)
     out = run_action(backend, "BABS", [{"role": "user", "content": "q"}])
-    assert out["attempts"] == 1
+    assert len(out.results) == 1
 
 
 def test_custom_actions_restrict_the_enum():
     backend = Scripted(['{"thought": "t", "action": "search_summaries", "query": "q", "summary_ids": []}'] * 2)
     out = run_action(backend, "BABS", [{"role": "user", "content": "q"}], actions={"answer": "reply now"})
     assert backend.calls[0][1].json_schema["properties"]["action"]["enum"] == ["answer"]
-    assert not out["valid"] and "action must be one of ['answer']" in out["problem"]
+    assert out.action is None and "action must be one of ['answer']" in out.problem
