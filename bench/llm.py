@@ -130,7 +130,7 @@ def measure_one(model: str, runtime: str, tokens: int, threads: int, actions: in
         for prompt in ACTION_PROMPTS[:actions]:
             chat = personas.with_system_prompt("BABS", [{"role": "user", "content": prompt}])
             t0 = time.perf_counter()
-            valid += run_action(backend, "BABS", chat, max_tokens=128)["valid"]
+            valid += run_action(backend, "BABS", chat, max_tokens=128).action is not None
             seconds.append(time.perf_counter() - t0)
         out["actions_valid"], out["actions_of"], out["action_median_s"] = valid, actions, median(seconds)
     out["peak_rss_mb"] = peak_rss_mb()
