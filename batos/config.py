@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     watch_worker_poll_s: float = 2.0  # how often the broker's worker table is compared, while anyone watches
 
     supervisor_url: str = ""  # steward and batos.ctl: unix://<var_dir>/supervisor.sock by default
+    # the supervisord programs `make up` runs on this host, comma separated; "" = all (batos.programs.PROGRAMS).
+    # Another host running workers: e.g. "memory_weaver,forge,steward" (batos.hostconf)
+    programs: str = ""
 
     @cached_property
     def log_dir(self) -> Path:

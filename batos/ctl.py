@@ -17,7 +17,7 @@ import xmlrpc.client
 from pathlib import Path
 from typing import Any
 
-from batos import supervisor_rpc, transport
+from batos import hostconf, supervisor_rpc, transport
 from batos.client import Client
 from batos.config import REPO_ROOT, Settings, load
 from batos.errors import ServiceError
@@ -37,7 +37,7 @@ def supervisor_running(settings: Settings) -> bool:
     return supervisor_rpc.running(supervisor_rpc.url_for(settings))
 
 
-def prepare_var(settings: Settings) -> None:
+def prepare_var(settings: Settings, programs: tuple[str, ...] = PROGRAMS) -> None:
     from services.memory_weaver.zeo_conf import write_zeo_conf
 
     for d in (settings.var_dir, settings.log_dir, settings.lora_dir):
@@ -46,7 +46,9 @@ def prepare_var(settings: Settings) -> None:
     # makes what the programs create there 0600 / 0700
     for d in (settings.var_dir, settings.log_dir):
         d.chmod(0o700)
-    if settings.curve_enabled:
+    if settings.curve_enabled and "broker" not in programs:
+        missing_keys(settings)  # another host's keys are made on the broker's host and copied here
+    elif settings.curve_enabled:
         # generated here, before supervisord starts anything: when the broker generated them at its start,
         # workers starting beside it read half-written files ("Invalid certificate file") on a fresh var/keys
         from batos import curve
@@ -54,7 +56,26 @@ def prepare_var(settings: Settings) -> None:
         keys = curve.ensure_keys(settings)
         for d in (keys, keys / "authorized"):
             d.chmod(0o700)
-    write_zeo_conf(settings, settings.var_dir / "zeo.conf")
+    if "zeo" in programs:
+        write_zeo_conf(settings, settings.var_dir / "zeo.conf")
+
+
+def missing_keys(settings: Settings) -> None:
+    """On a host without the broker: the service key and the broker's public key must have been copied in
+    (never generated here: a new broker.key would not be the broker's)."""
+    need = [settings.keys_dir / f"{settings.curve_service_key}.key_secret", settings.keys_dir / "broker.key"]
+    absent = [str(p) for p in need if not p.is_file()]
+    if absent:
+        raise hostconf.HostConfError(
+            f"no {' or '.join(absent)}: on the broker's host run `python -m batos.curve add NAME --serves "
+            f"SERVICES`, copy var/keys/NAME.key_secret and var/keys/broker.key here and set "
+            f"BATOS_CURVE_SERVICE_KEY=NAME")
+
+
+def client_key(settings: Settings) -> str:
+    """The key batosctl presents: the console key, or on a host that holds only a service key, that one."""
+    console = settings.keys_dir / f"{settings.curve_key}.key_secret"
+    return settings.curve_key if console.is_file() or not settings.curve_enabled else settings.curve_service_key
 
 
 def start_supervisord(conf: Path, env: dict[str, str] | None = None) -> None:
@@ -78,13 +99,18 @@ def fail(settings: Settings, program: str, why: str) -> int:
 
 
 async def registered(settings: Settings) -> dict[str, int]:
-    async with Client(settings, identity=f"batosctl-{os.getpid()}") as c:
+    async with Client(settings, identity=f"batosctl-{os.getpid()}", curve_key=client_key(settings)) as c:
         table = await c.request(Workers(), timeout=2)
     return {s: len([w for w in ws if w.alive]) for s, ws in table.services.items()}
 
 
 def up(settings: Settings) -> int:
-    prepare_var(settings)
+    try:
+        programs = hostconf.selected(settings.programs)
+        prepare_var(settings, programs)
+    except hostconf.HostConfError as e:
+        print(f"BAT OS did not start: {e}", file=sys.stderr)
+        return 2
     if supervisor_running(settings):
         supervisor(settings).supervisor.startAllProcesses(False)
     else:
@@ -92,11 +118,11 @@ def up(settings: Settings) -> int:
         # ingest's default root is the directory `make up` was run from (services.ingestor.roots)
         env = {**os.environ, "BATOS_VAR_DIR": str(settings.var_dir),
                "BATOS_INGEST_HOME": settings.ingest_home or os.getcwd()}
-        start_supervisord(CONF, env)
+        start_supervisord(hostconf.write(CONF, programs, settings.var_dir / "supervisord.conf"), env)
     rpc = supervisor(settings)
     deadline = time.monotonic() + UP_TIMEOUT
     print("starting BAT OS", end="", flush=True)
-    want = {s for ss in REGISTERS.values() for s in ss}
+    want = {s for p in programs for s in REGISTERS.get(p, ())}
     while time.monotonic() < deadline:
         try:
             infos = {p["name"]: p for p in supervisor_rpc.all_process_info(rpc.supervisor.getAllProcessInfo())}
@@ -106,7 +132,7 @@ def up(settings: Settings) -> int:
         for name, info in infos.items():
             if info["statename"] in ("FATAL", "BACKOFF", "EXITED"):
                 return fail(settings, name, f"is {info['statename']}")
-        running = all(p in infos and infos[p]["statename"] == "RUNNING" for p in PROGRAMS)
+        running = all(p in infos and infos[p]["statename"] == "RUNNING" for p in programs)
         have: dict[str, int] = {}
         if running:
             try:
@@ -116,6 +142,8 @@ def up(settings: Settings) -> int:
             if all(have.get(s, 0) >= 1 for s in want):
                 print(" ready.\n")
                 print("Every program is RUNNING and every service has registered with the broker.")
+                if programs != PROGRAMS:
+                    print(f"  on this host: {', '.join(programs)} (BATOS_PROGRAMS)")
                 print(f"  broker: {settings.broker_endpoint}   logs: {settings.log_dir}")
                 exposed = transport.exposure_warning(settings.broker_endpoint, settings.curve_enabled)
                 if exposed:
@@ -126,7 +154,7 @@ def up(settings: Settings) -> int:
                 return 0
         print(".", end="", flush=True)
         time.sleep(1.0)
-    missing = [p for p, ss in REGISTERS.items() if any(have.get(s, 0) < 1 for s in ss)] or ["(unknown)"]
+    missing = [p for p in programs if any(have.get(s, 0) < 1 for s in REGISTERS.get(p, ()))] or ["(unknown)"]
     return fail(settings, missing[0], f"did not register with the broker within {UP_TIMEOUT:.0f} s")
 
 
@@ -160,7 +188,7 @@ def status(settings: Settings, as_json: bool = False) -> int:
 
 async def _live_status(settings: Settings) -> tuple[WorkerTable | None, dict[str, Any]]:
     """The broker's worker table and the kernel's own status (each None/{"error"} when it does not answer)."""
-    async with Client(settings, identity=f"batosctl-{os.getpid()}") as c:
+    async with Client(settings, identity=f"batosctl-{os.getpid()}", curve_key=client_key(settings)) as c:
         try:
             table: WorkerTable | None = await c.request(Workers(), timeout=5)
         except ServiceError:

@@ -38,7 +38,7 @@ from services.forge.incarnation import decide
 from tests.integration.test_kernel_live import KERNEL_ENV as LIVE_KERNEL_ENV
 from tests.integration.two_hosts import WORKER_KEY, Hosts
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 # cycles of seconds with the small model, as the kernel's own live test; nothing in the background: this test
 # says when to audit and forge

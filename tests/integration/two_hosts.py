@@ -10,8 +10,9 @@ use separate directories, without that proof (``Hosts.isolated`` says which).
 What crosses between hosts is what crosses between real machines: the broker over TCP with CurveZMQ (the
 worker host holds only its own service key and the broker's public key, made by ``python -m batos.curve add``;
 the console host only the console key and the broker's public key) and ZEO over TCP (each client keeps its
-own blob cache, ``shared_blob_dir=False``: batos.image). The worker host's supervisord runs the repository's
-own program sections for memory_weaver, forge and steward (the steward restarts ``forge`` through it).
+own blob cache, ``shared_blob_dir=False``: batos.image). The worker host comes up as a user brings it up there:
+``batos.ctl up`` with ``BATOS_PROGRAMS=memory_weaver,forge,steward`` starts its own supervisord with the
+repository's program sections for those three (the steward restarts ``forge`` through it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -34,13 +34,12 @@ from batos import supervisor_rpc
 from batos.client import Client
 from batos.config import Settings, load
 from tests.conftest import PY, REPO, Proc, System
-from tests.integration.system_fixture import still_running
+from tests.integration.system_fixture import CTL_DOWN_TIMEOUT, CTL_UP_TIMEOUT, still_running
 
 WORKER_KEY = "worker-host"  # the worker host's service key: it may serve only WORKER_SERVICES
 WORKER_PROGRAMS = ("memory_weaver", "forge", "steward")
 WORKER_SERVICES = ("memory", "llm", "forge", "steward")
 MAIN_SERVICES = ("kernel", "ingest")
-SUPERVISOR_SECTIONS = ("unix_http_server", "supervisord", "rpcinterface:supervisor", "supervisorctl")
 START_TIMEOUT = 30.0
 
 
@@ -59,25 +58,6 @@ def hiding(hidden: list[Path], argv: list[str]) -> list[str]:
     script = f"{mounts} && shift {len(hidden)} && exec \"$@\""
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
             *map(str, hidden), *argv]
-
-
-def worker_supervisord_conf(worker_root: Path) -> str:
-    """The repository's supervisord.conf cut down to the worker host's programs, run from ``worker_root``.
-
-    ``%(here)s`` (the conf file's directory) stood for the checkout: on this "host" the checkout is REPO and
-    the working directory is the host's own."""
-    text = (REPO / "supervisord.conf").read_text()
-    keep = {*SUPERVISOR_SECTIONS, *(f"program:{p}" for p in WORKER_PROGRAMS)}
-    out: list[str] = []
-    keeping = False
-    for line in text.splitlines():
-        header = re.match(r"^\[(.+)\]\s*$", line)
-        if header:
-            keeping = header.group(1) in keep
-        if keeping:
-            out.append(line)
-    conf = "\n".join(out).replace("directory=%(here)s", f"directory={worker_root}")
-    return conf.replace("%(here)s", str(REPO)) + "\n"
 
 
 def listening_port(pid: int, timeout: float = START_TIMEOUT) -> int:
@@ -127,7 +107,12 @@ class Hosts:
         return self.root / "console"
 
     def _others(self, own: Path) -> list[Path]:
-        return [d for d in (self.main_root, self.worker_root, self.console_root) if d != own] if self.isolated else []
+        """What a host must not see: the other hosts, and the checkout's own var/ (a default nobody may fall
+        back on)."""
+        if not self.isolated:
+            return []
+        checkout_var = [REPO / "var"] if (REPO / "var").is_dir() else []
+        return [d for d in (self.main_root, self.worker_root, self.console_root) if d != own] + checkout_var
 
     def _on(self, own: Path, argv: list[str]) -> list[str]:
         hidden = self._others(own)
@@ -187,24 +172,30 @@ class Hosts:
     def worker_var(self) -> Path:
         return self.worker_root / "var"
 
+    def worker_env(self, **env: str) -> dict[str, str]:
+        full = {k: v for k, v in os.environ.items() if not k.startswith("BATOS_")}
+        full.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO),
+                    BATOS_VAR_DIR=str(self.worker_var), BATOS_CURVE_SERVICE_KEY=WORKER_KEY,
+                    BATOS_PROGRAMS=",".join(WORKER_PROGRAMS), **self.network_env(), **env)
+        if "BATOS_LLM_MODEL" in os.environ:  # tests/conftest.py: the small model
+            full.setdefault("BATOS_LLM_MODEL", os.environ["BATOS_LLM_MODEL"])
+        return full
+
+    def worker_ctl(self, action: str, timeout: float, **env: str) -> subprocess.CompletedProcess[str]:
+        """``python -m batos.ctl ACTION`` on the worker host, as its user types ``make up`` / ``make down``."""
+        return subprocess.run(self._on(self.worker_root, [PY, "-m", "batos.ctl", action]), env=self.worker_env(**env),
+                              cwd=self.worker_root, capture_output=True, text=True, timeout=timeout)
+
     def start_worker_host(self, **env: str) -> None:
         """What a user does on the other host: copy its key and the broker's public key into its own var/keys,
-        point it at the broker and ZEO, and start its supervisord with the worker programs."""
+        point it at the broker and ZEO, say which programs run there, ``make up``."""
         keys = self.main.settings.keys_dir
         for name in (f"{WORKER_KEY}.key_secret", "broker.key"):
             copy_private(keys / name, self.worker_var / "keys")
-        (self.worker_var / "log").mkdir(mode=0o700, parents=True, exist_ok=True)
-        conf = self.worker_root / "supervisord.conf"
-        conf.write_text(worker_supervisord_conf(self.worker_root))
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("BATOS_")}
-        full_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-                        BATOS_VAR_DIR=str(self.worker_var), BATOS_CURVE_SERVICE_KEY=WORKER_KEY,
-                        **self.network_env(), **env)
-        if "BATOS_LLM_MODEL" in os.environ:  # tests/conftest.py: the small model
-            full_env.setdefault("BATOS_LLM_MODEL", os.environ["BATOS_LLM_MODEL"])
-        subprocess.run(self._on(self.worker_root, [str(Path(PY).parent / "supervisord"), "-c", str(conf)]),
-                       env=full_env, cwd=self.worker_root, check=True, umask=0o077, timeout=60)
+        up = self.worker_ctl("up", CTL_UP_TIMEOUT, **env)
         self.remember_worker_processes()
+        if up.returncode != 0:
+            raise RuntimeError(f"the worker host's `batos.ctl up` failed ({up.returncode}):\n{up.stdout}\n{up.stderr}")
 
     @property
     def worker_supervisor_url(self) -> str:
@@ -230,18 +221,16 @@ class Hosts:
             return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
         return f"(no {path})"
 
-    def stop_worker_host(self) -> None:
+    def stop_worker_host(self) -> subprocess.CompletedProcess[str]:
         self.remember_worker_processes()
-        with contextlib.suppress(OSError, xmlrpc.client.Fault):
-            rpc = self.worker_rpc()
-            rpc.supervisor.stopAllProcesses(True)
-            rpc.supervisor.shutdown()
+        down = self.worker_ctl("down", CTL_DOWN_TIMEOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and any(still_running(k) for k in self.worker_procs):
             time.sleep(0.2)
         for pid, _ in [k for k in self.worker_procs if still_running(k)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        return down
 
     # -- console host -----------------------------------------------------------------------------------------
 
