@@ -33,9 +33,11 @@ from batos import personas
 from batos.client import Client
 from batos.config import MEMORY_TIMEOUT
 from batos.errors import ServiceError
+from batos.fractals import query_all
 from batos.image import Image
 from batos.worker import Context, Handler, Request
 from proto.bodies import llm as bodies
+from proto.bodies.memory import Fractal, QueryFractals
 from proto.bodies.steward import Instruction
 from services.forge import curation, history_audit, incarnation, training_script
 
@@ -44,7 +46,8 @@ log = logging.getLogger("batos.forge")
 Call = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]
 Emit = Callable[..., Awaitable[None]]
 
-QUERY_LIMIT = 10_000  # golden events fetched per query
+QUERY_LIMIT = 10_000  # golden events read for one curation
+CYCLE_EVENTS_MAX = 1_000  # events read per cycle (a cycle writes a few dozen)
 MAX_CYCLES = 2_000  # cycles whose full event lists are fetched for one curation
 CYCLE_QUERY_CONCURRENCY = 8
 SCRIPT_MAX_TOKENS = 700  # a complete training script; BRICK on CPU needs about a minute for it
@@ -62,28 +65,24 @@ def _stamp() -> str:
 
 
 async def gather_fractals(call: Call, persona: str, mission_type: str | None = None) -> list[dict[str, Any]]:
-    """Every event of every cycle in which ``persona`` produced a golden event (newest cycles first, bounded)."""
-    seeds: list[dict[str, Any]] = []
-    for event_type in curation.GOLDEN_EVENT_TYPES:
-        body: dict[str, Any] = {"persona": persona, "status": curation.SUCCESS, "event_type": event_type,
-                                "limit": QUERY_LIMIT}
-        if mission_type:
-            body["mission_type"] = mission_type
-        seeds += (await call("memory", "query_fractals", body)).get("fractals", [])
+    """Every event of every cycle that ended in SUCCESS with a golden event by ``persona`` (newest cycles first,
+    bounded): one query for the golden events (memory's history index), then one per cycle for its events."""
+    memory = history_audit.memory_of(call)
+    seeds = await query_all(memory, QueryFractals(
+        persona=persona, mission_type=mission_type, status=curation.SUCCESS,
+        event_types=list(curation.GOLDEN_EVENT_TYPES), cycle_status=curation.SUCCESS), QUERY_LIMIT)
     newest: dict[str, str] = {}
     for f in seeds:
-        meta = f.get("meta") or {}
-        cycle = str(meta.get("cycle_id") or "")
-        if cycle:
-            newest[cycle] = max(newest.get(cycle, ""), str(meta.get("timestamp") or ""))
+        cycle = f.meta["cycle_id"]
+        newest[cycle] = max(newest.get(cycle, ""), f.meta["timestamp"])
     cycles = sorted(newest, key=newest.__getitem__, reverse=True)[:MAX_CYCLES]
     sem = asyncio.Semaphore(CYCLE_QUERY_CONCURRENCY)
 
-    async def one(cycle_id: str) -> list[dict[str, Any]]:
+    async def one(cycle_id: str) -> list[Fractal]:
         async with sem:
-            return (await call("memory", "query_fractals", {"cycle_id": cycle_id, "limit": 1000})).get("fractals", [])
+            return await query_all(memory, QueryFractals(cycle_id=cycle_id), CYCLE_EVENTS_MAX)
 
-    return [f for fractals in await asyncio.gather(*(one(c) for c in cycles)) for f in fractals]
+    return [msgspec.to_builtins(f) for fractals in await asyncio.gather(*(one(c) for c in cycles)) for f in fractals]
 
 
 def as_served(persona: str, example: curation.Example) -> curation.Example:
