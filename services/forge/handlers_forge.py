@@ -220,16 +220,15 @@ async def handle_curate(req: Request, body: bodies.Curate) -> bodies.CurateReply
 
 
 async def handle_history(req: Request, body: bodies.History) -> bodies.HistoryReply:
-    report = await history_audit.audit_cognitive_history(_caller(req), int(req.ctx.settings.forge_threshold))
+    report = await history_audit.audit_cognitive_history(_caller(req), req.ctx.settings.forge_threshold)
     return msgspec.convert(report.describe(), bodies.HistoryReply)
 
 
-forge_handlers: dict[str, Handler] = {
+HANDLERS: dict[str, Handler] = {
     "run": handle_run,
     "curate": handle_curate,
     "history": handle_history,
 }
-HANDLERS = forge_handlers  # the name services/forge/__main__.py looks up
 
 
 # -- incarnation at start-up -------------------------------------------------------------------------------
