@@ -1,6 +1,11 @@
 """Parsing a console line into what to do: a kernel request, a console-local action, or a request
 that still needs method source lines.
 
+A request is the kernel's own request type (proto.bodies.kernel): this module only splits words, quotes and
+literals; whether the arguments are right is the type's business, checked here by msgspec exactly as the
+kernel's worker checks it, and a refusal names the field (``search: Expected `int` >= 1 - at `$.k```). A raw
+``{...}`` Table 1 line is checked as a Table 1 object and then as the convenience it stands for.
+
 Everything here is pure (no I/O except reading a ``define ... @file``), so every rule about
 quoting, OIDs and argument literals is unit-tested without a broker.
 """
@@ -13,26 +18,26 @@ import re
 import shlex
 import textwrap
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 import proto
-from batos import personas, uvm
+from batos import uvm
+from proto import contract
+from proto.bodies import kernel as K
+from proto.contract import Call, Reply
 from proto.schema import MAX_BODY_DEPTH
 
 KERNEL = proto.Service.KERNEL.value
 # A line holding only this ends the source of a multi-line `define`.
 SOURCE_TERMINATOR = "."
-DEFAULT_SEARCH_K = 8
-SEARCH_LEVELS = ("summaries", "chunks", "both")
 # Source files larger than this are refused before they are sent: a method is a few lines.
 MAX_SOURCE_BYTES = 256 * 1024
 HELP_WIDTH = 110
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KWARG = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.DOTALL)
 
 
@@ -84,18 +89,49 @@ COMMAND_NAMES = tuple(n for n in SPECS if n != "{") + tuple(ALIASES)
 
 @dataclass(frozen=True)
 class Request:
-    """A request to send: ``service.command`` with ``body``."""
+    """A kernel request to send: its typed body (the command is the type's, proto.bodies.kernel)."""
 
-    command: str
-    body: dict[str, Any] = field(default_factory=dict)
-    service: str = KERNEL
+    call: Call[Any]
     label: str = ""  # the console command it came from (for display and timeouts)
     resumable: bool = False  # lost with the broker, it is sent again once the broker is back (watch)
+    service: str = KERNEL
+
+    @property
+    def command(self) -> str:
+        return contract.spec_of(self.call).command
+
+    @property
+    def body(self) -> dict[str, Any]:
+        return contract.encode(self.call)
+
+    @property
+    def reply_type(self) -> type[Reply]:
+        """What the reply decodes into: a raw Table 1 object answers as the convenience it stands for."""
+        if isinstance(self.call, K.Table1Command):
+            return K.reply_type(self.call)
+        return contract.spec_of(self.call).reply
+
+    def page(self, after: str) -> dict[str, Any]:
+        """The body asking for the page after ``after`` (a paged reply's ``next``: search, trace)."""
+        if isinstance(self.call, K.Table1Command):
+            brief = self.call.mission_brief
+            return contract.encode(msgspec.structs.replace(self.call, mission_brief=msgspec.structs.replace(
+                brief, kwargs={**brief.kwargs, "after": after})))
+        return {**self.body, "after": after}
 
     @property
     def long_running(self) -> bool:
         spec = SPECS.get("{" if self.command == "command" else self.label or self.command)
         return bool(spec and spec.long_running)
+
+
+def build(kind: type[Call[Any]], name: str, /, **fields: Any) -> Call[Any]:
+    """The request ``kind`` with these fields, checked by its type (words from a line are converted where they
+    spell the field's type: ``k=3`` is the number 3); a refusal names the field."""
+    try:
+        return msgspec.convert(fields, kind, strict=False)
+    except msgspec.ValidationError as e:
+        raise CommandError(f"{name}: {e} (usage: {SPECS[name].usage})") from None
 
 
 @dataclass(frozen=True)
@@ -117,7 +153,7 @@ class NeedsSource:
         source = "\n".join(lines).strip("\n")
         if not source.strip():
             raise CommandError(f"define {self.oid} {self.selector}: no source given")
-        return Request("define", {"oid": self.oid, "selector": self.selector, "source": source + "\n"},
+        return Request(build(K.Define, "define", oid=self.oid, selector=self.selector, source=source + "\n"),
                        label="define")
 
 
@@ -147,7 +183,7 @@ MAX_ARG_DEPTH = MAX_BODY_DEPTH - 8
 def _shallow(parsed: Parsed) -> Parsed:
     """Refuse, here and in plain words, arguments nested deeper than the wire carries."""
     if isinstance(parsed, Request):
-        stack: list[tuple[Any, int]] = [(parsed.body, 1)]
+        stack: list[tuple[Any, int]] = [(msgspec.to_builtins(parsed.call), 1)]
         while stack:  # iterative: the check itself cannot overflow the stack
             obj, depth = stack.pop()
             if depth > MAX_ARG_DEPTH:
@@ -160,11 +196,15 @@ def _shallow(parsed: Parsed) -> Parsed:
 # -- one parser per command --------------------------------------------------------------------
 
 
-def _no_args(name: str):
+def _no_args(name: str) -> Callable[[str, Path], Request]:
+    kind = contract.spec(KERNEL, name)
+    if kind is None:  # a programming error, found at import
+        raise LookupError(f"kernel.{name} has no request type")
+
     def parse(rest: str, cwd: Path) -> Request:
         if rest:
             raise CommandError(f"{name} takes no arguments (usage: {SPECS[name].usage})")
-        return Request(name, {}, label=name)
+        return Request(build(kind.request, name), label=name)
     return parse
 
 
@@ -190,68 +230,51 @@ def _ingest(rest: str, cwd: Path) -> Request:
     # Resolved here: the kernel runs elsewhere, with another working directory.
     path = Path(words[0]).expanduser()
     path = (path if path.is_absolute() else cwd / path).resolve()
-    return Request("ingest", {"path": str(path)}, label="ingest")
+    return Request(build(K.Ingest, "ingest", path=str(path)), label="ingest")
 
 
 def _ask(rest: str, cwd: Path) -> Request:
-    opts, rest = _leading_options(rest, "ask", {"persona": _persona})
+    opts, rest = _leading_options(rest, "ask", ("persona",))
     question = _unquote_whole(rest)
     if not question:
         raise CommandError(f"usage: {SPECS['ask'].usage}")
-    return Request("ask", {"question": question, **opts}, label="ask")
+    return Request(build(K.Ask, "ask", question=question, **opts), label="ask")
 
 
 def _search(rest: str, cwd: Path) -> Request:
-    opts, rest = _leading_options(rest, "search", {"k": _search_k, "level": _search_level})
+    opts, rest = _leading_options(rest, "search", ("k", "level"))
     text = _unquote_whole(rest)
     if not text:
         raise CommandError(f"usage: {SPECS['search'].usage}")
-    return Request("search", {"text": text, "k": DEFAULT_SEARCH_K, **opts}, label="search")
+    return Request(build(K.Search, "search", text=text, **opts), label="search")
 
 
-def _leading_options(rest: str, name: str, allowed: dict[str, Callable[[str], Any]]) -> tuple[dict[str, Any], str]:
-    """``KEY=VALUE`` words before free text (``search k=3 level=chunks ZODB``); the rest is the text."""
-    opts: dict[str, Any] = {}
+def _leading_options(rest: str, name: str, allowed: tuple[str, ...]) -> tuple[dict[str, str], str]:
+    """``KEY=VALUE`` words before free text (``search k=3 level=chunks ZODB``); the rest is the text. The values
+    stay words: the request's type says what each must be."""
+    opts: dict[str, str] = {}
     while m := re.match(r"^([a-z_]+)=(\S+)(?:\s+(.*))?$", rest, re.DOTALL):
         if m.group(1) not in allowed:
             break  # free text that happens to hold '=': not an option
         if m.group(1) in opts:
             raise CommandError(f"{name}: {m.group(1)} given twice")
-        opts[m.group(1)] = allowed[m.group(1)](m.group(2))
+        opts[m.group(1)] = m.group(2)
         rest = m.group(3) or ""
     return opts, rest
-
-
-def _persona(value: str) -> str:
-    if value.upper() not in personas.PERSONAS:
-        raise CommandError(f"persona must be one of {', '.join(personas.PERSONAS)}, not {value!r}")
-    return value.upper()
-
-
-def _search_k(value: str) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= 100:
-        raise CommandError(f"search: k must be a whole number from 1 to 100, not {value!r}")
-    return int(value)
-
-
-def _search_level(value: str) -> str:
-    if value not in SEARCH_LEVELS:
-        raise CommandError(f"search: level must be one of {', '.join(SEARCH_LEVELS)}, not {value!r}")
-    return value
 
 
 def _inspect(rest: str, cwd: Path) -> Request:
     words = _split(rest, "inspect")
     if len(words) != 1:
         raise CommandError(f"usage: {SPECS['inspect'].usage}")
-    return Request("inspect", {"oid": normalize_oid(words[0])}, label="inspect")
+    return Request(build(K.Inspect, "inspect", oid=normalize_oid(words[0])), label="inspect")
 
 
 def _send(rest: str, cwd: Path) -> Request:
     words = split_args(rest)
     if len(words) < 2:
         raise CommandError(f"usage: {SPECS['send'].usage}")
-    oid, selector = normalize_oid(words[0].text), _selector(words[1].text)
+    oid, selector = normalize_oid(words[0].text), words[1].text
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     for word in words[2:]:
@@ -264,14 +287,23 @@ def _send(rest: str, cwd: Path) -> Request:
             if kwargs:
                 raise CommandError(f"send: positional argument {word.text!r} after keyword arguments")
             args.append(literal(word.text, quoted=word.quoted))
-    return Request("send", {"oid": oid, "selector": selector, "args": args, "kwargs": kwargs}, label="send")
+    # strict: an argument is sent as the literal it is, never converted
+    try:
+        call = msgspec.convert({"oid": oid, "selector": selector, "args": args, "kwargs": kwargs}, K.Send)
+    except msgspec.ValidationError as e:
+        raise CommandError(f"send: {e} (usage: {SPECS['send'].usage})") from None
+    return Request(call, label="send")
 
 
 def _define(rest: str, cwd: Path) -> Request | NeedsSource:
     words = _split(rest, "define")
     if len(words) not in (2, 3):
         raise CommandError(f"usage: {SPECS['define'].usage}")
-    oid, selector = normalize_oid(words[0]), _selector(words[1])
+    oid, selector = normalize_oid(words[0]), words[1]
+    try:  # before any source is typed: the selector's rule is Define's own
+        msgspec.convert(selector, K.Identifier)
+    except msgspec.ValidationError as e:
+        raise CommandError(f"define: selector {selector!r}: {e}") from None
     if len(words) == 2:
         return NeedsSource(oid, selector)
     if not words[2].startswith("@") or len(words[2]) == 1:
@@ -289,36 +321,37 @@ def _define(rest: str, cwd: Path) -> Request | NeedsSource:
 
 def _trace(rest: str, cwd: Path) -> Request:
     words = _split(rest, "trace")
-    if len(words) != 1 or not re.fullmatch(r"[0-9a-fA-F-]{4,64}", words[0]):
+    if len(words) != 1:
         raise CommandError(f"usage: {SPECS['trace'].usage} (a cycle id is hex, as shown after 'ask')")
-    return Request("trace", {"cycle_id": words[0].lower()}, label="trace")
+    return Request(build(K.Trace, "trace", cycle_id=words[0].lower()), label="trace")
 
 
 def _watch(rest: str, cwd: Path) -> Request:
     words = _split(rest, "watch")
-    if len(words) > 1 or (words and not re.fullmatch(r"[0-9a-fA-F-]{4,64}", words[0])):
+    if len(words) > 1:
         raise CommandError(f"usage: {SPECS['watch'].usage} (an id is hex, as shown by watch, ask or status)")
     # watching has no effect: proto lists it retry-safe (a kernel restart hands it to the new kernel) and a
     # control request (it holds none of the kernel's work slots); resumable: the console sends it again when
     # the broker was gone for longer than the client waits
-    return Request("watch", {"id": words[0].lower()} if words else {}, label="watch", resumable=True)
+    return Request(build(K.Watch, "watch", **({"id": words[0].lower()} if words else {})), label="watch",
+                   resumable=True)
 
 
 def _verify(rest: str, cwd: Path) -> Request:
     words = _split(rest, "verify")
     if words not in ([], ["repair"]):
         raise CommandError(f"usage: {SPECS['verify'].usage}")
-    return Request("verify", {"repair": words == ["repair"]}, label="verify")
+    return Request(build(K.Verify, "verify", repair=words == ["repair"]), label="verify")
 
 
 def _forge(rest: str, cwd: Path) -> Request:
     words = _split(rest, "forge")
-    if len(words) != 1 or words[0].upper() not in personas.PERSONAS:
-        raise CommandError(f"usage: {SPECS['forge'].usage}; PERSONA is one of {', '.join(personas.PERSONAS)}")
-    return Request("forge", {"persona": words[0].upper()}, label="forge")
+    if len(words) != 1:
+        raise CommandError(f"usage: {SPECS['forge'].usage}")
+    return Request(build(K.Forge, "forge", persona=words[0]), label="forge")
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[str, Path], Parsed]] = {
     "help": _help, "quit": _quit, "cancel": _cancel,
     "status": _no_args("status"), "stats": _no_args("stats"), "display_yourself": _no_args("display_yourself"),
     "audit": _no_args("audit"),
@@ -328,7 +361,8 @@ _PARSERS = {
 
 
 def parse_table1_line(text: str) -> Request:
-    """A raw Table 1 object, validated locally so a typo never reaches the kernel."""
+    """A raw Table 1 object, validated locally (as Table 1, then as the convenience it stands for, with the
+    kernel's own types) so a typo never reaches the kernel."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -336,12 +370,15 @@ def parse_table1_line(text: str) -> Request:
     except RecursionError:  # a 5,000-deep line: an error for the line, never a traceback
         raise CommandError("JSON nested too deep to read; flatten the arguments") from None
     try:
-        cmd = proto.parse_table1(obj)
+        cmd = K.parse_table1(obj)
     except proto.ProtocolError as e:
         raise CommandError(e.message) from e
-    body = msgspec.to_builtins(cmd)
-    body["target_oid"] = normalize_oid(cmd.target_oid)
-    return Request("command", body, label="command")
+    cmd = msgspec.structs.replace(cmd, target_oid=normalize_oid(cmd.target_oid))
+    try:
+        K.request_of(cmd)
+    except (msgspec.ValidationError, ValueError) as e:
+        raise CommandError(f"{cmd.command}: {e}") from None
+    return Request(cmd, label="command")
 
 
 # -- the pieces -------------------------------------------------------------------------------
@@ -353,12 +390,6 @@ def normalize_oid(text: str) -> str:
         return uvm.normalize_oid(text)
     except ValueError as e:
         raise CommandError(str(e)) from None
-
-
-def _selector(text: str) -> str:
-    if not _IDENT.match(text):
-        raise CommandError(f"bad selector {text!r}: a selector is a Python identifier")
-    return text
 
 
 def _split(rest: str, name: str) -> list[str]:

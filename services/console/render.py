@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+import msgspec
+
+from proto.contract import Reply
 from services.console.completion import Recent
 from services.console.formats import (
     Fragments,
@@ -132,7 +135,8 @@ class TextView:
         for frags in format_event(body):
             self._line(handle, frags)
 
-    def reply(self, handle: Handle, body: dict[str, Any]) -> None:
+    def reply(self, handle: Handle, reply: Reply) -> None:
+        body = shown(reply)
         self.recent.observe(body)
         self._end_stream(handle)
         if handle.watch is not None:
@@ -218,6 +222,16 @@ class TextView:
         self.sink.live(handle.tag, None)
 
 
+_RAW = (bytes, bytearray, memoryview)  # shown as {"$bytes": base64} (formats.json_default), never as bare text
+
+
+def shown(reply: Reply) -> dict[str, Any]:
+    """A typed reply as the formatters read it: its fields, less those that hold nothing (an empty ``reason``,
+    no ``fallback``, no notes): a person reads what is there."""
+    body = msgspec.to_builtins(reply, builtin_types=_RAW)
+    return {k: v for k, v in body.items() if v is not None and v != "" and v != [] and v != {}}
+
+
 class JsonView:
     """One JSON object per line: each event, then the reply or the error (``kind`` says which)."""
 
@@ -231,7 +245,8 @@ class JsonView:
     def event(self, handle: Handle, body: dict[str, Any]) -> None:
         self._emit({"kind": "event", "command": handle.label, "id": handle.id, "body": body})
 
-    def reply(self, handle: Handle, body: dict[str, Any]) -> None:
+    def reply(self, handle: Handle, reply: Reply) -> None:
+        body = msgspec.to_builtins(reply, builtin_types=_RAW)
         self._emit({"kind": "reply", "command": handle.label, "id": handle.id, "body": body})
 
     def error(self, handle: Handle, code: str, message: str, details: dict[str, Any] | None = None) -> None:

@@ -10,10 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
+
 from batos import paging
 from batos.client import Client, PendingCall
 from batos.errors import ServiceError
 from proto import ErrorCode, Kind
+from proto.contract import Reply
 from services.console.commands import Request
 from services.console.render import Handle
 
@@ -34,7 +37,7 @@ RESUME_INTERVAL = 1.0
 class View(Protocol):
     def begin(self, handle: Handle) -> None: ...
     def event(self, handle: Handle, body: dict[str, Any]) -> None: ...
-    def reply(self, handle: Handle, body: dict[str, Any]) -> None: ...
+    def reply(self, handle: Handle, body: Reply) -> None: ...
     def error(self, handle: Handle, code: str, message: str, details: dict[str, Any] | None = None) -> None: ...
     def notice(self, text: str, style: str = "notice") -> None: ...
     def lines(self, lines: list[str]) -> None: ...
@@ -43,7 +46,7 @@ class View(Protocol):
 @dataclass
 class Outcome:
     ok: bool
-    body: dict[str, Any] | None = None
+    body: Reply | None = None  # the reply, decoded into its type (proto.bodies.kernel)
     code: str = ""
     message: str = ""
 
@@ -139,7 +142,11 @@ class Runner:
                         return self._fail(handle, str(b.get("code", ErrorCode.INTERNAL)), str(b.get("message", "")),
                                           b.get("details") if isinstance(b.get("details"), dict) else None)
                     else:
-                        body = await self._rest_of_pages(req, env.body)
+                        try:
+                            body = msgspec.convert(await self._rest_of_pages(req, env.body), req.reply_type)
+                        except msgspec.ValidationError as e:
+                            return self._fail(handle, ErrorCode.INTERNAL,
+                                              f"kernel.{req.command} answered outside its contract: {e}")
                         self._safe(self.view.reply, handle, body)
                         return Outcome(True, body)
             return self._fail(handle, ErrorCode.INTERNAL, "the request ended without a reply")
@@ -168,7 +175,7 @@ class Runner:
         if not first.get("next"):
             return first
         return await paging.follow(first, lambda after: self.client.call(
-            req.service, req.command, {**req.body, "after": after}, idempotent=True))
+            req.service, req.command, req.page(after), idempotent=True))
 
     async def cancel(self, which: str = "") -> list[int]:
         """Cancel request ``which`` (its tag) or every one in flight; the tags cancelled."""

@@ -104,7 +104,7 @@ async def _run_lines(lines: AsyncIterator[str], view: View, runner: Runner, moni
         outcome = await runner.run(parsed)
         # a reply that reports its own failure (`verify` finding problems, a forge run that failed) fails
         # the script too, so `make verify` and CI see it in the exit status
-        if not outcome.ok or (outcome.body or {}).get("ok") is False:
+        if not outcome.ok or getattr(outcome.body, "ok", None) is False:
             return EXIT_ERROR
     return EXIT_OK
 

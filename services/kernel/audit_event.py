@@ -2,9 +2,11 @@
 
 The audit log has a single writer (an advisory lock on the file; batos/audit.py) and that writer is the kernel.
 A process with something to record -- the forge worker's adapter incarnation (``ADAPTER_INCARNATION``) --
-sends the event here. It is validated exactly as the kernel's own events are (batos.audit.AuditEvent); a
-malformed one is refused with the reasons (bad_args) and never written. The reply comes after the line is on
-disk (flush), so a sender that marks its event "recorded" on the reply never loses it to a kernel crash.
+sends the event here. The worker runtime has already checked it against ``AuditEventStruct`` (generated from
+batos.audit.AuditEvent, the schema's one definition: proto.bodies.kernel.AuditEvent), so a malformed event is
+refused with the field that is wrong (bad_args) before this runs; here it becomes the pydantic model the log
+writes. The reply comes after the line is on disk (flush), so a sender that marks its event "recorded" on the
+reply never loses it to a kernel crash.
 """
 
 from __future__ import annotations
@@ -16,31 +18,26 @@ from pydantic import ValidationError
 from batos.audit import AuditEvent
 from batos.errors import ServiceError
 from proto import ErrorCode
+from proto.bodies.kernel import AuditEventReply
 from services.kernel.env import KernelEnv
 
-MAX_REASONS = 5  # validation errors named in the refusal; the rest are counted
 
-
-def validate_event(raw: Any) -> AuditEvent:
-    """The event as an AuditEvent, or bad_args naming what is wrong with it (field path: reason)."""
-    if not isinstance(raw, dict):
-        raise ServiceError(ErrorCode.BAD_ARGS, f"audit_event: 'event' must be a Table 3 object, not "
-                                               f"{type(raw).__name__}")
+def model_of(event: dict[str, Any]) -> AuditEvent:
+    """The decoded event as the model the log writes; the two validate alike (batos/audit.py), so a refusal
+    here is rare (a check only the model makes) and names its reasons."""
     try:
-        return AuditEvent.model_validate(raw)
+        return AuditEvent.model_validate(event)
     except ValidationError as e:
-        errors = e.errors()
-        reasons = [f"{'.'.join(str(p) for p in err['loc']) or 'event'}: {err['msg']}" for err in errors[:MAX_REASONS]]
-        more = f" (and {len(errors) - MAX_REASONS} more)" if len(errors) > MAX_REASONS else ""
-        message = f"audit_event: not a Table 3 event: {'; '.join(reasons)}{more}"
-        raise ServiceError(ErrorCode.BAD_ARGS, message) from None
+        reasons = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'event'}: {err['msg']}" for err in e.errors())
+        raise ServiceError(ErrorCode.BAD_ARGS, f"audit_event: not a Table 3 event: {reasons}") from None
 
 
-async def record_event(env: KernelEnv, raw: Any) -> dict[str, Any]:
-    """Validate, log, flush; the reply names the event that was written."""
-    event = validate_event(raw)
-    await env.audit.log(event)
+async def record_event(env: KernelEnv, event: dict[str, Any]) -> AuditEventReply:
+    """Log, flush; the reply names the event that was written."""
+    model = model_of(event)
+    await env.audit.log(model)
     flush = getattr(env.audit, "flush", None)
     if flush is not None:
         await flush()
-    return {"logged": True, "event_id": event.event_id, "event_type": event.event_type, "cycle_id": event.cycle_id}
+    return AuditEventReply(logged=True, event_id=model.event_id, event_type=model.event_type,
+                           cycle_id=model.cycle_id)

@@ -1,7 +1,9 @@
-"""Table 1 dispatch: every kernel command is a Table 1 object, and one table says who handles it.
+"""Table 1 dispatch: every kernel command is a typed request (proto.bodies.kernel) and the Table 1 object it
+stands for, and one table per kind says who handles it.
 
-The console's conveniences (`ask`, `send`, `search`...) are turned into Table 1 objects by :func:`from_console`
-and dispatched exactly like a raw ``command {Table 1}``, so both paths behave the same:
+A console convenience (`ask`, `send`, `search`...) arrives typed and its Table 1 object is written by
+``proto.bodies.kernel.table1_of``; a raw ``command {Table 1}`` is read back into the convenience it stands for by
+:func:`request_of` (its arguments checked by that convenience's type), so both paths behave the same:
 
     command                    mission_brief.type   what runs                       selector / args / kwargs
     initiate_cognitive_cycle   query                a question cycle (query.py)     ask / [question] / {persona?}
@@ -18,21 +20,24 @@ Every command but the read-only lookups (``QUIET``) is an *activity* the watch h
 so any console's ``watch`` sees its begin, every event its requester gets, and its end (watch.py).
 
 ``target_oid`` is the object the command is about ("0" = the root); ``schema_version`` is checked by proto.
+Replies are typed too: a cycle's reply body becomes its contract type (:func:`typed`) with ``status`` one of the
+``Status`` values, and the worker runtime encodes it once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
-import proto
 from batos.errors import ServiceError
 from batos.uvm import normalize_oid
-from proto import ErrorCode, MissionBrief, Table1Command
+from proto import ErrorCode
+from proto.bodies import kernel as K
+from proto.bodies.kernel import Table1Command
+from proto.contract import Call, Reply
 from services.kernel import dnu, genesis, relays, watch
 from services.kernel.env import Emit
 from services.kernel.query import check_question, run_query
@@ -41,75 +46,25 @@ from services.kernel.run import CycleRun, execute
 if TYPE_CHECKING:
     from services.kernel.kernel import Kernel
 
-CYCLE = "initiate_cognitive_cycle"
-_WATCH_ID = re.compile(r"^[0-9a-f-]{4,64}$")
+CYCLE = K.CYCLE
 # Read-only lookups are not activities: watching is about work in flight, and a console hammering `search`
 # would drown everything else a watcher sees. `watch` itself is never watched (it would watch itself).
 QUIET = frozenset({"watch", "status", "search", "inspect", "stats", "trace"})
 # what a watcher is told of a mission, by the console command it came from
 _MISSION_NAMES = {"query": "ask", "message": "send", "unhandled_message": "send", "define_method": "define"}
 
-Handler = Callable[["Kernel", Emit, Table1Command], Awaitable[dict[str, Any]]]
+R = TypeVar("R", bound=Reply)
+Relay = Callable[["Kernel", Emit, Any], Awaitable[Reply]]
+Mission = Callable[["Kernel", Emit, Any, Table1Command], Awaitable[Reply]]
 
 
-def table1(command: str, *, target_oid: str = "0", type: str = "", selector: str = "",
-           args: list[Any] | None = None, kwargs: dict[str, Any] | None = None) -> Table1Command:
-    return Table1Command(command=command, target_oid=target_oid,
-                         mission_brief=MissionBrief(type=type or command, selector=selector or type or command,
-                                                    args=list(args or []), kwargs=dict(kwargs or {})))
-
-
-def _need(args: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    value = args.get(name)
-    if value is None or not isinstance(value, kind):
-        raise ServiceError(ErrorCode.BAD_ARGS, f"missing or malformed argument {name!r}")
-    return value
-
-
-def from_console(command: str, args: dict[str, Any]) -> Table1Command:
-    """The Table 1 object a console convenience stands for."""
-    match command:
-        case "ask":
-            kw = {"persona": args["persona"]} if args.get("persona") else {}
-            return table1(CYCLE, target_oid=str(args.get("oid", "0")), type="query", selector="ask",
-                          args=[_need(args, "question", str)], kwargs=kw)
-        case "send":
-            return table1(CYCLE, target_oid=_need(args, "oid", str), type="message",
-                          selector=_need(args, "selector", str), args=args.get("args") or [],
-                          kwargs=args.get("kwargs") or {})
-        case "define":
-            return table1(CYCLE, target_oid=_need(args, "oid", str), type="define_method",
-                          selector=_need(args, "selector", str), args=[_need(args, "source", str)])
-        case "display_yourself":
-            return table1(CYCLE, type="display_yourself")
-        case "ingest":
-            kw = {k: args[k] for k in ("max_chunk_tokens",) if args.get(k) is not None}
-            return table1("ingest", args=[_need(args, "path", str)], kwargs=kw)
-        case "search":
-            kw = {k: args[k] for k in ("k", "level", "filters", "within", "after") if args.get(k) is not None}
-            return table1("search", args=[_need(args, "text", str)], kwargs=kw)
-        case "inspect":
-            return table1("inspect", target_oid=_need(args, "oid", str))
-        case "trace":
-            kw = {"after": args["after"]} if args.get("after") is not None else {}  # a page cursor (batos.paging)
-            return table1("trace", args=[_need(args, "cycle_id", str)], kwargs=kw)
-        case "forge":
-            return table1("forge", args=[_need(args, "persona", str)])
-        case "stats" | "status" | "audit":
-            return table1(command)
-        case "verify":
-            return table1("verify", kwargs={"repair": bool(args.get("repair"))})
-        case "watch":
-            ident = args.get("id")
-            return table1("watch", args=[ident] if ident else [])
-    raise ServiceError(ErrorCode.UNKNOWN_COMMAND, f"kernel has no console command {command!r}")
-
-
-def parse(body: dict[str, Any]) -> Table1Command:
+def request_of(cmd: Table1Command) -> Call[Any]:
+    """The convenience a raw Table 1 object stands for (proto.bodies.kernel.request_of), refused as bad_args
+    naming the field when its arguments break that convenience's type."""
     try:
-        return proto.parse_table1(body)
-    except proto.ProtocolError as e:
-        raise ServiceError(e.code, e.message) from None
+        return K.request_of(cmd)
+    except (msgspec.ValidationError, ValueError) as e:
+        raise ServiceError(ErrorCode.BAD_ARGS, f"{_name(cmd)}: {e}") from None
 
 
 def _check_depth(cmd: Table1Command) -> None:
@@ -129,95 +84,111 @@ def mission_of(cmd: Table1Command) -> dict[str, Any]:
     return msgspec.to_builtins(cmd)
 
 
+def typed(kind: type[R], body: dict[str, Any]) -> R:
+    """A cycle's reply body as its contract type; a body outside it is the kernel's own bug (internal)."""
+    try:
+        return msgspec.convert(body, kind)
+    except msgspec.ValidationError as e:
+        raise ServiceError(ErrorCode.INTERNAL, f"the kernel's {kind.__name__} is outside its contract: {e}") from None
+
+
 # -- cognitive cycles ----------------------------------------------------------------------------
 
 
-async def _query(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
-    brief = cmd.mission_brief
-    question = check_question(brief.args[0] if brief.args else brief.kwargs.get("question"))
-    persona = relays.persona_arg(brief.kwargs.get("persona", "ROBIN"))
-    run = CycleRun(kernel.env, emit, mission_type="query", mission=mission_of(cmd), target_oid=cmd.target_oid,
+async def _query(kernel: Kernel, emit: Emit, req: K.Ask, cmd: Table1Command) -> K.AnswerReply:
+    question = check_question(req.question)
+    persona = req.persona or "ROBIN"
+    run = CycleRun(kernel.env, emit, mission_type="query", mission=mission_of(cmd), target_oid=req.oid,
                    persona=persona)
-    return await execute(run, lambda r: run_query(r, question, persona=persona))
+    return typed(K.AnswerReply, await execute(run, lambda r: run_query(r, question, persona=persona)))
 
 
-async def _message(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
-    brief = cmd.mission_brief
-    return await dnu.send(kernel.env, emit, mission_of(cmd), cmd.target_oid, brief.selector, list(brief.args),
-                          dict(brief.kwargs))
+async def _message(kernel: Kernel, emit: Emit, req: K.Send, cmd: Table1Command) -> K.SendReply:
+    return typed(K.SendReply, await dnu.send(kernel.env, emit, mission_of(cmd), req.oid, req.selector,
+                                             req.args, req.kwargs))
 
 
-async def _define(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
-    brief = cmd.mission_brief
-    source = brief.args[0] if brief.args else brief.kwargs.get("source")
-    return await dnu.define(kernel.env, emit, mission_of(cmd), cmd.target_oid, brief.selector, source)
+async def _define(kernel: Kernel, emit: Emit, req: K.Define, cmd: Table1Command) -> K.DefineReply:
+    return typed(K.DefineReply, await dnu.define(kernel.env, emit, mission_of(cmd), req.oid, req.selector,
+                                                 req.source))
 
 
-async def _display(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
-    return await genesis.display_yourself(kernel.env, emit, mission_of(cmd), cmd.target_oid)
+async def _display(kernel: Kernel, emit: Emit, req: K.DisplayYourself, cmd: Table1Command) -> K.DisplayReply:
+    return typed(K.DisplayReply, await genesis.display_yourself(kernel.env, emit, mission_of(cmd), cmd.target_oid))
 
 
-async def _watch(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
-    brief = cmd.mission_brief
-    ident = brief.args[0] if brief.args else brief.kwargs.get("id", "")
-    if not isinstance(ident, str) or (ident and not _WATCH_ID.match(ident.strip().lower())):
-        raise ServiceError(ErrorCode.BAD_ARGS, f"watch takes nothing or an activity or cycle id (hex), not {ident!r}")
-    return await watch.watch(kernel, emit, ident.strip().lower())
+async def _watch(kernel: Kernel, emit: Emit, req: K.Watch) -> K.WatchReply:
+    return await watch.watch(kernel, emit, req.id.strip().lower())
 
 
-MISSIONS: dict[str, Handler] = {
-    "query": _query,
-    "message": _message,
-    "unhandled_message": _message,
-    "define_method": _define,
-    "display_yourself": _display,
+MISSIONS: dict[type[Call[Any]], Mission] = {
+    K.Ask: _query,
+    K.Send: _message,
+    K.Define: _define,
+    K.DisplayYourself: _display,
 }
 
-COMMANDS: dict[str, Handler] = {
-    "ingest": relays.ingest,
-    "search": relays.search,
-    "inspect": relays.inspect,
-    "stats": relays.stats,
-    "verify": relays.verify,
-    "status": relays.status,
-    "trace": relays.trace,
-    "audit": relays.audit,
-    "forge": relays.forge,
-    "watch": _watch,
+COMMANDS: dict[type[Call[Any]], Relay] = {
+    K.Ingest: relays.ingest,
+    K.Search: relays.search,
+    K.Inspect: relays.inspect,
+    K.Stats: relays.stats,
+    K.Verify: relays.verify,
+    K.KernelStatus: relays.status,
+    K.Trace: relays.trace,
+    K.Audit: relays.audit,
+    K.Forge: relays.forge,
+    K.Watch: _watch,
 }
 
 
-async def dispatch(kernel: Kernel, emit: Emit, cmd: Table1Command) -> dict[str, Any]:
-    """Run one validated Table 1 command; bad input is a ServiceError naming what was wrong."""
+async def dispatch(kernel: Kernel, emit: Emit, body: Call[Any]) -> Reply:
+    """Run one kernel request: a raw Table 1 object, or a convenience (then its Table 1 object is written here: a
+    cycle records it as its mission, a watcher is told its name and what it is about). Bad input is a
+    ServiceError naming what is wrong."""
+    if isinstance(body, Table1Command):
+        _check_depth(body)
+        return await _run(kernel, emit, request_of(body), body)
+    cmd = K.table1_of(body)
     _check_depth(cmd)
-    try:
-        target = normalize_oid(cmd.target_oid)
-    except ValueError as e:
-        raise ServiceError(ErrorCode.BAD_ARGS, str(e)) from None
-    if target != cmd.target_oid:
-        cmd = msgspec.structs.replace(cmd, target_oid=target)
-    if cmd.command == CYCLE:
-        handler = MISSIONS.get(cmd.mission_brief.type)
-        if handler is None:
-            raise ServiceError(ErrorCode.BAD_ARGS, f"unknown mission_brief.type {cmd.mission_brief.type!r}; "
-                                                   f"known: {', '.join(MISSIONS)}")
-    else:
-        handler = COMMANDS.get(cmd.command)
-        if handler is None:
-            raise ServiceError(ErrorCode.BAD_ARGS, f"unknown Table 1 command {cmd.command!r}; known: "
-                                                   f"{', '.join([CYCLE, *COMMANDS])}")
+    return await _run(kernel, emit, body, cmd)
+
+
+async def _run(kernel: Kernel, emit: Emit, req: Call[Any], cmd: Table1Command) -> Reply:
+    if hasattr(req, "oid"):
+        try:
+            oid = normalize_oid(req.oid)
+        except ValueError as e:
+            raise ServiceError(ErrorCode.BAD_ARGS, str(e)) from None
+        req.oid = oid
+        cmd = msgspec.structs.replace(cmd, target_oid=oid)
+    mission = MISSIONS.get(type(req))
+    relay = COMMANDS.get(type(req))
+
+    async def run(tapped: Emit) -> Reply:
+        if mission is not None:
+            return await mission(kernel, tapped, req, cmd)
+        if relay is None:
+            raise ServiceError(ErrorCode.UNKNOWN_COMMAND, f"the kernel has no command {type(req).__name__}")
+        return await relay(kernel, tapped, req)
+
     if cmd.command in QUIET:
-        return await handler(kernel, emit, cmd)
-    return await _watched(kernel, emit, cmd, handler)
+        return await run(emit)
+    return await _watched(kernel, emit, cmd, run)
 
 
-async def _watched(kernel: Kernel, emit: Emit, cmd: Table1Command, handler: Handler) -> dict[str, Any]:
-    """Run ``handler`` as an activity of the watch hub: its begin, every event, its end."""
+def _name(cmd: Table1Command) -> str:
+    """What a console calls the command (ask, send...), or the Table 1 command's own name."""
+    return _MISSION_NAMES.get(cmd.mission_brief.type, cmd.mission_brief.type) if cmd.command == CYCLE else cmd.command
+
+
+async def _watched(kernel: Kernel, emit: Emit, cmd: Table1Command,
+                   run: Callable[[Emit], Awaitable[Reply]]) -> Reply:
+    """Run a command as an activity of the watch hub: its begin, every event, its end."""
     hub = watch.hub_of(kernel.env)
-    name = _MISSION_NAMES.get(cmd.mission_brief.type, cmd.mission_brief.type) if cmd.command == CYCLE else cmd.command
-    tapped, activity = hub.tap(emit, name, about=_about(cmd), by=_requester(emit))
+    tapped, activity = hub.tap(emit, _name(cmd), about=_about(cmd), by=_requester(emit))
     try:
-        reply = await handler(kernel, tapped, cmd)
+        reply = await run(tapped)
     except ServiceError as e:
         hub.end(activity, {"ok": False, "code": str(e.code), "message": e.message})
         raise
@@ -229,7 +200,7 @@ async def _watched(kernel: Kernel, emit: Emit, cmd: Table1Command, handler: Hand
         hub.end(activity, {"ok": False, "code": str(ErrorCode.INTERNAL), "message": type(e).__name__})
         raise
     # a reply may report its own failure (a forge run that failed, verify's problems)
-    ok = reply.get("ok") if isinstance(reply, dict) else None
+    ok = getattr(reply, "ok", None)
     hub.end(activity, {**_outcome(reply), "ok": ok if isinstance(ok, bool) else True})
     return reply
 
@@ -253,12 +224,10 @@ def _requester(emit: Emit) -> str:
     return watch.requester_tag(sender) if isinstance(sender, str) else ""
 
 
-def _outcome(reply: dict[str, Any]) -> dict[str, Any]:
+def _outcome(reply: Reply) -> dict[str, Any]:
     """What a watcher is told of a reply: its plain values, the answer's start, and how many of each list."""
     out: dict[str, Any] = {}
-    if not isinstance(reply, dict):  # the runtime sends a handler's other values as {"result": value}
-        return out
-    for key, value in list(reply.items())[:40]:
+    for key, value in list(msgspec.structs.asdict(reply).items())[:40]:
         if key in ("ok", "event", "activity", "command"):
             continue
         if isinstance(value, bool | int | float) or value is None:

@@ -6,16 +6,18 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from batos.config import Settings
 from batos.image import Image
+from proto.contract import Call, Reply
 
 if TYPE_CHECKING:
     from services.kernel.run import CycleRun
     from services.kernel.watch import WatchHub
 
 Emit = Callable[..., Awaitable[None]]  # req.emit(name, **data)
+R = TypeVar("R", bound=Reply)
 
 
 class AuditSink(Protocol):
@@ -26,6 +28,8 @@ class ServiceCaller(Protocol):
     async def call(self, service: str, command: str, body: dict[str, Any] | None = None, *,
                    on_event: Any = None, timeout: float | None = 60.0,
                    idempotent: bool | None = None) -> dict[str, Any]: ...
+
+    async def request(self, body: Call[R], *, on_event: Any = None, timeout: float | None = 60.0) -> R: ...
 
 
 def instance_name(settings: Settings) -> str:

@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from batos.audit import AuditEvent, AuditLog
 from batos.config import Settings
 from batos.image import POOL_THREADS, Image
@@ -118,7 +120,7 @@ async def status_hook(ctx: Context) -> dict[str, Any]:
         return {"kernel": "starting"}
     from services.kernel.relays import status
 
-    return await status(kernel, _no_emit)
+    return msgspec.to_builtins(await status(kernel, _no_emit))
 
 
 async def _no_emit(name: str, **data: Any) -> None:

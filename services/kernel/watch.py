@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from batos.errors import ServiceError
 from proto import ErrorCode
+from proto.bodies.kernel import WatchReply
 from proto.roles import requester_tag
 from services.kernel.env import Emit, KernelEnv, ServiceCaller
 
@@ -377,7 +378,7 @@ def hub_of(env: KernelEnv) -> WatchHub:
     return hub
 
 
-async def watch(kernel: Kernel, emit: Emit, ident: str = "") -> dict[str, Any]:
+async def watch(kernel: Kernel, emit: Emit, ident: str = "") -> WatchReply:
     """Stream what the kernel does (events only) until cancelled; or one activity or cycle until it ends."""
     env = kernel.env
     hub = hub_of(env)
@@ -400,7 +401,7 @@ async def watch(kernel: Kernel, emit: Emit, ident: str = "") -> dict[str, Any]:
                 await emit("missed", count=missed)
             for event in batch:
                 await _send(emit, event)
-        return _result(w.target, w) if w.target is not None else {}  # only a watch of one target ends
+        return _result(w.target, w) if w.target is not None else WatchReply()  # only a watch of one target ends
     finally:
         hub.unsubscribe(w)
 
@@ -420,14 +421,11 @@ def _hello(hub: WatchHub, w: Watcher) -> dict[str, Any]:
     return out
 
 
-def _result(target: Trail, w: Watcher) -> dict[str, Any]:
+def _result(target: Trail, w: Watcher) -> WatchReply:
     end = target.ended or {}
-    out: dict[str, Any] = {"watched": target.id, "kind": target.kind, "command": target.command,
-                           "state": target.state or None, "missed": w.missed_total + w.replay_dropped}
-    for key in ("note", "ok", "code", "message", "status"):
-        if key in end:
-            out[key] = end[key]
-    return out
+    return WatchReply(watched=target.id, kind=target.kind, command=target.command, state=target.state or None,
+                      missed=w.missed_total + w.replay_dropped,
+                      **{key: end[key] for key in ("note", "ok", "code", "message", "status") if key in end})
 
 
 __all__ = ["Activity", "Trail", "WatchHub", "Watcher", "hub_of", "requester_tag", "watch"]

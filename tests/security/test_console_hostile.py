@@ -18,6 +18,7 @@ import msgspec
 import pytest
 
 from proto import ErrorCode
+from proto.bodies import kernel as K
 from services.console.formats import safe_text
 from services.kernel import commands
 
@@ -27,19 +28,22 @@ PY = sys.executable
 HOSTILE = "\x1b]0;owned\x07\x1b[2J\x1b[31mred\rover\x9b1m\u202egnp.exe"
 
 
-async def _ask(req) -> dict:
+async def _ask(req, body: K.Ask) -> K.AnswerReply:
     await req.emit("token", text=HOSTILE)
     await req.emit("thought", cycle_id="c", step=1, text=HOSTILE)
-    return {"answer": HOSTILE, "cycle_id": "c", "citations": [{"oid": "1", "file_path": HOSTILE, "start_line": 1,
-                                                              "end_line": 2}]}
+    return K.AnswerReply(answer=HOSTILE, cycle_id="c", status=K.Status.SUCCESS, citations=[
+        K.Citation(oid="1", file_path=HOSTILE, start_line=1, end_line=2)], also_retrieved=[], notes=[HOSTILE],
+        evidence=[], validation=[], rewritten=False, model_text=HOSTILE, steps=1, thoughts=0, stop=HOSTILE,
+        fallback=None, persona="ROBIN", query_morph="", prompt_budget={})
 
 
-async def _search(req) -> dict:
-    return {"hits": [{"oid": "2a", "level": "chunk", "score": 0.5, "text": HOSTILE,
-                      "metadata": {"file_path": HOSTILE, "start_line": 1, "end_line": 2, "node_name": HOSTILE}}]}
+async def _search(req, body: K.Search) -> K.SearchReply:
+    return K.SearchReply(hits=[{"oid": "2a", "level": "chunk", "score": 0.5, "text": HOSTILE,
+                                "metadata": {"file_path": HOSTILE, "start_line": 1, "end_line": 2,
+                                             "node_name": HOSTILE}}])
 
 
-async def _fail(req) -> dict:
+async def _fail(req, body: K.Stats) -> K.StatsReply:
     from batos.errors import ServiceError
 
     raise ServiceError(ErrorCode.BAD_ARGS, f"refused {HOSTILE}")
@@ -112,8 +116,8 @@ async def test_kernel_refuses_deep_table1_arguments_as_bad_args(command, kind):
     deep: list = []
     for _ in range(40):
         deep = [deep]
-    cmd = commands.parse({"command": command, "target_oid": "0",
-                          "mission_brief": {"type": kind, "selector": "f", "args": [deep], "kwargs": {"k": deep}}})
+    brief = {"type": kind, "selector": "f", "args": [deep], "kwargs": {"k": deep}}
+    cmd = msgspec.convert({"command": command, "target_oid": "0", "mission_brief": brief}, K.Table1Command)
     with pytest.raises(ServiceError) as e:
         await commands.dispatch(None, None, cmd)  # refused before any handler needs a kernel
     assert e.value.code == ErrorCode.BAD_ARGS and "nest deeper" in e.value.message

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
+from proto.bodies import kernel as K
 from services.console.commands import (
     COMMAND_NAMES,
     SPECS,
@@ -37,7 +39,7 @@ def req(line: str, **kw) -> Request:
     ("audit", "audit", {}),
     ("ask what's a UvmObject?", "ask", {"question": "what's a UvmObject?"}),
     ('ask "why  spaces"', "ask", {"question": "why  spaces"}),
-    ("search ZODB transaction", "search", {"text": "ZODB transaction", "k": 8}),
+    ("search ZODB transaction", "search", {"text": "ZODB transaction"}),  # k's default is Search's
     ("search k=3 'vector shard'", "search", {"text": "vector shard", "k": 3}),
     ("search level=chunks k=2 a=b", "search", {"text": "a=b", "k": 2, "level": "chunks"}),
     ("ask persona=brick how does send work?", "ask", {"question": "how does send work?", "persona": "BRICK"}),
@@ -95,11 +97,11 @@ def test_send_quoted_keyword_is_positional_string():
     ("ingest 'a", "bad quoting"),
     ("ingest a b", "usage"),
     ("ask", "usage"),
-    ("search k=0 x", "k must be"),
+    ("search k=0 x", "Expected `int` >= 1 - at `$.k`"),  # the kernel's own type says so
     ("search k=3", "usage"),
-    ("search level=all x", "level must be"),
+    ("search level=all x", "Invalid enum value 'all' - at `$.level`"),
     ("search k=1 k=2 x", "twice"),
-    ("ask persona=bob hi", "persona must be"),
+    ("ask persona=bob hi", "unknown persona 'bob'"),
     ("forge bob", "ALFRED"),
     ("trace", "usage"),
     ("trace not-hex!", "usage"),
@@ -126,6 +128,35 @@ def test_table1_line_is_validated_and_sent_as_command():
                       "mission_brief": {"type": "unhandled_message", "selector": "greet", "args": [1],
                                         "kwargs": {"x": True}}}
     assert r.long_running
+
+
+@pytest.mark.parametrize(("line", "kind", "fields"), [
+    ("search k=0 x", K.Search, {"text": "x", "k": 0}),
+    ("ask persona=JOKER why", K.Ask, {"question": "why", "persona": "JOKER"}),
+    ("trace xyz!", K.Trace, {"cycle_id": "xyz!"}),
+    ('{"command": "search", "target_oid": "0", "mission_brief": {"type": "search", "selector": "search", '
+     '"args": ["x"], "kwargs": {"k": 0}}}', K.Search, {"text": "x", "k": 0}),
+    ('{"command": "initiate_cognitive_cycle", "target_oid": "0", "mission_brief": {"type": "query", '
+     '"selector": "ask", "args": ["q"], "kwargs": {"persona": "JOKER"}}}', K.Ask,
+     {"question": "q", "persona": "JOKER"}),
+])
+def test_the_console_refuses_with_the_kernels_own_type_and_message(line, kind, fields):
+    """One set of argument rules: a convenience line and a raw Table 1 line are refused by the kernel's request
+    type, with msgspec's message naming the field -- the message the kernel's worker would give."""
+    with pytest.raises(msgspec.ValidationError) as expected:
+        msgspec.convert(fields, kind)
+    with pytest.raises(CommandError) as got:
+        parse_line(line)
+    assert str(expected.value) in str(got.value)
+
+
+def test_every_console_request_is_the_kernels_type_and_its_table1_object_reads_back():
+    for line in ("ask why", "search k=3 x", "inspect 0x1a", "send 0 greet 1 a=2", "stats", "audit", "verify repair",
+                 "forge brick", "watch", "trace abcd", "display_yourself", "status"):
+        r = req(line)
+        assert type(r.call).__module__ == "proto.bodies.kernel"
+        if not isinstance(r.call, K.KernelStatus):
+            assert K.request_of(K.table1_of(r.call)) == r.call
 
 
 def test_local_commands_and_blank_lines():
@@ -199,8 +230,8 @@ def test_long_running_commands():
 
 
 def test_watch_everything_or_one_id():
-    assert parse_line("watch") == Request("watch", {}, label="watch", resumable=True)
-    assert parse_line("watch 1A2B3C4D") == Request("watch", {"id": "1a2b3c4d"}, label="watch", resumable=True)
+    assert parse_line("watch") == Request(K.Watch(), label="watch", resumable=True)
+    assert parse_line("watch 1A2B3C4D") == Request(K.Watch(id="1a2b3c4d"), label="watch", resumable=True)
     assert req("watch").long_running
     for bad in ("watch zz", "watch 1a2b 3c4d", "watch 1a2"):
         with pytest.raises(CommandError, match="usage: watch"):

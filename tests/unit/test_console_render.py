@@ -7,6 +7,9 @@ import io
 import json
 from pathlib import Path
 
+import msgspec
+
+from proto.bodies import kernel as K
 from services.console.completion import Recent
 from services.console.formats import (
     Fragments,
@@ -174,7 +177,10 @@ def test_tokens_stream_inline_then_reply():
     for tok in ["ZODB ", "stores ", "objects."]:
         view.event(h, {"event": "token", "text": tok})
     assert sink.chunks[-3:] == ["ZODB ", "stores ", "objects."]  # inline, as they came
-    view.reply(h, {**ANSWER, "citations": ANSWER["citations"][:1]})
+    typed = {**ANSWER, "citations": ANSWER["citations"][:1], "status": "SUCCESS", "also_retrieved": [], "notes": [],
+             "evidence": [], "validation": [], "rewritten": False, "model_text": "", "steps": 1, "thoughts": 0,
+             "stop": "", "fallback": None, "persona": "ROBIN", "query_morph": "", "prompt_budget": {}}
+    view.reply(h, msgspec.convert(typed, K.AnswerReply))  # the typed reply, as the runner decodes it
     out = sink.output
     assert out.startswith("→ REASONING\nZODB stores objects.\ncitations:\n")
     assert out.count("ZODB stores objects.") == 1

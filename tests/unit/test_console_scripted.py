@@ -15,6 +15,8 @@ import proto
 from batos.config import load
 from batos.errors import ServiceError
 from proto import Envelope, ErrorCode, Kind
+from proto.bodies import kernel as K
+from proto.bodies.broker import BrokerPingReply
 from services.console import runner as runner_mod
 from services.console.commands import Request
 from services.console.connection import BrokerMonitor
@@ -84,11 +86,22 @@ class FakeClient:
         if call is not None and self.honour_cancel:
             call.put(proto.error_for(call.request, ErrorCode.CANCELLED, "kernel.ask was cancelled"))
 
-    async def ping(self, timeout: float = 2.0) -> dict[str, Any]:
+    async def ping(self, timeout: float = 2.0) -> BrokerPingReply:
         if not self.broker_up:
             await asyncio.sleep(0.01)
             raise ServiceError(ErrorCode.TIMEOUT, "no pong")
-        return {"pong": True, "boot_id": "boot-1"}
+        return BrokerPingReply(pong=True, version="test", boot_id="boot-1")
+
+
+def answer_reply(answer: str, cycle_id: str, citations: list[dict[str, Any]]) -> dict[str, Any]:
+    """An ``ask`` reply as the kernel sends it (proto.bodies.kernel.AnswerReply), with little in it."""
+    return {"answer": answer, "cycle_id": cycle_id, "status": "SUCCESS", "citations": citations,
+            "also_retrieved": [], "notes": [], "evidence": [], "validation": [], "rewritten": False,
+            "model_text": answer, "steps": 1, "thoughts": 0, "stop": "", "fallback": None, "persona": "ROBIN",
+            "query_morph": "", "prompt_budget": {}, "timing": {}}
+
+
+STALL = Request(K.DisplayYourself(), label="display_yourself")
 
 
 async def kernel(req: Envelope, emit: Emit) -> None:
@@ -98,22 +111,25 @@ async def kernel(req: Envelope, emit: Emit) -> None:
         emit(proto.event(req, "thought", {"cycle_id": "cc11", "step": 1, "text": "think"}))
         for tok in ["an ", "answer"]:
             emit(proto.event(req, "token", {"text": tok}))
-        emit(proto.reply(req, {"answer": "an answer", "cycle_id": "cc11",
-                               "citations": [{"oid": "1a", "file_path": "/x/a.py", "start_line": 1, "end_line": 4}]}))
+        emit(proto.reply(req, answer_reply("an answer", "cc11", [{"oid": "1a", "file_path": "/x/a.py", "start_line": 1,
+                                                                 "end_line": 4}])))
     elif req.command == "watch":
         emit(proto.event(req, "watching", {"kernel": "k", "pid": 1, "target": {"id": "c1", "kind": "cycle",
                                                                               "command": "ask"}, "replayed": 0}))
         emit(proto.event(req, "keepalive", {}))
         emit(proto.event(req, "state", {"activity": "a1", "command": "ask", "cycle_id": "c1", "state": "COMPLETE"}))
         emit(proto.reply(req, {"watched": "c1", "kind": "cycle", "command": "ask", "state": "COMPLETE"}))
-    elif req.command == "stall":
+    elif req.command == "display_yourself":  # stands for any long request
         await asyncio.sleep(3600)
     elif req.command == "verify":
         broken = not req.body.get("repair")
         emit(proto.reply(req, {"ok": not broken, "problems": ["chunk 1a has no summary"] if broken else [],
                                "problem_counts": {"orphan": 1} if broken else {}}))
-    elif req.command in ("define", "send", "stats", "status"):
-        emit(proto.reply(req, {"echo": req.body}))
+    elif req.command in ("define", "send"):
+        emit(proto.reply(req, {"cycle_id": "cc12", "status": "SUCCESS", "oid": req.body["oid"],
+                               "selector": req.body["selector"], "version": 1}))
+    elif req.command == "stats":
+        emit(proto.reply(req, {"counts": {"memory_chunk": 3}}))
     else:
         emit(proto.error_for(req, ErrorCode.UNKNOWN_COMMAND, f"kernel does not understand {req.command!r}"))
 
@@ -144,7 +160,8 @@ async def test_text_mode_streams_tokens_and_cites():
     rc, out, _ = await script("ask q", FakeClient(kernel), json_mode=False)
     assert rc == EXIT_OK
     assert out == ("→ REASONING  (cycle cc11)\nthought 1: think\nan answer\ncitations:\n"
-                   "  [1] /x/a.py:1-4  oid 1a\ncycle cc11 (see it with: trace cc11)\n")
+                   "  [1] /x/a.py:1-4  oid 1a\nstatus: SUCCESS\nsteps: 1\nthoughts: 0\npersona: ROBIN\n"
+                   "cycle cc11 (see it with: trace cc11)\n")
 
 
 async def test_error_reply_exits_1_and_stops_the_script():
@@ -202,7 +219,7 @@ async def test_timeout_cancels_at_the_service():
     assert rc == EXIT_ERROR and objects(out)[-1]["code"] == "timeout" and len(client.cancelled) == 1
     client = FakeClient(kernel, honour_cancel=False)
     runner = Runner(client, _NullView(), timeout=0.2)
-    outcome = await runner.run(Request("stall"))
+    outcome = await runner.run(STALL)
     assert outcome.code == "timeout" and len(client.cancelled) == 1 and client.pending == {}
 
 
@@ -212,7 +229,7 @@ async def test_cancel_by_tag_and_local_give_up(monkeypatch):
     # a service that confirms the cancel
     client = FakeClient(kernel)
     runner = Runner(client, view)
-    task = asyncio.create_task(runner.run(Request("stall")))
+    task = asyncio.create_task(runner.run(STALL))
     await asyncio.sleep(0.05)
     assert await runner.cancel("1") == [1]
     outcome = await task
@@ -220,7 +237,7 @@ async def test_cancel_by_tag_and_local_give_up(monkeypatch):
     # a service that never answers: the console stops waiting after the grace period
     mute = FakeClient(kernel, honour_cancel=False)
     runner = Runner(mute, view)
-    task = asyncio.create_task(runner.run(Request("stall")))
+    task = asyncio.create_task(runner.run(STALL))
     await asyncio.sleep(0.05)
     assert await runner.cancel("all") == [1]
     outcome = await asyncio.wait_for(task, 2)
@@ -231,7 +248,7 @@ async def test_cancel_by_tag_and_local_give_up(monkeypatch):
 async def test_not_connected_refuses_to_send():
     client = FakeClient(kernel)
     runner = Runner(client, _NullView(), is_connected=lambda: False)
-    outcome = await runner.run(Request("stats"))
+    outcome = await runner.run(Request(K.Stats(), label="stats"))
     assert outcome.code == "unavailable" and client.sent == []
 
 
@@ -241,7 +258,7 @@ async def test_a_body_the_renderer_chokes_on_does_not_crash():
             raise KeyError("boom")
 
     view = Exploding()
-    outcome = await Runner(FakeClient(kernel), view).run(Request("stats"))
+    outcome = await Runner(FakeClient(kernel), view).run(Request(K.Stats(), label="stats"))
     assert outcome.ok and any("could not render" in n for n in view.notices)
 
 
@@ -333,10 +350,25 @@ async def test_a_watch_waiting_for_the_broker_is_cancelled_at_once(monkeypatch):
     client = FakeClient(lost, broker_up=False)
     view = _NullView()
     runner = Runner(client, view)
-    task = asyncio.create_task(runner.run(Request("watch", label="watch", resumable=True)))
+    task = asyncio.create_task(runner.run(Request(K.Watch(), label="watch", resumable=True)))
     while not view.errors:  # the first try failed; now it waits for the broker
         await asyncio.sleep(0.01)
     assert await runner.cancel("all") == [1]
     outcome = await asyncio.wait_for(task, 2)
     assert outcome.code == "cancelled" and "waiting for the broker" in outcome.message and runner.inflight == {}
     assert len(client.sent) == 1
+
+
+async def test_a_reply_outside_the_contract_is_an_error_naming_the_field():
+    """The console decodes each reply into the command's type (proto.bodies.kernel): an ``ask`` reply without a
+    ``status`` is refused, naming it, instead of being shown as if it were an answer."""
+    async def sloppy(req: Envelope, emit: Emit) -> None:
+        body = answer_reply("an answer", "cc11", [])
+        del body["status"]
+        emit(proto.reply(req, body))
+
+    rc, out, _ = await script("ask q", FakeClient(sloppy))
+    assert rc == EXIT_ERROR
+    error = objects(out)[-1]
+    assert error["code"] == "internal" and "kernel.ask answered outside its contract" in error["message"]
+    assert "`status`" in error["message"]

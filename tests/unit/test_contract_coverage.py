@@ -40,10 +40,7 @@ def _registered() -> list[tuple[str, str, Any]]:
 
 # Commands whose service has not been converted yet (issue 15, item 1 lands service by service). This list
 # only shrinks: a converted command must leave it, and a new command must come typed.
-PENDING: set[tuple[str, str]] = {
-    *(("kernel", c) for c in ("command", "audit_event", "ask", "send", "define", "display_yourself", "ingest",
-                              "search", "inspect", "stats", "trace", "audit", "forge", "verify", "watch")),
-}
+PENDING: set[tuple[str, str]] = set()
 
 
 def _signature_types(handler: Any) -> tuple[Any, Any]:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import msgspec
 import pytest
 
 from batos.errors import ServiceError
 from proto import ErrorCode
+from proto.bodies import kernel as K
 from services.console import formats
 from services.kernel import answer, commands, degenerate, genesis, governor, grounding
 from services.kernel.autotelic import Autotelic
@@ -126,7 +128,7 @@ INVENTED = "Answer: It calls `deep_magic_lookup` on the object [E1].\nSources: [
 
 async def ask(kernel: Kernel, question: str = "how does lookup work?") -> tuple[dict[str, Any], Events]:
     events = Events()
-    out = await commands.dispatch(kernel, events, commands.from_console("ask", {"question": question}))
+    out = msgspec.to_builtins(await commands.dispatch(kernel, events, K.Ask(question=question)))
     return out, events
 
 
@@ -387,7 +389,7 @@ async def test_a_failure_after_reasoning_fails_the_cycle_but_keeps_the_committed
     client.handlers[("llm", "generate")] = down
     events = Events()
     with pytest.raises(ServiceError, match="FAILED in SYNTHESIZING: llm worker lost"):
-        await commands.dispatch(kernel, events, commands.from_console("ask", {"question": "how?"}))
+        await commands.dispatch(kernel, events, K.Ask(question="how?"))
     cycle_id = events.items[0][1]["cycle_id"]
     slots = await cycle_slots(env.image, cycle_id, "psm_state", "query_morph")
     assert slots["psm_state"] == "FAILED" and slots["query_morph"] is not None
@@ -402,7 +404,7 @@ META = "Explain BAT OS to the Architect: its processes, UvmObject, the ReAct cyc
 async def test_display_yourself_runs_two_linked_cycles(kernel, client, system, env):
     client.handlers[("llm", "generate")] = gen = robin(META, ANSWER)
     events = Events()
-    out = await commands.dispatch(kernel, events, commands.from_console("display_yourself", {}))
+    out = msgspec.to_builtins(await commands.dispatch(kernel, events, K.DisplayYourself()))
     plan_id, show_id = out["cycle_ids"]
     assert out["cycle_id"] == show_id and out["parent_cycle"] == plan_id and out["meta_prompt"] == META
     assert events.states(plan_id)[-1] == "COMPLETE" and events.states(show_id)[-1] == "COMPLETE"
@@ -416,7 +418,7 @@ async def test_display_yourself_runs_two_linked_cycles(kernel, client, system, e
 async def test_an_unusable_meta_prompt_falls_back_to_the_stated_template(kernel, client, system):
     client.handlers[("llm", "generate")] = robin("", ANSWER)
     events = Events()
-    out = await commands.dispatch(kernel, events, commands.from_console("display_yourself", {}))
+    out = msgspec.to_builtins(await commands.dispatch(kernel, events, K.DisplayYourself()))
     assert out["plan_status"] == "SUCCESS_DEGRADED"
     assert out["meta_prompt"].startswith("Explain to the Architect") and "batos/uvm.py" in out["meta_prompt"]
     assert any("template meta-prompt" in n for n in out["notes"])

@@ -17,7 +17,7 @@ from batos.audit import AuditEvent
 from batos.config import load
 from batos.errors import ServiceError
 from batos.image import Image
-from proto import ErrorCode
+from proto import ErrorCode, contract
 from services.kernel import cycle as records
 from services.kernel import psm
 from services.kernel.env import KernelEnv
@@ -96,6 +96,12 @@ class FakeClient:
         if asyncio.iscoroutine(out):
             out = await out
         return out
+
+    async def request(self, body: Any, *, on_event: Any = None, timeout: float | None = 60.0) -> Any:
+        """Client.request: the typed body through the scripted ``call``, the reply decoded into its type."""
+        s = contract.spec_of(body)
+        return contract.decode_reply(s, await self.call(s.service, s.command, contract.encode(body),
+                                                        on_event=on_event, timeout=timeout))
 
     def count(self, service: str, command: str) -> int:
         return sum(1 for s, c, _ in self.calls if (s, c) == (service, command))

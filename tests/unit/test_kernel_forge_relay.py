@@ -15,6 +15,7 @@ import pytest
 
 from batos.errors import ServiceError
 from proto import contract
+from proto.bodies import kernel as K
 from proto.bodies.steward import Instruction
 from services.forge.incarnation import audit_event as incarnation_event
 from services.kernel import commands, handlers
@@ -52,7 +53,7 @@ async def test_audit_event_writes_the_forges_incarnation_event_to_the_log(env, r
     marker = {"decision": "activated", "reason": "eval loss 1.2 < base 1.5", "blob_oid": "3f",
               "previous_adapter": None, "metrics": {"adapter": {"eval_loss": 1.2}}}
     event = incarnation_event("BRICK", tmp_path / "brick_1", marker, None)
-    reply = await record_event(env, event)
+    reply = msgspec.to_builtins(await record_event(env, _decoded(event)))
     assert reply == {"logged": True, "event_id": event["event_id"], "event_type": "ADAPTER_INCARNATION",
                      "cycle_id": event["cycle_id"]}
     written = lines_of(settings.audit_log)  # on disk when the reply comes (flushed)
@@ -60,31 +61,39 @@ async def test_audit_event_writes_the_forges_incarnation_event_to_the_log(env, r
     assert written[0]["mission_type"] == "fineTuneNewLoRA_" and written[0]["event_data"]["decision"] == "activated"
 
 
+def _decoded(event: Any) -> Any:
+    """The event as the kernel's worker decodes ``audit_event``'s body (proto.bodies.kernel.AuditEvent)."""
+    from proto import ProtocolError, contract
+
+    try:
+        return contract.decode_request(contract.spec("kernel", "audit_event"), {"event": event}).event
+    except ProtocolError as e:
+        raise ServiceError(e.code, e.message) from None
+
+
 @pytest.mark.parametrize(("event", "match"), [
-    ("not an object", "must be a Table 3 object"),
-    ({}, "event_id: Field required"),
-    ("bad uuid", "cycle_id: String should match pattern"),
-    ("bad status", "status: Input should be"),
-    ("extra field", "surprise: Extra inputs are not permitted"),
+    ("not an object", r"Expected `object`, got `str` - at `\$\.event`"),
+    ({}, "missing required field `event_id`"),
+    ("bad uuid", r"matching regex .* - at `\$\.cycle_id`"),
+    ("bad status", r"'MAYBE' - at `\$\.status`"),
+    ("extra field", "unknown field `surprise`"),
 ])
 async def test_a_malformed_audit_event_is_refused_and_not_written(env, real_audit, settings, tmp_path, event, match):
     good = incarnation_event("BRICK", tmp_path, {"decision": "kept_previous", "reason": "r"}, None)
     event = {"bad uuid": {**good, "cycle_id": "nope"}, "bad status": {**good, "status": "MAYBE"},
              "extra field": {**good, "surprise": 1}}.get(event, event) if isinstance(event, str) else event
     with pytest.raises(ServiceError, match=match) as info:
-        await record_event(env, event)
+        await record_event(env, _decoded(event))
     assert info.value.code == "bad_args"
     await real_audit.flush()
     assert not settings.audit_log.exists() or settings.audit_log.read_text() == ""
 
 
 async def test_the_audit_event_handler_needs_an_event(kernel):
-    class Req:
-        args: dict[str, Any] = {}
-        ctx = type("Ctx", (), {"state": {"kernel": kernel}})()
+    from tests.typed_handler import call_handler
 
-    with pytest.raises(ServiceError, match="missing argument 'event'"):
-        await handlers.HANDLERS["audit_event"](Req())
+    with pytest.raises(ServiceError, match="missing required field `event`"):
+        await call_handler("kernel", "audit_event", handlers.HANDLERS["audit_event"], None, {})
 
 
 # -- the forge relay -------------------------------------------------------------------------------------
@@ -150,10 +159,10 @@ async def test_forge_relays_the_stewards_events_to_the_incarnation(kernel, clien
     calls: list[Any] = []
     fake_steward(client, [*RUN, INCARNATED], OK_REPLY, calls)
     events = Events()
-    cmd = commands.parse({"command": "forge", "target_oid": "0",
-                          "mission_brief": {"type": "forge", "selector": "forge", "args": ["brick"],
-                                            "kwargs": {"max_steps": 4, "ignored": True}}})
-    out = await commands.dispatch(kernel, events, cmd)
+    cmd = msgspec.convert({"command": "forge", "target_oid": "0",
+                           "mission_brief": {"type": "forge", "selector": "forge", "args": ["brick"],
+                                             "kwargs": {"max_steps": 4}}}, K.Table1Command)
+    out = msgspec.to_builtins(await commands.dispatch(kernel, events, cmd))
     # forge prepared it; the kernel handed the instruction, untouched, to the steward
     assert calls == [("forge", {"persona": "BRICK", "max_steps": 4}), ("steward", as_sent(INSTRUCTION))]
 
@@ -187,7 +196,7 @@ async def test_a_failed_run_ends_at_finished_with_its_reason(kernel, client):
                "metrics": None, "restarted": True}]
     fake_steward(client, failed, {**failed[-1], "event": None}, [])
     events = Events()
-    out = await commands.dispatch(kernel, events, commands.from_console("forge", {"persona": "BRICK"}))
+    out = msgspec.to_builtins(await commands.dispatch(kernel, events, K.Forge(persona="BRICK")))
     assert events.of("state")[-1]["state"] == "FAILED"
     assert "out of memory" in events.of("state")[-1]["note"]
     assert out["ok"] is False and out["activated"] is False and out["decision"] is None
@@ -197,7 +206,7 @@ async def test_a_failed_run_ends_at_finished_with_its_reason(kernel, client):
 async def test_a_worker_that_never_reports_incarnation_says_so(kernel, client):
     reply = {**OK_REPLY, "decision": None, "decision_reason": "the restarted worker did not judge brick_r1 within 1 s"}
     fake_steward(client, RUN, reply, [])
-    out = await commands.dispatch(kernel, Events(), commands.from_console("forge", {"persona": "BRICK"}))
+    out = msgspec.to_builtins(await commands.dispatch(kernel, Events(), K.Forge(persona="BRICK")))
     assert out["ok"] is True and out["activated"] is False and out["decision"] is None
     assert out["metrics"]["after"]["eval_loss"] == 1.4  # from the finished event's metrics
     assert "did not judge brick_r1" in out["decision_reason"]
@@ -213,7 +222,7 @@ async def test_a_failed_upgrade_is_explained(kernel, client, error, says):
     events_before_death = RUN[:3] if error.code == "worker_lost" else []
     fake_steward(client, events_before_death, error, [])
     with pytest.raises(ServiceError) as info:
-        await commands.dispatch(kernel, Events(), commands.from_console("forge", {"persona": "BRICK"}))
+        await commands.dispatch(kernel, Events(), K.Forge(persona="BRICK"))
     assert info.value.code == error.code and info.value.details["instruction_id"] == "r1"
     if error.code == "unavailable":
         assert "is the steward program running?" in info.value.message
@@ -226,7 +235,7 @@ async def test_a_failed_upgrade_is_explained(kernel, client, error, says):
 async def test_a_forge_reply_without_an_instruction_is_an_internal_error(kernel, client):
     client.handlers[("forge", "run")] = lambda body, ev: {"persona": body["persona"]}
     with pytest.raises(ServiceError, match="without an instruction") as info:
-        await commands.dispatch(kernel, Events(), commands.from_console("forge", {"persona": "ROBIN"}))
+        await commands.dispatch(kernel, Events(), K.Forge(persona="ROBIN"))
     assert info.value.code == "internal"
 
 

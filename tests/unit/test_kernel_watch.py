@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
 import pytest
 
 from batos.errors import ServiceError
+from proto.bodies import kernel as K
 from services.kernel import commands
 from services.kernel.autotelic import Autotelic
 from services.kernel.kernel import Kernel
@@ -62,7 +64,7 @@ async def test_a_watcher_sees_every_activity_begin_events_end_whoever_asked(kern
     await w.until(lambda n, d: n == "watching")
     asker = Events()
     with pytest.raises(ServiceError):  # no llm here: the cycle fails after its own transitions
-        await commands.dispatch(kernel, asker, commands.from_console("ask", {"question": "who watches?"}))
+        await commands.dispatch(kernel, asker, K.Ask(question="who watches?"))
     end = await w.until(lambda n, d: n == "end")
     cycle_id = asker.items[0][1]["cycle_id"]
     begin = next(d for n, d in w.events.items if n == "begin")
@@ -74,7 +76,7 @@ async def test_a_watcher_sees_every_activity_begin_events_end_whoever_asked(kern
     assert end["ok"] is False and end["code"] and "FAILED" in end["message"]
     # read-only lookups are not activities
     client.handlers[("memory", "stats")] = lambda body, ev: {"counts": {}}
-    await commands.dispatch(kernel, Events(), commands.from_console("stats", {}))
+    await commands.dispatch(kernel, Events(), K.Stats())
     await _settle()
     assert [n for n, _ in w.events.items].count("begin") == 1
     await w.stop()
@@ -127,13 +129,13 @@ async def test_watch_id_replays_the_cycle_so_far_then_follows_it_to_its_end(kern
     reply = await asyncio.wait_for(w.task, 5)
     live = [d["state"] for n, d in w.events.items if n == "state" and not d.get("replay")]
     assert live == ["VALIDATING", "COMPLETE"]
-    assert reply["watched"] == cid and reply["state"] == "COMPLETE" and reply["note"] == "SUCCESS"
-    assert reply["missed"] == 2
+    assert reply.watched == cid and reply.state == "COMPLETE" and reply.note == "SUCCESS"
+    assert reply.missed == 2
     assert not hub.watchers
     # just too late is still in time: a cycle that ended recently replays and ends at once
     late = Watch(kernel, cid)
     reply = await asyncio.wait_for(late.task, 5)
-    assert reply["state"] == "COMPLETE" and late.events.of("state")[-1]["replay"] is True
+    assert reply.state == "COMPLETE" and late.events.of("state")[-1]["replay"] is True
 
 
 async def test_ids_are_found_by_unique_prefix_and_unknown_ones_are_clear_errors(kernel):
@@ -149,8 +151,8 @@ async def test_ids_are_found_by_unique_prefix_and_unknown_ones_are_clear_errors(
     if shared is not None:  # 3 random ids rarely share 4 hex digits; when they do, the prefix is ambiguous
         with pytest.raises(ServiceError, match="names 2"):
             hub.find(shared)
-    with pytest.raises(ServiceError, match="watch takes nothing or an activity"):
-        await commands.dispatch(kernel, Events(), commands.from_console("watch", {"id": "not hex!"}))
+    with pytest.raises(msgspec.ValidationError, match=r"at `\$\.id`"):  # the id's rule is Watch's type
+        msgspec.convert({"id": "not hex!"}, K.Watch)
 
 
 async def test_watchers_are_bounded_and_leave_nothing_behind(kernel, client, settings):
@@ -221,6 +223,5 @@ async def test_watch_of_an_ingest_replays_its_latest_progress_and_ends_with_it(k
     hub.publish(activity, "progress", {"stage": "INDEXING", "done": 1, "total": 1})
     hub.end(activity, {"ok": True, "files": 3})
     reply = await asyncio.wait_for(w.task, 5)
-    assert reply == {"watched": activity.id, "kind": "activity", "command": "ingest", "state": None, "missed": 0,
-                     "ok": True}
+    assert reply == K.WatchReply(watched=activity.id, kind="activity", command="ingest", state=None, missed=0, ok=True)
     assert [n for n, d in w.events.items if not d.get("replay")][-2:] == ["progress", "end"]
