@@ -18,7 +18,8 @@ worker at the boundary.
                                                                       that have one (ask, send, define, inspect)
 
 ``kernel.command`` answers with the reply of the convenience its object stands for (:func:`reply_type`). A relayed
-command whose service has typed bodies takes and answers with that service's types (``ingest``). Requests leave
+command takes and answers with its service's own types where the console may send what the service takes
+(``ingest``, ``verify``), and answers with them where it narrows the request (``search``, ``inspect``). Requests leave
 out the fields at their defaults on the wire (the receiver's type supplies the same default).
 """
 
@@ -31,7 +32,7 @@ import msgspec
 from batos import personas
 from batos.audit import AuditEventStruct
 from batos.audit import Status as Status  # a cycle's outcome, as Table 3 spells it (SUCCESS, SUCCESS_DEGRADED)
-from proto.bodies import ingest
+from proto.bodies import ingest, llm, memory
 from proto.bodies.runtime import Status as RuntimeStatus
 from proto.bodies.runtime import StatusReply
 from proto.contract import Call, Reply, command, specs
@@ -162,42 +163,15 @@ class DisplayReply(CycleReply, kw_only=True):
     notes: list[str] = []
 
 
-class SearchReply(Reply, kw_only=True):
-    hits: list[dict[str, Any]]
-    next: str | None = None  # the page cursor (batos.paging): send it back as ``after``
-
-
-class InspectReply(Reply, kw_only=True):
-    oid: str
-    prototype: str = ""
-    name: str = ""
-    slots: dict[str, Any] = {}
-    parents: list[str] = []
-    methods: list[str] = []
-    all_methods: list[dict[str, Any]] = []
-    live: bool | None = None
-
-
 class CycleCounts(msgspec.Struct, kw_only=True):
     total: int
     unfinished: int
 
 
-class StatsReply(Reply, kw_only=True):
-    counts: dict[str, int] = {}
-    vectors: dict[str, Any] = {}
-    storage_bytes: int = 0
-    index: dict[str, Any] = {}
-    cycles: CycleCounts | None = None
+class StatsReply(memory.StatsReply, kw_only=True):
+    """memory's figures and the kernel's cycles."""
 
-
-class VerifyReply(Reply, kw_only=True):
-    ok: bool
-    problems: list[Any] = []
-    problem_counts: dict[str, int] = {}
-    bad_files: list[str] = []
-    checked: dict[str, Any] = {}
-    repair: dict[str, Any] | None = None
+    cycles: CycleCounts
 
 
 class TraceReply(Reply, kw_only=True):
@@ -214,15 +188,15 @@ class AuditReply(Reply, kw_only=True):
 
 
 class ForgeReply(Reply, kw_only=True):
-    """The forge service's preparation (dataset, counts, script) and the steward's run (forge_follow.py)."""
+    """The forge service's preparation (its ``run`` reply, less the instruction it hands the steward) and the
+    steward's run as the kernel followed it (forge_follow.py)."""
 
     persona: str
     ok: bool
-    instruction_id: str = ""
-    mission_type: str | None = None
-    dataset: dict[str, Any] = {}
-    counts: dict[str, Any] = {}
-    script: dict[str, Any] = {}
+    instruction_id: str
+    dataset: llm.DatasetInfo
+    counts: llm.CurationCounts
+    script: llm.ScriptChoice
     reason: str | None = None
     returncode: int | None = None
     expert: str | None = None
@@ -341,17 +315,20 @@ class Ingest(ingest.Ingest, omit_defaults=True):
 
 
 @command("kernel", "search")
-class Search(Call[SearchReply], omit_defaults=True):
+class Search(Call[memory.SearchReply], omit_defaults=True):
+    """memory's search as a console may ask it: text only, at most 100 hits, code and summaries (not the audit
+    history); answered with memory's own reply."""
+
     text: Text
     k: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8
-    level: Literal["summaries", "chunks", "both"] | None = None
-    filters: dict[str, Any] | None = None  # memory's Filters: file_path, node_type, node_name
+    level: Literal["summaries", "chunks", "both"] = "both"
+    filters: memory.Filters | None = None
     within: list[str] | None = None
     after: str | None = None  # the page cursor a previous reply's ``next`` gave
 
 
 @command("kernel", "inspect")
-class Inspect(Call[InspectReply], omit_defaults=True):
+class Inspect(Call[memory.InspectReply], omit_defaults=True):
     oid: Oid
 
 
@@ -372,22 +349,13 @@ class Audit(Call[AuditReply], omit_defaults=True):
 
 
 @command("kernel", "forge")
-class Forge(Call[ForgeReply], omit_defaults=True):
-    persona: str
-    mission_type: str | None = None
-    epochs: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    max_steps: int | None = None
-    generate_script: bool | None = None
-    format_prompts: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    logging_steps: Annotated[int, msgspec.Meta(ge=1)] | None = None
-
-    def __post_init__(self) -> None:
-        self.persona = _persona(self.persona) or ""
+class Forge(llm.ForgeRun, omit_defaults=True):
+    """The forge service's own ``run`` request (and its options), relayed; then the steward's upgrade."""
 
 
 @command("kernel", "verify")
-class Verify(Call[VerifyReply], omit_defaults=True):
-    repair: bool = False
+class Verify(memory.Verify, omit_defaults=True):
+    """memory's own request and reply, relayed."""
 
 
 @command("kernel", "watch")
@@ -492,16 +460,17 @@ def table1_of(req: Call[Any]) -> Table1Command:
             return _table1(CYCLE, target, mission, selector, values["args"], values["kwargs"])
         first = _FIRST.get(kind)
         args = [values.pop(first)] if first else []
-        return _table1(CYCLE, target, mission, selector, args, _set(values))
+        return _table1(CYCLE, target, mission, selector, args, _set(kind, values))
     name = next(n for n, t in COMMANDS.items() if t is kind)
     first = _FIRST.get(kind)
     value = values.pop(first, None) if first else None
-    return _table1(name, target, name, name, [value] if value else [], _set(values))
+    return _table1(name, target, name, name, [value] if value else [], _set(kind, values))
 
 
-def _set(values: dict[str, Any]) -> dict[str, Any]:
-    """Only the options given (a default is what the receiver assumes anyway)."""
-    return {k: v for k, v in values.items() if v is not None and v is not False}
+def _set(kind: type[Call[Any]], values: dict[str, Any]) -> dict[str, Any]:
+    """Only the options given: a field at its default is what the receiver assumes anyway."""
+    defaults = {f.name: f.default for f in msgspec.structs.fields(kind) if f.default is not msgspec.NODEFAULT}
+    return {k: v for k, v in values.items() if k not in defaults or v != defaults[k]}
 
 
 def _table1(name: str, target: str, kind: str, selector: str, args: list[Any], kwargs: dict[str, Any]) -> Table1Command:

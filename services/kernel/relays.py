@@ -1,9 +1,10 @@
 """Table 1 commands that are not cognitive cycles: relays to other services, and the kernel's own views.
 
-ingest / search / inspect / stats go to the ``ingest`` and ``memory`` services; their streamed events are
-forwarded to the console that asked. status = the broker's worker table + this kernel's state. trace = a
-cycle's record in the image + its audit events (after catching the audit log up). audit = ALFRED's audit
-ingestion now, with progress events. forge = the forge service's run, events forwarded, then the steward
+ingest / search / inspect / stats / verify go to the ``ingest`` and ``memory`` services as those services' own
+typed requests (``client.request``); their streamed events are forwarded to the console that asked.
+status = the broker's worker table + this kernel's state. trace = a cycle's record in the image + its audit
+events (memory's indexed history and the log's newest lines). audit = ALFRED's audit ingestion now, with
+progress events. forge = the forge service's run, events forwarded, then the steward
 service's upgrade, its events relayed to the adapter's incarnation (forge_follow.py).
 """
 
@@ -14,7 +15,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -24,6 +25,7 @@ from batos.errors import ServiceError
 from proto import ErrorCode
 from proto.bodies import ingest as ingest_bodies
 from proto.bodies import kernel as K
+from proto.bodies import llm, memory
 from services.kernel import cycle as records
 from services.kernel import forge_follow
 from services.kernel.env import Emit
@@ -33,7 +35,6 @@ if TYPE_CHECKING:
     from services.kernel.kernel import Kernel
 
 log = logging.getLogger("batos.kernel.relays")
-R = TypeVar("R", bound=msgspec.Struct)
 
 INGEST_TIMEOUT = 6 * 3600.0  # a whole tree on 2 cores embeds at ~25 chunks/s: hours for a big one
 FORGE_TIMEOUT = 6 * 3600.0 + 600.0  # LoRA training on CPU (the steward's limit) + evaluation and incarnation
@@ -62,14 +63,6 @@ def progress_to(emit: Emit):
     return progress
 
 
-def _as(kind: type[R], reply: dict[str, Any], source: str) -> R:
-    """A relayed service's reply as the kernel's reply type (until that service's bodies are typed in proto)."""
-    try:
-        return msgspec.convert(reply, kind)
-    except msgspec.ValidationError as e:
-        raise ServiceError(ErrorCode.INTERNAL, f"{source} answered outside the kernel's contract: {e}") from None
-
-
 async def ingest(kernel: Kernel, emit: Emit, req: K.Ingest) -> ingest_bodies.IngestReply:
     body = ingest_bodies.Ingest(**msgspec.structs.asdict(req))  # the kernel's request is the ingest service's
     reply: ingest_bodies.IngestReply = await kernel.env.client.request(body, on_event=forwarder(emit),
@@ -77,33 +70,35 @@ async def ingest(kernel: Kernel, emit: Emit, req: K.Ingest) -> ingest_bodies.Ing
     return reply
 
 
-async def search(kernel: Kernel, emit: Emit, req: K.Search) -> K.SearchReply:
+async def search(kernel: Kernel, emit: Emit, req: K.Search) -> memory.SearchReply:
     # `after`: a page cursor from memory's previous reply (batos.paging); the reply's `next` goes back as is
-    body = {"text": req.text, "k": req.k,
-            **{n: v for n in ("level", "filters", "within", "after") if (v := getattr(req, n)) is not None}}
-    reply = await kernel.env.client.call("memory", "search", body, on_event=forwarder(emit), timeout=MEMORY_TIMEOUT)
-    return _as(K.SearchReply, reply, "memory.search")
+    body = memory.Search(text=req.text, k=req.k, level=req.level, filters=req.filters or memory.Filters(),
+                         within=req.within, after=req.after)
+    reply: memory.SearchReply = await kernel.env.client.request(body, on_event=forwarder(emit),
+                                                                timeout=MEMORY_TIMEOUT)
+    return reply
 
 
-async def inspect(kernel: Kernel, emit: Emit, req: K.Inspect) -> K.InspectReply:
-    reply = await kernel.env.client.call("memory", "inspect", {"oid": req.oid}, timeout=MEMORY_TIMEOUT)
-    return _as(K.InspectReply, reply, "memory.inspect")
+async def inspect(kernel: Kernel, emit: Emit, req: K.Inspect) -> memory.InspectReply:
+    reply: memory.InspectReply = await kernel.env.client.request(memory.Inspect(oid=req.oid), timeout=MEMORY_TIMEOUT)
+    return reply
 
 
 async def stats(kernel: Kernel, emit: Emit, req: K.Stats) -> K.StatsReply:
-    reply = await kernel.env.client.call("memory", "stats", {}, timeout=MEMORY_TIMEOUT)
-    reply["cycles"] = await kernel.env.image.read(_cycle_counts)
-    return _as(K.StatsReply, reply, "memory.stats")
+    reply = await kernel.env.client.request(memory.Stats(), timeout=MEMORY_TIMEOUT)
+    cycles = await kernel.env.image.read(_cycle_counts)
+    return K.StatsReply(**msgspec.structs.asdict(reply), cycles=cycles)
 
 
-async def verify(kernel: Kernel, emit: Emit, req: K.Verify) -> K.VerifyReply:
+async def verify(kernel: Kernel, emit: Emit, req: K.Verify) -> memory.VerifyReply:
     """memory's invariants (services/memory_weaver/verify.py); ``repair`` fixes what it can."""
-    reply = await kernel.env.client.call("memory", "verify", {"repair": req.repair}, timeout=VERIFY_TIMEOUT)
-    return _as(K.VerifyReply, reply, "memory.verify")
+    reply: memory.VerifyReply = await kernel.env.client.request(memory.Verify(repair=req.repair),
+                                                                timeout=VERIFY_TIMEOUT)
+    return reply
 
 
-def _cycle_counts(root: Root, conn: Any) -> dict[str, Any]:
-    return {"total": len(root[records.CYCLES_KEY]), "unfinished": len(records.unfinished(root, conn))}
+def _cycle_counts(root: Root, conn: Any) -> K.CycleCounts:
+    return K.CycleCounts(total=len(root[records.CYCLES_KEY]), unfinished=len(records.unfinished(root, conn)))
 
 
 def kernel_info(kernel: Kernel) -> K.KernelInfo:
@@ -190,12 +185,10 @@ def _recent_events(path: Path, n: int = RECENT_EVENTS) -> list[dict[str, Any]]:
 async def forge(kernel: Kernel, emit: Emit, req: K.Forge) -> K.ForgeReply:
     """The forge service prepares the run (its events forwarded), then the steward service runs it
     (forge_follow.py): training progress, the worker's restart, the adapter's incarnation."""
-    persona = req.persona
     env = kernel.env
-    body = {k: v for k, v in msgspec.structs.asdict(req).items() if v is not None}
-    reply = await env.client.call("forge", "run", body, on_event=forwarder(emit), timeout=FORGE_PREPARE_TIMEOUT)
-    instruction = reply.pop("instruction", None)
-    if not isinstance(instruction, dict) or not instruction.get("id"):
-        raise ServiceError(ErrorCode.INTERNAL, f"forge.run replied without an instruction: {sorted(reply)}")
-    outcome = await forge_follow.upgrade(env.client, instruction, emit, timeout=FORGE_TIMEOUT)
-    return _as(K.ForgeReply, {**reply, "persona": persona, **outcome}, "forge.run")
+    run = llm.ForgeRun(**msgspec.structs.asdict(req))  # the kernel's request is the forge service's own
+    prepared: llm.ForgeRunReply = await env.client.request(run, on_event=forwarder(emit),
+                                                           timeout=FORGE_PREPARE_TIMEOUT)
+    outcome = await forge_follow.upgrade(env.client, prepared.instruction, emit, timeout=FORGE_TIMEOUT)
+    return K.ForgeReply(persona=req.persona, instruction_id=prepared.instruction_id, dataset=prepared.dataset,
+                        counts=prepared.counts, script=prepared.script, **outcome)

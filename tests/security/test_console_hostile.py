@@ -19,6 +19,7 @@ import pytest
 
 from proto import ErrorCode
 from proto.bodies import kernel as K
+from proto.bodies import memory
 from services.console.formats import safe_text
 from services.kernel import commands
 
@@ -37,10 +38,10 @@ async def _ask(req, body: K.Ask) -> K.AnswerReply:
         fallback=None, persona="ROBIN", query_morph="", prompt_budget={})
 
 
-async def _search(req, body: K.Search) -> K.SearchReply:
-    return K.SearchReply(hits=[{"oid": "2a", "level": "chunk", "score": 0.5, "text": HOSTILE,
-                                "metadata": {"file_path": HOSTILE, "start_line": 1, "end_line": 2,
-                                             "node_name": HOSTILE}}])
+async def _search(req, body: K.Search) -> memory.SearchReply:
+    return memory.SearchReply(hits=[memory.Hit(oid="2a", level="chunk", score=0.5, text=HOSTILE, token_count=1,
+                                                metadata={"file_path": HOSTILE, "start_line": 1, "end_line": 2,
+                                                          "node_name": HOSTILE})])
 
 
 async def _fail(req, body: K.Stats) -> K.StatsReply:

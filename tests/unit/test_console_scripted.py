@@ -123,13 +123,15 @@ async def kernel(req: Envelope, emit: Emit) -> None:
         await asyncio.sleep(3600)
     elif req.command == "verify":
         broken = not req.body.get("repair")
-        emit(proto.reply(req, {"ok": not broken, "problems": ["chunk 1a has no summary"] if broken else [],
+        emit(proto.reply(req, {"ok": not broken, "bad_files": [], "checked": {"files": 1},
+                               "problems": [{"kind": "orphan", "oid": "1a"}] if broken else [],
                                "problem_counts": {"orphan": 1} if broken else {}}))
     elif req.command in ("define", "send"):
         emit(proto.reply(req, {"cycle_id": "cc12", "status": "SUCCESS", "oid": req.body["oid"],
                                "selector": req.body["selector"], "version": 1}))
     elif req.command == "stats":
-        emit(proto.reply(req, {"counts": {"memory_chunk": 3}}))
+        emit(proto.reply(req, {"counts": {"memory_chunk": 3}, "vectors": {"rows": 3}, "storage_bytes": 1,
+                               "index": {}, "cycles": {"total": 0, "unfinished": 0}}))
     else:
         emit(proto.error_for(req, ErrorCode.UNKNOWN_COMMAND, f"kernel does not understand {req.command!r}"))
 

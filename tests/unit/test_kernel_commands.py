@@ -13,13 +13,14 @@ import pytest
 from batos.errors import ServiceError
 from proto import contract
 from proto.bodies import kernel as K
+from proto.bodies import memory
 from services.kernel import commands, handlers
 from services.kernel import cycle as records
 from services.kernel.autotelic import Autotelic
 from services.kernel.kernel import Kernel, recover, start_kernel, stop_kernel
 from services.kernel.psm import State
 from tests.unit.test_kernel_cycle import *  # noqa: F403  (the kernel test kit: fixtures)
-from tests.unit.test_kernel_cycle import Events, new_run
+from tests.unit.test_kernel_cycle import Events, forge_run_reply, memory_stats, new_run
 
 
 @pytest.fixture
@@ -135,11 +136,17 @@ async def test_ingest_forwards_the_ingest_services_events_to_the_console(kernel,
 
 
 async def test_search_inspect_stats_relay_to_memory(kernel, client):
-    client.handlers[("memory", "search")] = lambda body, ev: {"hits": [{"oid": "5", "k": body["k"]}]}
-    client.handlers[("memory", "inspect")] = lambda body, ev: {"oid": body["oid"], "prototype": "traits"}
-    client.handlers[("memory", "stats")] = lambda body, ev: {"counts": {"memory_chunk": 3}}
-    out = await commands.dispatch(kernel, Events(), K.Search(text="x", k=4))
-    assert out.hits == [{"oid": "5", "k": 4}]
+    client.handlers[("memory", "search")] = lambda body, ev: {"hits": [
+        {"oid": "5", "level": "chunk", "score": body["k"] / 10, "text": "t", "metadata": {}, "token_count": 1}]}
+    client.handlers[("memory", "inspect")] = lambda body, ev: {"oid": body["oid"], "prototype": "traits", "name": "t",
+                                                               "slots": {}, "parents": [], "methods": []}
+    client.handlers[("memory", "stats")] = lambda body, ev: memory_stats({"memory_chunk": 3})
+    out = await commands.dispatch(kernel, Events(), K.Search(text="x", k=4, filters=memory.Filters(node_type="f")))
+    assert [(h.oid, h.score) for h in out.hits] == [("5", 0.4)]
+    assert client.calls[-1] == ("memory", "search", {"text": "x", "vector": None, "k": 4, "level": "both",
+                                                     "filters": {"file_path": None, "node_type": "f",
+                                                                 "node_name": None},
+                                                     "within": None, "mode": "hybrid", "after": None})
     assert (await commands.dispatch(kernel, Events(), K.Inspect(oid="0x00A"))).oid == "a"
     stats = await commands.dispatch(kernel, Events(), K.Stats())
     assert stats.counts == {"memory_chunk": 3} and stats.cycles == K.CycleCounts(total=0, unfinished=0)
@@ -147,7 +154,7 @@ async def test_search_inspect_stats_relay_to_memory(kernel, client):
 
 async def test_a_relayed_reply_outside_the_contract_is_an_internal_error(kernel, client):
     client.handlers[("memory", "inspect")] = lambda body, ev: {"prototype": "traits"}  # no oid
-    with pytest.raises(ServiceError, match=r"memory\.inspect answered outside the kernel's contract") as info:
+    with pytest.raises(ServiceError, match=r"memory\.inspect answered outside its contract") as info:
         await commands.dispatch(kernel, Events(), K.Inspect(oid="1"))
     assert info.value.code == "internal"
 
@@ -163,12 +170,11 @@ async def test_status_shows_the_worker_table_and_the_kernel(kernel, client):
 async def test_forge_relays_with_a_checked_persona(kernel, client):
     # (the relay of the steward's events is tested in test_kernel_forge_relay.py)
     instruction = {"id": "b1", "persona": "BRICK", "script": "x", "config": {"r": 8}}
-    client.handlers[("forge", "run")] = lambda body, ev: {"persona": body["persona"], "instruction_id": "b1",
-                                                          "instruction": instruction}
+    client.handlers[("forge", "run")] = lambda body, ev: forge_run_reply(instruction, train=3)
     client.handlers[("steward", "upgrade")] = lambda body, ev: {"ok": False, "reason": "no"}
     out = await commands.dispatch(kernel, Events(), msgspec.convert({"persona": "brick"}, K.Forge))
     assert out.persona == "BRICK" and out.instruction_id == "b1" and out.ok is False
-    assert out.reason == "no"
+    assert out.reason == "no" and out.counts.train == 3 and out.script.origin == "template"
     with pytest.raises(msgspec.ValidationError, match="unknown persona"):
         msgspec.convert({"persona": "NOBODY"}, K.Forge)
 

@@ -17,7 +17,7 @@ from batos.audit import AuditEvent
 from batos.config import load
 from batos.errors import ServiceError
 from batos.image import Image
-from proto import ErrorCode, contract
+from proto import ErrorCode, ProtocolError, contract
 from services.kernel import cycle as records
 from services.kernel import psm
 from services.kernel.env import KernelEnv
@@ -27,8 +27,22 @@ from services.kernel.run import CycleRun, execute
 # -- the kit ------------------------------------------------------------------------------------
 # Other test_kernel_* files take it with `from tests.unit.test_kernel_cycle import *`: __all__ keeps this
 # file's tests out of theirs (they would run twice).
-__all__ = ["Audit", "Events", "FakeClient", "audit", "client", "cycle_slots", "env", "image", "install", "new_run",
-           "settings", "zeo_addr"]
+__all__ = ["Audit", "Events", "FakeClient", "audit", "client", "cycle_slots", "env", "forge_run_reply", "image",
+           "install", "memory_stats", "new_run", "settings", "zeo_addr"]
+
+
+def forge_run_reply(instruction: dict[str, Any], **counts: int) -> dict[str, Any]:
+    """forge ``run``'s reply (proto.bodies.llm.ForgeRunReply) around ``instruction``."""
+    tally = {"cycles_seen": 0, "cycles_successful": 0, "examples": 0, "train": 0, "eval": 0, "duplicates": 0,
+             "capped": 0, "unusable": 0, **counts}
+    return {"instruction_id": instruction["id"], "instruction": instruction, "counts": tally,
+            "dataset": {"sha256": "0" * 64, "train": tally["train"], "eval": tally["eval"]},
+            "script": {"origin": "template"}}
+
+
+def memory_stats(counts: dict[str, int]) -> dict[str, Any]:
+    """memory ``stats``'s reply (proto.bodies.memory.StatsReply)."""
+    return {"counts": counts, "vectors": {"rows": 0, "live": 0}, "storage_bytes": 0, "index": {}}
 
 
 class Events:
@@ -100,8 +114,11 @@ class FakeClient:
     async def request(self, body: Any, *, on_event: Any = None, timeout: float | None = 60.0) -> Any:
         """Client.request: the typed body through the scripted ``call``, the reply decoded into its type."""
         s = contract.spec_of(body)
-        return contract.decode_reply(s, await self.call(s.service, s.command, contract.encode(body),
-                                                        on_event=on_event, timeout=timeout))
+        raw = await self.call(s.service, s.command, contract.encode(body), on_event=on_event, timeout=timeout)
+        try:
+            return contract.decode_reply(s, raw)
+        except ProtocolError as e:  # as Client.request: a reply outside the contract is the service's error
+            raise ServiceError(e.code, e.message) from None
 
     def count(self, service: str, command: str) -> int:
         return sum(1 for s, c, _ in self.calls if (s, c) == (service, command))

@@ -16,6 +16,7 @@ import pytest
 from batos.errors import ServiceError
 from proto import contract
 from proto.bodies import kernel as K
+from proto.bodies.llm import ForgeRun
 from proto.bodies.steward import Instruction
 from services.forge.incarnation import audit_event as incarnation_event
 from services.kernel import commands, handlers
@@ -23,7 +24,7 @@ from services.kernel.audit_event import record_event
 from services.kernel.autotelic import Autotelic
 from services.kernel.kernel import Kernel
 from tests.unit.test_kernel_cycle import *  # noqa: F403  (the kernel test kit: fixtures)
-from tests.unit.test_kernel_cycle import Events, new_run
+from tests.unit.test_kernel_cycle import Events, forge_run_reply, new_run
 
 
 @pytest.fixture
@@ -137,7 +138,7 @@ def fake_steward(client, events: list[dict[str, Any]], reply: dict[str, Any] | E
         calls.append(("forge", body))
         if on_event is not None:  # the autotelic loop does not follow the preparation
             await on_event({"event": "progress", "stage": "curation", "done": 1, "total": 3})
-        return {"instruction_id": "r1", "instruction": INSTRUCTION, "counts": {"train": 3}}
+        return forge_run_reply(INSTRUCTION, train=3)
 
     async def upgrade(body: dict[str, Any], on_event: Any) -> dict[str, Any]:
         calls.append(("steward", body))
@@ -164,7 +165,8 @@ async def test_forge_relays_the_stewards_events_to_the_incarnation(kernel, clien
                                              "kwargs": {"max_steps": 4}}}, K.Table1Command)
     out = msgspec.to_builtins(await commands.dispatch(kernel, events, cmd))
     # forge prepared it; the kernel handed the instruction, untouched, to the steward
-    assert calls == [("forge", {"persona": "BRICK", "max_steps": 4}), ("steward", as_sent(INSTRUCTION))]
+    assert [c[0] for c in calls] == ["forge", "steward"] and calls[1][1] == as_sent(INSTRUCTION)
+    assert msgspec.convert(calls[0][1], ForgeRun) == ForgeRun(persona="BRICK", max_steps=4)  # forge's own type
 
     # the forge's own events first, then the steward's as console events
     assert events.items[0] == ("progress", {"stage": "curation", "done": 1, "total": 3})
@@ -181,7 +183,7 @@ async def test_forge_relays_the_stewards_events_to_the_incarnation(kernel, clien
     assert "loading weights" in logs and any(t.startswith("trained: ") for t in logs)
     assert "train step exited with 0" in logs and any(t.startswith("stored: ") for t in logs)
 
-    assert out["instruction_id"] == "r1" and out["counts"] == {"train": 3} and "instruction" not in out
+    assert out["instruction_id"] == "r1" and out["counts"]["train"] == 3 and "instruction" not in out
     assert out["ok"] is True and out["activated"] is True and out["decision"] == "activated"
     assert out["metrics"]["before"] == {"model": "base", "eval_loss": 1.9, "format_valid": 0.25}
     assert out["metrics"]["after"] == {"model": "adapter", "eval_loss": 1.4, "format_valid": 0.5}
@@ -234,7 +236,7 @@ async def test_a_failed_upgrade_is_explained(kernel, client, error, says):
 
 async def test_a_forge_reply_without_an_instruction_is_an_internal_error(kernel, client):
     client.handlers[("forge", "run")] = lambda body, ev: {"persona": body["persona"]}
-    with pytest.raises(ServiceError, match="without an instruction") as info:
+    with pytest.raises(ServiceError, match=r"forge\.run answered outside its contract.*`instruction_id`") as info:
         await commands.dispatch(kernel, Events(), K.Forge(persona="ROBIN"))
     assert info.value.code == "internal"
 

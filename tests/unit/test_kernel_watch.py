@@ -16,7 +16,7 @@ from services.kernel.autotelic import Autotelic
 from services.kernel.kernel import Kernel
 from services.kernel.watch import WatchHub, hub_of, watch
 from tests.unit.test_kernel_cycle import *  # noqa: F403  (the kernel test kit: fixtures)
-from tests.unit.test_kernel_cycle import Events
+from tests.unit.test_kernel_cycle import Events, memory_stats
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ async def test_a_watcher_sees_every_activity_begin_events_end_whoever_asked(kern
     assert {d["activity"] for n, d in w.events.items if n in ("begin", "state", "end")} == {begin["activity"]}
     assert end["ok"] is False and end["code"] and "FAILED" in end["message"]
     # read-only lookups are not activities
-    client.handlers[("memory", "stats")] = lambda body, ev: {"counts": {}}
+    client.handlers[("memory", "stats")] = lambda body, ev: memory_stats({})
     await commands.dispatch(kernel, Events(), K.Stats())
     await _settle()
     assert [n for n, _ in w.events.items].count("begin") == 1
