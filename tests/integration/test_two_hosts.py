@@ -179,7 +179,7 @@ async def _forge(hosts: Hosts) -> None:
     events: list[dict[str, Any]] = []
 
     async def collect(event: dict[str, Any]) -> None:
-        events.append(event)
+        events.append({**event, "at": time.monotonic()})
 
     started = time.monotonic()
     async with hosts.client(hosts.console_root, "console", f"2h-forge-{uuid.uuid4().hex[:6]}") as client:
@@ -231,8 +231,9 @@ async def _forge(hosts: Hosts) -> None:
     assert not any(f.startswith(("lora_adapters", "steward/")) for f in main_files), main_files
     assert not any(f.startswith(("live_image", "metacognition", "blobs/")) for f in worker_files), worker_files
     assert "steward/runs.jsonl" in worker_files
-    print(f"\n[two_hosts] forge {seconds:.0f} s (steward {reply['seconds']} s), decision {expert['decision']}; "
-          f"isolated by mount namespaces: {hosts.isolated}")
+    timeline = ", ".join(f"{e['state']} +{e['at'] - started:.0f}s" for e in events if e.get("event") == "state")
+    print(f"\n[two_hosts] forge {seconds:.0f} s (steward {reply['seconds']} s): {timeline}; decision "
+          f"{expert['decision']}; isolated by mount namespaces: {hosts.isolated}")
 
 
 async def _audited(image: Image, name: str, timeout: float = 120.0) -> dict[str, Any]:
