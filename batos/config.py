@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     # after training, how long the steward waits for the new adapter's decision: the restarted worker loads the
     # model, then judges and activates the adapter
     forge_incarnation_grace: float = 300.0
+    # ALFRED's own forge runs (services/kernel/autotelic.py): whether BRICK writes the training script (else the
+    # canonical Table 4 template; a small model's script seldom validates and costs a ~700-token generation) and
+    # how many held-out prompts the evaluation generates on to score format validity (CPU generation is slow)
+    autotelic_forge_script: bool = True
+    autotelic_forge_format_prompts: int = 4
     sandbox_timeout: float = 10.0
     sandbox_memory_mb: int = 512
 

@@ -134,8 +134,11 @@ class Autotelic:
 
         client = self.env.client
         try:
-            prepared = await client.call("forge", "run", {"persona": persona, "reason": f"{count} new successful "
-                                                          "cycles"}, timeout=FORGE_DISPATCH_TIMEOUT)
+            settings = self.env.settings
+            prepared = await client.call("forge", "run", {
+                "persona": persona, "reason": f"{count} new successful cycles",
+                "generate_script": settings.autotelic_forge_script,
+                "format_prompts": settings.autotelic_forge_format_prompts}, timeout=FORGE_DISPATCH_TIMEOUT)
             outcome = await forge_follow.upgrade(client, prepared["instruction"], note, timeout=UPGRADE_TIMEOUT)
             self.last_forge = {"persona": persona, **outcome}
         except asyncio.CancelledError:
