@@ -202,8 +202,9 @@ def format_answer(body: dict[str, Any], streamed: bool, cwd: Path | None = None)
         lines += [[("class:answer", ln)] for ln in str(body["answer"]).splitlines() or [""]]
     lines += format_citations(body.get("citations") or [], cwd)
     lines += format_citations(body.get("also_retrieved") or [], cwd, "also retrieved:")
-    rest = {k: v for k, v in body.items()
-            if k not in ("answer", "citations", "also_retrieved", "cycle_id", "model_text", "rewritten")}
+    rest = {k: v for k, v in body.items()  # what else the answer says, less what holds nothing
+            if k not in ("answer", "citations", "also_retrieved", "cycle_id", "model_text", "rewritten")
+            and v not in ([], {})}
     lines += format_tree(rest)
     if body.get("cycle_id"):
         lines.append(_cycle_hint(str(body["cycle_id"])))

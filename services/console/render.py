@@ -227,9 +227,9 @@ _RAW = (bytes, bytearray, memoryview)  # shown as {"$bytes": base64} (formats.js
 
 def shown(reply: Reply) -> dict[str, Any]:
     """A typed reply as the formatters read it: its fields, less those that hold nothing (an empty ``reason``,
-    no ``fallback``, no notes): a person reads what is there."""
+    no ``fallback``): a person reads what is there."""
     body = msgspec.to_builtins(reply, builtin_types=_RAW)
-    return {k: v for k, v in body.items() if v is not None and v != "" and v != [] and v != {}}
+    return {k: v for k, v in body.items() if v is not None and v != ""}
 
 
 class JsonView:

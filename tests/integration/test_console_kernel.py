@@ -69,11 +69,16 @@ async def test_console_drives_the_real_kernel(system, client):
     rc, out, err = await console(system, "-c", "status")
     assert rc == 0 and "services:" in out and re.search(r"memory\s+1/1 alive", out), out + err
 
-    # a raw Table 1 object: validated locally, then the kernel's own refusal is shown as it is
+    # a raw Table 1 object: refused here by the kernel's own rules (proto.bodies.kernel), never sent...
     bad = ('{"command": "initiate_cognitive_cycle", "target_oid": "0", "mission_brief": '
            '{"type": "nope", "selector": "x", "args": [], "kwargs": {}}}')
     rc, out, err = await console(system, "-c", bad)
-    assert rc == 1 and "error [bad_args] unknown mission_brief.type 'nope'" in out
+    assert rc == 2 and "error [bad_args] initiate_cognitive_cycle: unknown mission_brief.type 'nope'" in out
+    # ...and what only the kernel can know is its refusal, shown as it is
+    unknown = ('{"command": "initiate_cognitive_cycle", "target_oid": "0xbeef99", "mission_brief": '
+               '{"type": "query", "selector": "ask", "args": ["why?"], "kwargs": {}}}')
+    rc, out, err = await console(system, "-c", unknown)
+    assert rc == 1 and "error [not_found]" in out and "beef99" in out, out + err
     rc, out, err = await console(system, "-c", f"send {alfred} nothing_here_9 x=1 2")
     assert rc == 2 and "after keyword" in out  # never sent
 

@@ -20,6 +20,9 @@ import sys
 
 import pytest
 
+from proto.bodies import ingest, memory
+from proto.bodies import kernel as K
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 PY = sys.executable
@@ -30,8 +33,8 @@ ESC = r"(?:\x1b\[[0-9;?]*[A-Za-z])*"
 # -- the stand-in kernel (runs in its own process) ---------------------------------------------
 
 
-async def _ask(req) -> dict:
-    question = req.arg("question", str)
+async def _ask(req, body: K.Ask) -> K.AnswerReply:
+    question = body.question
     delay = 1.0 if "long" in question else 0.1
     cycle = f"{abs(hash(question)) % (1 << 32):08x}" * 4
     await req.emit("state", cycle_id=cycle, state="REASONING", **{"from": "IDLE"})
@@ -41,22 +44,26 @@ async def _ask(req) -> dict:
         await asyncio.sleep(delay)
         await req.emit("token", text=w + ("" if w.endswith("\n") else " "))
     await req.emit("state", cycle_id=cycle, state="COMPLETE")
-    return {"answer": " ".join(words), "cycle_id": cycle,
-            "citations": [{"oid": "1f", "file_path": "/src/batos/uvm.py", "start_line": 3, "end_line": 9}]}
+    answer = " ".join(words)
+    return K.AnswerReply(answer=answer, cycle_id=cycle, status=K.Status.SUCCESS, citations=[
+        K.Citation(oid="1f", file_path="/src/batos/uvm.py", start_line=3, end_line=9)], also_retrieved=[], notes=[],
+        evidence=[], validation=[], rewritten=False, model_text=answer, steps=1, thoughts=1, stop="", fallback=None,
+        persona="ROBIN", query_morph="", prompt_budget={})
 
 
-async def _search(req) -> dict:
-    text = req.arg("text", str)
-    return {"hits": [{"oid": "2a", "level": "chunk", "score": 0.75, "text": f"hit for {text}",
-                      "metadata": {"file_path": "/src/batos/image.py", "start_line": 1, "end_line": 5,
-                                   "node_name": "Image"}}]}
+async def _search(req, body: K.Search) -> memory.SearchReply:
+    return memory.SearchReply(hits=[memory.Hit(
+        oid="2a", level="chunk", score=0.75, text=f"hit for {body.text}", token_count=5,
+        metadata={"file_path": "/src/batos/image.py", "start_line": 1, "end_line": 5, "node_name": "Image"})])
 
 
-async def _ingest(req) -> dict:
+async def _ingest(req, body: K.Ingest) -> ingest.IngestReply:
     for i in range(1, 6):
         await req.emit("progress", stage="CHUNKING", done=i, total=5)
         await asyncio.sleep(0.05)
-    return {"files": 5, "chunks": 12, "skipped": 0, "unchanged": 0, "removed": 0, "errors": [], "seconds": 0.3}
+    return ingest.IngestReply(root=body.path, files=5, chunks=12, summaries=5, lines=100, skipped=0,
+                              skipped_by_reason={}, unchanged=0, removed=0, unsupported=0, errors=[], refused=[],
+                              seconds=0.3)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
