@@ -161,6 +161,10 @@ class Hit(msgspec.Struct, omit_defaults=True):
     channels: dict[str, int] | None = None
 
 
+# what a search reads: summaries, chunks, fractals (the audit history), both (summaries and chunks) or all
+SearchLevel = Literal["summaries", "chunks", "fractals", "both", "all"]
+
+
 class SearchReply(Reply):
     hits: list[Hit]
     next: str | None = None  # send back as ``after`` for the next page
@@ -171,7 +175,7 @@ class Search(Call[SearchReply]):
     text: Text | None = None
     vector: list[float] | None = None
     k: Annotated[int, Meta(ge=1, le=MAX_K)] = 8
-    level: Literal["summaries", "chunks", "fractals", "both", "all"] = "both"
+    level: SearchLevel = "both"
     filters: Filters = msgspec.field(default_factory=Filters)
     within: list[str] | None = None  # summaries' oids: search their child chunks only
     # hybrid: dense + BM25 + exact names fused and reranked (hybrid.py); dense: cosine only (the
@@ -312,7 +316,7 @@ class Fractal(msgspec.Struct):
 
 
 class QueryFractalsReply(Reply):
-    fractals: list[Fractal]  # in (timestamp, event id) order
+    fractals: list[Fractal]  # in (timestamp, event id) order, or its reverse (newest_first)
     next: str | None = None  # send back as ``after`` for the next page (batos.paging)
 
 
@@ -329,5 +333,6 @@ class QueryFractals(Call[QueryFractalsReply]):
     cycle_status: str | None = None  # only events of cycles that ended so (batos.outcome; "" = not ended)
     since: str | None = None
     until: str | None = None
+    newest_first: bool = False  # the reverse order: a reader that needs only the latest few stops early
     limit: Annotated[int, Meta(ge=1, le=MAX_QUERY_LIMIT)] = 100  # fractals in one page (also bounded in bytes)
     after: str | None = None  # a previous page's `next` cursor: the page after it

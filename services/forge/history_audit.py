@@ -23,7 +23,7 @@ import msgspec
 from batos import personas
 from batos.audit import normalized_timestamp
 from batos.errors import ServiceError
-from batos.fractals import MemoryRequest, query_all
+from batos.fractals import MemoryRequest
 from proto import contract
 from proto.bodies.memory import QueryFractals
 from proto.schema import ProtocolError
@@ -31,7 +31,8 @@ from services.forge.curation import GOLDEN_EVENT_TYPES, SUCCESS, extract_example
 
 Call = Callable[[str, str, dict[str, Any]], Awaitable[dict[str, Any]]]  # (service, command, body) -> reply
 
-QUERY_LIMIT = 100_000  # golden events read per audit: a guard (the query is paged within the frame limit)
+QUERY_LIMIT = 100_000  # golden events read per audit at most: a guard (the pages stop at the threshold)
+AUDIT_PAGE = 200  # golden events per page, newest first: a persona's threshold is usually reached in the first
 
 
 @dataclass
@@ -107,19 +108,35 @@ def memory_of(call: Call) -> MemoryRequest:
 
 async def count_new_successes(call: Call, since: Mapping[str, str], threshold: int,
                               persona_names: Iterable[str]) -> dict[str, int]:
-    """Per persona, successful golden cycles since its last forge, counted up to ``threshold``: ONE query (memory's
-    history index answers "successful golden events of cycles that ended in SUCCESS, since the earliest of the
-    personas' last forges"); each persona's own ``since`` and the golden-path check are applied here."""
+    """Per persona, successful golden cycles since its last forge, counted up to ``threshold``, with ONE query:
+    memory's history index answers "successful golden events of cycles that ended in SUCCESS, since the earliest
+    of the personas' last forges", newest first, and the pages stop as soon as every persona has reached the
+    threshold (the decision needs no more). Each persona's own ``since`` and the golden-path check are here."""
     wanted = [p.upper() for p in persona_names]
+    cycles: dict[str, set[str]] = {p: set() for p in wanted}
     if not wanted:
         return {}
     oldest = min(since.get(p, "") for p in wanted)
     query = QueryFractals(persona=wanted[0] if len(wanted) == 1 else None, status=SUCCESS,
-                          event_types=list(GOLDEN_EVENT_TYPES), cycle_status=SUCCESS, since=oldest or None)
-    fractals = await query_all(memory_of(call), query, QUERY_LIMIT)
-    candidates = golden_candidates((msgspec.to_builtins(f) for f in fractals if f.meta.get("persona") in wanted),
-                                   since)
-    return {p: min(threshold, len(candidates.get(p, []))) for p in wanted}
+                          event_types=list(GOLDEN_EVENT_TYPES), cycle_status=SUCCESS, since=oldest or None,
+                          newest_first=True, limit=AUDIT_PAGE)
+    memory = memory_of(call)
+    read = 0
+    open_ = list(wanted)  # personas that may still gain a cycle
+    while read < QUERY_LIMIT and open_:
+        page = await memory(query)
+        for fractal in page.fractals:
+            persona = str(fractal.meta.get("persona") or "").upper()
+            if persona in open_:
+                for cycle in golden_candidates([msgspec.to_builtins(fractal)], since).get(persona, []):
+                    cycles[persona].add(cycle)
+        read += len(page.fractals)
+        if page.next is None or not page.fractals:
+            break
+        reached = str(page.fractals[-1].meta.get("timestamp") or "")  # newest first: all that follows is older
+        open_ = [p for p in open_ if len(cycles[p]) < threshold and since.get(p, "") < reached]
+        query = msgspec.structs.replace(query, after=page.next)
+    return {p: min(threshold, len(c)) for p, c in cycles.items()}
 
 
 async def audit_cognitive_history(call: Call, threshold: int, *,

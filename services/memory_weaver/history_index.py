@@ -106,7 +106,9 @@ class HistoryIndex(persistent.Persistent):
         return self.cycles.get(cycle_id, Outcome()).status
 
     def matching(self, q: QueryFractals, after: Key | None) -> Iterator[tuple[Key, Row]]:
-        """(key, row) of every indexed fractal matching ``q``, in (timestamp, event id) order, after ``after``."""
+        """(key, row) of every indexed fractal matching ``q``, in (timestamp, event id) order (``newest_first``:
+        the reverse), after the cursor ``after``. A newest-first walk reads the index's buckets in the range, not
+        the fractals: a reader that stops early (ALFRED's audit) loads only what it reads."""
         wanted = {f: getattr(q, f) for f in FIELDS if getattr(q, f) is not None}
         driver = next((f for f in DRIVERS if f in wanted), None)
         types = set(q.event_types) if q.event_types is not None else None
@@ -123,18 +125,22 @@ class HistoryIndex(persistent.Persistent):
             yield key, row
 
     def _keys(self, driver: str | None, value: str | None, q: QueryFractals, after: Key | None) -> Iterator[Key]:
-        lo: tuple[str, ...] = (q.since,) if q.since else ()
-        exclude = False
-        if after is not None and after >= (q.since or "", ""):
-            lo, exclude = after, True
+        lo: tuple[str, ...] | None = (q.since,) if q.since else None
         hi: tuple[str, ...] | None = (q.until + TOP,) if q.until else None
+        exclude_lo = exclude_hi = False
+        if after is not None and q.newest_first and (hi is None or after < hi):
+            hi, exclude_hi = after, True  # the page after a cursor is older than it
+        elif after is not None and not q.newest_first and (lo is None or after >= lo):
+            lo, exclude_lo = after, True
         if driver is None:
-            yield from self.events.keys(min=lo or None, max=hi, excludemin=exclude)
+            keys = self.events.keys(min=lo, max=hi, excludemin=exclude_lo, excludemax=exclude_hi)
+            yield from reversed(keys) if q.newest_first else keys
             return
         assert value is not None
         tree = self.field_set(driver)
-        top = (value, *hi) if hi is not None else (value, TOP)
-        for _, ts, event_id in tree.keys(min=(value, *lo), max=top, excludemin=exclude):
+        found = tree.keys(min=(value, *(lo or ())), max=(value, *(hi or (TOP,))), excludemin=exclude_lo,
+                          excludemax=exclude_hi)
+        for _, ts, event_id in reversed(found) if q.newest_first else found:
             yield ts, event_id
 
 

@@ -132,10 +132,6 @@ def members(tree: OOTreeSet, key: Any) -> list[int]:
     return [oid for _, oid in tree.keys(min=(key, 0), max=(key, _MAX_OID))]
 
 
-def has_key(tree: OOTreeSet, key: Any) -> bool:
-    return any(True for _ in tree.keys(min=(key, 0), max=(key, _MAX_OID)))
-
-
 def _count(mem: MemoryIndexes, proto: str, delta: int) -> None:
     counter = mem.counts.get(proto)
     if counter is None:
@@ -222,13 +218,13 @@ def _remove_file_objects(mem: MemoryIndexes, entry: FileEntry) -> int:
 def _make_objects(
     root: Any,
     conn: Any,
-    file_path_of: Any,
+    file_path: str,
     summaries: list[SummaryIn],
     chunks: list[ChunkIn],
     vectors: dict[str, tuple[np.ndarray, int]],
 ) -> tuple[dict[str, UvmObject], list[UvmObject]]:
-    """Create (not yet indexed) summaries and chunks; ``vectors`` maps embed-hash -> (vec, windows)."""
-    made_s = {s.key: _new_summary(root, conn, file_path_of(s), s, _vector(vectors, s)[0]) for s in summaries}
+    """Create one file's (not yet indexed) summaries and chunks; ``vectors`` maps embed-hash -> (vec, windows)."""
+    made_s = {s.key: _new_summary(root, conn, file_path, s, _vector(vectors, s)[0]) for s in summaries}
     made_c = []
     for c in chunks:
         vec, windows = _vector(vectors, c)
@@ -318,56 +314,12 @@ def replace_file(
     if entry is None:
         entry = mem.files[file_path] = FileEntry(file_path)
     _remove_file_objects(mem, entry)
-    made_s, made_c = _make_objects(root, conn, lambda s: file_path, summaries, chunks, vectors)
+    made_s, made_c = _make_objects(root, conn, file_path, summaries, chunks, vectors)
     _index_and_embed(mem, made_s.values(), made_c)
     entry.summaries, entry.chunks = tuple(made_s.values()), tuple(made_c)
     entry.file_hash, entry.updated = file_hash, time.time()
     return {"file_path": file_path, "chunks": len(made_c), "summaries": len(made_s),
             "oids": _oids(made_s.values()) + _oids(made_c)}
-
-
-def summary_paths(summaries: list[SummaryIn], chunks: list[ChunkIn]) -> dict[str, str]:
-    """Each summary's file: its metadata's file_path, else its first child chunk's."""
-    kids: dict[str, str] = {}
-    for c in chunks:
-        if c.summary_key is not None:
-            kids.setdefault(c.summary_key, c.metadata.file_path)
-    return {s.key: str(s.metadata.get("file_path") or kids.get(s.key, "")) for s in summaries}
-
-
-def fresh_items(root: Any, summaries: list[SummaryIn], chunks: list[ChunkIn]) -> tuple[list, list]:
-    """The summaries and chunks whose (file, content hash) the image does not hold yet."""
-    by_hash = memory(root).by_hash
-    paths = summary_paths(summaries, chunks)
-    new_s = [s for s in summaries if not has_key(by_hash, (paths[s.key], summary_hash(paths[s.key], s)))]
-    new_c = [c for c in chunks if not has_key(by_hash, (c.metadata.file_path, chunk_hash(c)))]
-    return new_s, new_c
-
-
-def create_chunks(
-    root: Any, conn: Any, summaries: list[SummaryIn], chunks: list[ChunkIn],
-    vectors: dict[str, tuple[np.ndarray, int]],
-) -> dict[str, Any]:
-    """Add chunks (and summaries) whose (file, content hash) is new; idempotent. Registers them per file."""
-    mem = memory(root)
-    paths = summary_paths(summaries, chunks)
-    new_s, new_c = fresh_items(root, summaries, chunks)
-    made_s, made_c = _make_objects(root, conn, lambda s: paths[s.key], new_s, new_c, vectors)
-    _index_and_embed(mem, made_s.values(), made_c)
-    for objs, attr in ((list(made_s.values()), "summaries"), (made_c, "chunks")):
-        for obj in objs:
-            path = obj.get_slot("metadata")["file_path"]
-            entry = mem.files.get(path)
-            if entry is None:
-                entry = mem.files[path] = FileEntry(path)
-            setattr(entry, attr, (*getattr(entry, attr), obj))
-            entry.updated = time.time()
-    oids = []
-    for c in chunks:  # aligned with the request: the existing object's oid for skipped chunks
-        found = members(mem.by_hash, (c.metadata.file_path, chunk_hash(c)))
-        oids.append(format(found[0], "x") if found else "")
-    return {"created": len(made_c) + len(made_s), "skipped": len(chunks) + len(summaries) - len(made_c) - len(made_s),
-            "oids": oids}
 
 
 def file_hashes(root: Any, prefix: str | None) -> dict[str, str]:

@@ -123,9 +123,10 @@ async def fresh_object(client: Client) -> str:
     meta = {"file_path": f"/audit_live/{uuid.uuid4().hex}.py", "start_line": 1, "end_line": 2,
             "node_type": "FunctionDef", "node_name": "scratch", "parent_nodes": [], "dependencies": [],
             "content_hash": uuid.uuid4().hex, "token_count": 12, "flags": []}
-    reply = await client.call("memory", "create_chunks", {"chunks": [{"source_text": text, "metadata": meta}]},
-                              timeout=120)
-    assert reply["created"] == 1, reply
+    body = {"files": [{"file_path": meta["file_path"], "file_hash": meta["content_hash"],
+                       "chunks": [{"source_text": text, "metadata": meta}]}]}
+    reply = (await client.call("memory", "replace_files", body, timeout=120))["files"][0]
+    assert reply["chunks"] == 1, reply
     return reply["oids"][0]
 
 

@@ -91,6 +91,8 @@ class FakeMemory:
             if body.get("until") and meta["timestamp"] > body["until"]:
                 continue
             out.append({"oid": fractal["event_id"][:8], **fractal})
+        if body.get("newest_first"):
+            out.reverse()
         return {"fractals": out[:body.get("limit", 100)]}
 
 

@@ -51,6 +51,8 @@ class FakeMemory:
             if body.get("since") and meta["timestamp"] < body["since"]:
                 continue
             out.append(f)
+        if body.get("newest_first"):
+            out.reverse()
         return {"fractals": out[: body.get("limit", 100)]}
 
 

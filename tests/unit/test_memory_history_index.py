@@ -68,7 +68,8 @@ def fractal(ev: AuditEvent) -> dict[str, Any]:
 
 
 def queries(rng: random.Random, stamps: list[str], cycle_ids: list[str]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [{}, {"cycle_status": "SUCCESS"}, {"cycle_status": ""},
+    out: list[dict[str, Any]] = [{}, {"cycle_status": "SUCCESS"}, {"cycle_status": ""}, {"newest_first": True},
+                                 {"persona": "ROBIN", "newest_first": True},
                                  {"persona": "BRICK", "status": "SUCCESS", "event_types": ["DNU_OUTCOME", "LLM_CALL"],
                                   "cycle_status": "SUCCESS"}]
     for _ in range(40):
@@ -87,6 +88,8 @@ def queries(rng: random.Random, stamps: list[str], cycle_ids: list[str]) -> list
             q["event_types"] = rng.sample(["LLM_CALL", "DNU_OUTCOME", "CYCLE_START"], 2)
         if rng.random() < 0.2:
             q["cycle_status"] = rng.choice(("SUCCESS", "FAILURE", ""))
+        if rng.random() < 0.3:
+            q["newest_first"] = True
         out.append(q)
     return out
 
