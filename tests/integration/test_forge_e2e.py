@@ -52,6 +52,7 @@ from services.forge import lora_experts
 from services.forge.curation import output_hash
 from services.forge.incarnation import decide
 from tests.integration.system_fixture import REPO, Installation, installation_fixture
+from tests.waiting import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -251,18 +252,18 @@ async def real_history(inst: Installation, client: Client) -> History:
 
 async def wait_autotelic_forge(client: Client, timeout: float = FORGE_TIMEOUT) -> tuple[dict[str, Any], dict[str, Any]]:
     """Until ALFRED's own forge run ended: (the history audit that dispatched it, the run's outcome)."""
-    deadline = time.monotonic() + timeout
     dispatched: dict[str, Any] = {}
-    auto: dict[str, Any] = {}
-    while time.monotonic() < deadline:
+
+    async def ended() -> dict[str, Any] | None:
         auto = (await client.call("kernel", "status", {}, timeout=30))["kernel"]["autotelic"]
         report = auto["history_audit"]["last"] or {}
         if report.get("dispatched") and not dispatched:
-            dispatched = report
-        if auto["forge"]["last"] is not None and not auto["forge"]["running"]:
-            return dispatched, auto["forge"]["last"]
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"ALFRED dispatched no forge that ended within {timeout} s: {auto}")
+            dispatched.update(report)
+        forge = auto["forge"]
+        return forge["last"] if forge["last"] is not None and not forge["running"] else None
+
+    outcome = await until(ended, what="ALFRED's own forge run to end", timeout=timeout, poll=0.5)
+    return dispatched, outcome
 
 
 class PidWatch:
@@ -358,7 +359,8 @@ async def test_real_cycles_make_alfred_forge_robin_and_the_next_ask_is_served_by
         assert dispatched.get("dispatched") == {"ROBIN": "started"}, dispatched
         assert dispatched["counts"]["ROBIN"] == THRESHOLD and dispatched["threshold"] == THRESHOLD, dispatched
         assert dispatched["counts"]["BRICK"] < THRESHOLD, dispatched
-        assert outcome["persona"] == "ROBIN" and outcome.get("ok") and outcome["restarted"], outcome
+        assert outcome["persona"] == "ROBIN" and outcome.get("ok") and outcome["restarted"], \
+            (outcome, inst.log_tails())
         expert_name = str(outcome["expert"])
 
         # the loop went through the audit log: each successful ask is in memory as fractals ALFRED ingested
