@@ -223,10 +223,13 @@ def phase(name: str, path: Path) -> dict:
                 next_sample += size / 4
         reader.close()
     elif name == "ingest_null_memory":
+        from proto.bodies import memory as M
         from services.kernel.audit_ingest import ingest_audit_log
 
-        async def null_memory(command: str, body: dict) -> dict:
-            return {"value": 0} if command == "audit_offset" else {"created": len(body["events"]), "skipped": 0}
+        async def null_memory(body):  # memory's typed bodies in and out, nothing stored
+            if isinstance(body, M.AuditOffset):
+                return M.AuditOffsetReply(value=0)
+            return M.CreateFractalsReply(created=len(body.events), skipped=0)
 
         report = asyncio.run(ingest_audit_log(path, null_memory, batch=200))
         lines, bad = report.created, report.malformed

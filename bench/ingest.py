@@ -232,10 +232,12 @@ def part_c(n_chunks: int, budget: int) -> None:
     (length-sorted batches), and memory's replace_files end to end (in-process ZEO), then a re-ingest."""
     import tempfile
 
+    import msgspec
     import ZEO
 
     from batos.config import load
     from batos.image import Image
+    from proto.bodies import memory as M
     from services.memory_weaver.embedder import Embedder
     from services.memory_weaver.weaver import MemoryWeaver
 
@@ -274,17 +276,17 @@ def part_c(n_chunks: int, budget: int) -> None:
                 for r in results:  # ingestion's batches (pipeline.BATCH_CHUNKS)
                     batch.append(r.payload(with_context_header=True))
                     if sum(len(b["chunks"]) for b in batch) >= 64:
-                        await weaver.replace_files({"files": batch})
+                        await weaver.replace_files(msgspec.convert({"files": batch}, M.ReplaceFiles))
                         batch = []
                 if batch:
-                    await weaver.replace_files({"files": batch})
+                    await weaver.replace_files(msgspec.convert({"files": batch}, M.ReplaceFiles))
                 first = time.perf_counter() - t0, time.process_time() - c0
                 weaver._recent.clear()  # the re-ingest must find its vectors in the image, not in this cache
                 t0, c0 = time.perf_counter(), time.process_time()
                 for r in results:  # every file "touched": new file hash, same chunks
                     payload = r.payload(with_context_header=True)
                     payload["file_hash"] += "-touched"
-                    await weaver.replace_files({"files": [payload]})
+                    await weaver.replace_files(msgspec.convert({"files": [payload]}, M.ReplaceFiles))
                 return first, (time.perf_counter() - t0, time.process_time() - c0), items
             finally:
                 await weaver.close()

@@ -120,16 +120,16 @@ def pct(values: list[float], q: float) -> float:
 
 async def search_latency(weaver: MemoryWeaver, queries: int) -> dict[str, float]:
     qs = RNG.standard_normal((queries, DIM)).astype(np.float32)
-    await weaver.search({"vector": qs[0].tolist(), "k": 10})  # refresh outside the clock
+    await weaver.search(P.Search(vector=qs[0].tolist(), k=10))  # refresh outside the clock
     ours = []
     for q in qs:  # fresh random queries: most hit objects are not in the client's caches yet
-        body = {"vector": q.tolist(), "k": 10}
+        body = P.Search(vector=q.tolist(), k=10)
         t0 = time.perf_counter()
         await weaver.search(body)
         ours.append((time.perf_counter() - t0) * 1000)
     warm = []
     for q in qs:  # the same queries again: hits come from the connection's object cache
-        body = {"vector": q.tolist(), "k": 10}
+        body = P.Search(vector=q.tolist(), k=10)
         t0 = time.perf_counter()
         await weaver.search(body)
         warm.append((time.perf_counter() - t0) * 1000)
@@ -168,7 +168,7 @@ async def cold_start(settings) -> tuple[float, float]:
     weaver = MemoryWeaver(image, RandomEmbedder(), settings.vector_shard_rows)
     await weaver.start()
     t1 = time.perf_counter()
-    await weaver.search({"vector": RNG.standard_normal(DIM).tolist(), "k": 10})
+    await weaver.search(P.Search(vector=RNG.standard_normal(DIM).tolist(), k=10))
     t2 = time.perf_counter()
     await weaver.close()
     await image.close()

@@ -93,11 +93,13 @@ def cache_report(db) -> dict:
 
 
 async def measure(lines: int, variant: str) -> dict:
+    import msgspec
     import ZEO
 
     from batos.config import load
     from batos.image import Image
     from batos.malloc_tuning import bound_heap
+    from proto.bodies import memory as M
     from services.memory_weaver.embedder import Embedder
     from services.memory_weaver.weaver import MemoryWeaver
 
@@ -120,12 +122,12 @@ async def measure(lines: int, variant: str) -> dict:
     for i in range(0, len(files), FILES_PER_BATCH):
         batch = [payload(p, t) for p, t in files[i:i + FILES_PER_BATCH]]
         chunks += sum(len(b["chunks"]) for b in batch)
-        await weaver.replace_files({"files": batch})
+        await weaver.replace_files(msgspec.convert({"files": batch}, M.ReplaceFiles))
     gc.collect()
     out.update(lines=sum(len(t) for _, t in files), chunks=chunks, ingest_s=round(time.perf_counter() - started, 1),
                after_ingest_mib=round(rss_mib(), 1), caches_after_ingest=cache_report(image.db))
     for q in range(SEARCHES):
-        await weaver.search({"text": f"how does {files[q % len(files)][0]} open a file", "k": 8})
+        await weaver.search(M.Search(text=f"how does {files[q % len(files)][0]} open a file", k=8))
     gc.collect()
     out["after_searches_mib"] = round(rss_mib(), 1)
     ctypes.CDLL("libc.so.6").malloc_trim(0)

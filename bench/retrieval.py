@@ -346,10 +346,12 @@ def bm25_method(chunks: list[Chunk], cb: Codebase) -> Score:
 
 
 async def batos_methods(cb: Codebase, emb: CachedEmbedder, tmp: Path, modes: list[str]) -> tuple[list[Score], dict]:
+    import msgspec
     import ZEO
 
     from batos.config import load
     from batos.image import Image
+    from proto.bodies import memory as M
     from services.memory_weaver.weaver import MemoryWeaver
 
     t0 = time.perf_counter()
@@ -368,10 +370,10 @@ async def batos_methods(cb: Codebase, emb: CachedEmbedder, tmp: Path, modes: lis
         for r in results:
             batch.append(r.payload(with_context_header=True))
             if sum(len(p["chunks"]) + len(p["summaries"]) for p in batch) > 400:
-                await weaver.replace_files({"files": batch})
+                await weaver.replace_files(msgspec.convert({"files": batch}, M.ReplaceFiles))
                 batch = []
         if batch:
-            await weaver.replace_files({"files": batch})
+            await weaver.replace_files(msgspec.convert({"files": batch}, M.ReplaceFiles))
         info["store_s"] = time.perf_counter() - t0
         scores = []
         for variant in modes:
@@ -380,7 +382,7 @@ async def batos_methods(cb: Codebase, emb: CachedEmbedder, tmp: Path, modes: lis
             t0 = time.perf_counter()
             with tuned(params):
                 for q in cb.queries:
-                    hits = (await weaver.search({"text": q.text, "k": TOP, "level": "chunks", "mode": mode}))["hits"]
+                    hits = await weaver.search(M.Search(text=q.text, k=TOP, level="chunks", mode=mode))
                     spans = [(h["metadata"]["file_path"], h["metadata"]["start_line"], h["metadata"]["end_line"])
                              for h in hits]
                     score.ranks.append(first_gold(q, spans))
