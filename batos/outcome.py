@@ -12,21 +12,21 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-# Statuses that say how something ended (IN_PROGRESS does not). SUCCESS_DEGRADED (an answer produced with a
-# fallback) is an ending but not a golden path.
-TERMINAL_STATUSES = frozenset({"SUCCESS", "SUCCESS_DEGRADED", "FAILURE", "FAILED", "ERROR", "ABORTED",
-                               "CANCELLED", "TIMEOUT"})
+from batos.audit import Status
+
+# Table 3's statuses that say how something ended (IN_PROGRESS does not); SUCCESS_DEGRADED (an answer produced
+# with a fallback) is an ending but not a golden path.
+TERMINAL_STATUSES = frozenset(s.value for s in Status) - {Status.IN_PROGRESS.value}
 TERMINAL_PSM_STATES = frozenset({"COMPLETE", "FAILED"})  # services/kernel/psm.py's end states
 NO_KEY: tuple[str, str] = ("", "")
 
 
 def ending(event_type: str | None, psm_state: str | None, status: str | None) -> tuple[str | None, str | None]:
-    """(status if the event entered a terminal state, status if the event has a terminal status)."""
-    status = (status or "").upper()
-    state = (psm_state or "").upper()
+    """(status if the event entered a terminal state, status if the event has a terminal status), read as the
+    audit log writes them (a STATE_TRANSITION's ``psm_state`` is the state it entered: AuditEvent.transition)."""
     entered = None
-    if event_type == "STATE_TRANSITION" and state in TERMINAL_PSM_STATES:
-        entered = "FAILURE" if state == "FAILED" else status
+    if event_type == "STATE_TRANSITION" and psm_state in TERMINAL_PSM_STATES:
+        entered = Status.FAILURE.value if psm_state == "FAILED" else (status or "")
     return entered, (status if status in TERMINAL_STATUSES else None)
 
 
