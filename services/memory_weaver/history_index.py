@@ -112,7 +112,7 @@ class HistoryIndex(persistent.Persistent):
         wanted = {f: getattr(q, f) for f in FIELDS if getattr(q, f) is not None}
         driver = next((f for f in DRIVERS if f in wanted), None)
         types = set(q.event_types) if q.event_types is not None else None
-        for key in self._keys(driver, wanted.get(driver), q, after):
+        for key in self._keys(driver, wanted[driver] if driver is not None else None, q, after):
             row = self.events.get(key)
             if row is None:  # cannot happen in a consistent index (verify checks it); never a crash
                 continue
