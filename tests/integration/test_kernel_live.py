@@ -336,8 +336,8 @@ async def test_bad_input_gets_clear_errors(live):
         err = await refused(client, "inspect", {"oid": "not-hex"})
         assert err.code == "bad_args" and "bad OID" in err.message
 
-        err = await refused(client, "command", {"command": "initiate_cognitive_cycle"})
-        assert err.code == "bad_args" and "malformed Table 1" in err.message
+        err = await refused(client, "command", {"command": "initiate_cognitive_cycle"})  # refused at the boundary
+        assert err.code == "bad_args" and "kernel.command: Object missing required field `target_oid`" in err.message
         err = await refused(client, "command", {"command": "explode", "target_oid": "0", "mission_brief": {
             "type": "x", "selector": "x", "args": [], "kwargs": {}}})
         assert err.code == "bad_args" and "unknown Table 1 command 'explode'" in err.message
@@ -348,18 +348,19 @@ async def test_bad_input_gets_clear_errors(live):
         err = await refused(client, "levitate", {})
         assert err.code == "unknown_command"
         err = await refused(client, "ask", {"question": ""})
-        assert err.code == "bad_args"
+        assert err.code == "bad_args" and "`$.question`" in err.message  # the field, named by its type
 
         # audit_event: the forge's way into the audit log (the kernel is its single writer)
         err = await refused(client, "audit_event", {"event": {"event_type": "ADAPTER_INCARNATION"}})
-        assert err.code == "bad_args" and "event_id: Field required" in err.message
+        assert err.code == "bad_args" and "missing required field `event_id`" in err.message
         event = {"event_id": str(uuid.uuid4()), "cycle_id": str(uuid.uuid4()),
                  "timestamp": "2025-09-02T10:00:00+00:00", "psm_state": "COMPLETE", "active_persona": "ALFRED",
                  "event_type": "ADAPTER_INCARNATION", "mission_type": "fineTuneNewLoRA_", "status": "SUCCESS",
                  "event_data": {"persona": "BRICK", "decision": "kept_previous"}}
         reply = await client.call("kernel", "audit_event", {"event": event})
         assert reply["logged"] is True
-        assert any(e["event_id"] == event["event_id"] for e in audit_lines(live))  # on disk at the reply
+        written = [e for e in audit_lines(live) if e["event_id"] == event["event_id"]]  # on disk at the reply
+        assert written and written[0]["event_data"]["decision"] == "kept_previous"  # Table 3's extra keys kept
 
 
 # -- d. kill -9 mid-cycle (last: it restarts the kernel) -----------------------------------------------------
