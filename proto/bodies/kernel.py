@@ -33,6 +33,7 @@ from batos import personas
 from batos.audit import AuditEventStruct
 from batos.audit import Status as Status  # a cycle's outcome, as Table 3 spells it (SUCCESS, SUCCESS_DEGRADED)
 from proto.bodies import ingest, llm, memory
+from proto.bodies.broker import WorkerTable
 from proto.bodies.runtime import Status as RuntimeStatus
 from proto.bodies.runtime import StatusReply
 from proto.contract import Call, Reply, command, specs
@@ -246,7 +247,8 @@ class KernelInfo(msgspec.Struct, kw_only=True):
 class KernelState(Reply, kw_only=True):
     """What a Table 1 ``status`` object answers: the kernel's own view (``kernel.status`` adds the runtime's)."""
 
-    broker: dict[str, Any] | None = None  # the broker's worker table, or {"error": ...}
+    broker: WorkerTable | None = None  # the broker's worker table
+    broker_error: str | None = None  # why there is none
     kernel: KernelInfo | Literal["starting"] | None = None  # "starting" while the kernel wakes
 
 
@@ -254,7 +256,8 @@ class KernelStatusReply(StatusReply, kw_only=True):
     """The runtime's ``status`` with the kernel's view (KernelState's fields: msgspec structs take fields from one
     base only)."""
 
-    broker: dict[str, Any] | None = None
+    broker: WorkerTable | None = None
+    broker_error: str | None = None
     kernel: KernelInfo | Literal["starting"] | None = None
 
 

@@ -26,6 +26,7 @@ from proto import ErrorCode
 from proto.bodies import ingest as ingest_bodies
 from proto.bodies import kernel as K
 from proto.bodies import llm, memory
+from proto.bodies.broker import Workers, WorkerTable
 from services.kernel import cycle as records
 from services.kernel import forge_follow
 from services.kernel.env import Emit
@@ -120,9 +121,9 @@ async def status(kernel: Kernel, emit: Emit, req: K.KernelStatus | None = None) 
     """The kernel's view: the broker's worker table and its own cycles and loops (a Table 1 ``status``; the
     runtime's ``kernel.status`` adds its own fields through kernel.status_hook)."""
     try:
-        workers = await kernel.env.client.call("broker", "workers", {}, timeout=5.0)
+        workers: WorkerTable = await kernel.env.client.request(Workers(), timeout=5.0)
     except ServiceError as e:
-        workers = {"error": f"{e.code}: {e.message}"}
+        return K.KernelState(broker_error=f"{e.code}: {e.message}", kernel=kernel_info(kernel))
     return K.KernelState(broker=workers, kernel=kernel_info(kernel))
 
 

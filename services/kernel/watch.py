@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from batos.errors import ServiceError
 from proto import ErrorCode
+from proto.bodies.broker import Workers, WorkerTable
 from proto.bodies.kernel import WatchReply
 from proto.roles import requester_tag
 from services.kernel.env import Emit, KernelEnv, ServiceCaller
@@ -321,7 +322,7 @@ class WatchHub:
     async def _poll(self, client: ServiceCaller) -> None:
         while self.watchers:
             try:
-                table = await client.call("broker", "workers", {}, timeout=WORKERS_TIMEOUT)
+                table = await client.request(Workers(), timeout=WORKERS_TIMEOUT)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the broker is restarting: the boot id will say so
@@ -330,7 +331,7 @@ class WatchHub:
                 self.workers_seen(table, getattr(client, "broker_boot_id", None))
             await asyncio.sleep(self.worker_poll_s)
 
-    def workers_seen(self, table: dict[str, Any], boot_id: str | None) -> None:
+    def workers_seen(self, table: WorkerTable, boot_id: str | None) -> None:
         """Compare a ``broker.workers`` table with the last one and publish what changed."""
         now = _worker_index(table)
         if boot_id and self._boot_id and boot_id != self._boot_id:
@@ -351,15 +352,12 @@ class WatchHub:
                 self.system("worker", change="alive again", **w)
 
 
-def _worker_index(table: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _worker_index(table: WorkerTable) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    services = table.get("services") if isinstance(table, dict) else None
-    for service, workers in (services or {}).items():
-        for w in workers if isinstance(workers, list) else []:
-            if isinstance(w, dict):
-                key = str(w.get("identity") or f"{service}:{w.get('pid')}")
-                out[key] = {"service": service, "pid": w.get("pid"), "alive": bool(w.get("alive", True)),
-                            "uptime_s": w.get("uptime_s")}
+    for service, workers in table.services.items():
+        for w in workers:
+            key = w.identity or f"{service}:{w.pid}"
+            out[key] = {"service": service, "pid": w.pid, "alive": w.alive, "uptime_s": w.uptime_s}
     return out
 
 

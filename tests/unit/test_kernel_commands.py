@@ -20,7 +20,7 @@ from services.kernel.autotelic import Autotelic
 from services.kernel.kernel import Kernel, recover, start_kernel, stop_kernel
 from services.kernel.psm import State
 from tests.unit.test_kernel_cycle import *  # noqa: F403  (the kernel test kit: fixtures)
-from tests.unit.test_kernel_cycle import Events, forge_run_reply, memory_stats, new_run
+from tests.unit.test_kernel_cycle import Events, forge_run_reply, memory_stats, new_run, worker_table
 
 
 @pytest.fixture
@@ -160,9 +160,10 @@ async def test_a_relayed_reply_outside_the_contract_is_an_internal_error(kernel,
 
 
 async def test_status_shows_the_worker_table_and_the_kernel(kernel, client):
-    client.handlers[("broker", "workers")] = lambda body, ev: {"services": {"kernel": [{"identity": "k1"}]}}
+    client.handlers[("broker", "workers")] = lambda body, ev: worker_table(("kernel", "k1", 7, True))
     out = await commands.dispatch(kernel, Events(), parse(t1("status", type="status", selector="status")))
-    assert isinstance(out, K.KernelState) and out.broker["services"]["kernel"][0]["identity"] == "k1"
+    assert isinstance(out, K.KernelState) and out.broker is not None
+    assert out.broker.services["kernel"][0].identity == "k1" and out.broker_error is None
     assert isinstance(out.kernel, K.KernelInfo)
     assert out.kernel.instance == "kernel-test" and out.kernel.active_cycles == []
 

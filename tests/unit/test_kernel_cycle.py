@@ -28,7 +28,7 @@ from services.kernel.run import CycleRun, execute
 # Other test_kernel_* files take it with `from tests.unit.test_kernel_cycle import *`: __all__ keeps this
 # file's tests out of theirs (they would run twice).
 __all__ = ["Audit", "Events", "FakeClient", "audit", "client", "cycle_slots", "env", "forge_run_reply", "image",
-           "install", "memory_stats", "new_run", "settings", "zeo_addr"]
+           "install", "memory_stats", "new_run", "settings", "worker_table", "zeo_addr"]
 
 
 def forge_run_reply(instruction: dict[str, Any], **counts: int) -> dict[str, Any]:
@@ -38,6 +38,17 @@ def forge_run_reply(instruction: dict[str, Any], **counts: int) -> dict[str, Any
     return {"instruction_id": instruction["id"], "instruction": instruction, "counts": tally,
             "dataset": {"sha256": "0" * 64, "train": tally["train"], "eval": tally["eval"]},
             "script": {"origin": "template"}}
+
+
+def worker_table(*workers: tuple[str, str, int, bool]) -> dict[str, Any]:
+    """broker ``workers``'s reply (proto.bodies.broker.WorkerTable): (service, identity, pid, alive) each."""
+    services: dict[str, list[dict[str, Any]]] = {}
+    for service, identity, pid, alive in workers:
+        services.setdefault(service, []).append({
+            "identity": identity, "pid": pid, "version": "0", "uptime_s": 1.0, "last_seen_s": 0.1, "alive": alive,
+            "inflight": 0, "waiting_on_others": 0, "capacity": 1, "served": 0})
+    return {"broker": {"version": "0", "uptime_s": 1.0, "pending": 0, "queued": {}, "stats": {}},
+            "services": services}
 
 
 def memory_stats(counts: dict[str, int]) -> dict[str, Any]:

@@ -11,12 +11,13 @@ import pytest
 
 from batos.errors import ServiceError
 from proto.bodies import kernel as K
+from proto.bodies.broker import WorkerTable
 from services.kernel import commands
 from services.kernel.autotelic import Autotelic
 from services.kernel.kernel import Kernel
 from services.kernel.watch import WatchHub, hub_of, watch
 from tests.unit.test_kernel_cycle import *  # noqa: F403  (the kernel test kit: fixtures)
-from tests.unit.test_kernel_cycle import Events, memory_stats
+from tests.unit.test_kernel_cycle import Events, memory_stats, worker_table
 
 
 @pytest.fixture
@@ -157,7 +158,7 @@ async def test_ids_are_found_by_unique_prefix_and_unknown_ones_are_clear_errors(
 
 async def test_watchers_are_bounded_and_leave_nothing_behind(kernel, client, settings):
     kernel.env.watch_hub = WatchHub(max_watchers=2, worker_poll_s=0.01)
-    client.handlers[("broker", "workers")] = lambda body, ev: {"services": {}}
+    client.handlers[("broker", "workers")] = lambda body, ev: worker_table()
     first, second = Watch(kernel), Watch(kernel)
     await first.until(lambda n, d: n == "watching")
     await second.until(lambda n, d: n == "watching")
@@ -193,11 +194,8 @@ def test_worker_restarts_and_broker_restarts_are_seen_in_the_worker_table():
 
     hub.watchers.add(Sink())  # type: ignore[arg-type]
 
-    def table(*workers: tuple[str, str, int, bool]) -> dict[str, Any]:
-        services: dict[str, list[dict[str, Any]]] = {}
-        for service, identity, pid, alive in workers:
-            services.setdefault(service, []).append({"identity": identity, "pid": pid, "alive": alive})
-        return {"services": services}
+    def table(*workers: tuple[str, str, int, bool]) -> WorkerTable:
+        return msgspec.convert(worker_table(*workers), WorkerTable)
 
     hub.workers_seen(table(("llm", "forge-a", 10, True), ("memory", "mem-a", 11, True)), "boot1")
     assert seen == []  # the first table is the baseline
