@@ -14,7 +14,7 @@ Prints one row per program: RSS at start, after the ingest, after ask 1, 10, 25 
 ask over the last half of the asks (least squares, MiB/ask), and the last ask's RSS beside the baseline
 (the mean after the first asks) as a ratio. A bounded program shows a slope near 0 and a ratio near 1.
 
-    nice -n 15 .venv/bin/python bench/rss.py [--asks 50] [--lines 100000] [--json out.json] [--worktree]
+    nice -n 15 .venv/bin/python bench/rss.py [--asks 50] [--minutes M] [--lines 100000] [--json out.json] [--worktree]
 
 The programs run from a snapshot of HEAD (``git archive`` into the temp dir; the bench re-runs itself from
 there), so edits in the working tree during a run of tens of minutes cannot break it; ``--worktree`` runs the
@@ -245,7 +245,11 @@ async def run(args: argparse.Namespace, work: Path) -> int:
             record["after_ingest"] = ingested = sample(pids)
             print(f"after ingest: { {k: round(v) for k, v in ingested.items()} }", flush=True)
             asks: list[dict[str, float]] = []
+            deadline = time.monotonic() + args.minutes * 60 if args.minutes else float("inf")
             for i in range(args.asks):
+                if time.monotonic() > deadline:
+                    print(f"--minutes {args.minutes} spent: stopping after {i} asks", flush=True)
+                    break
                 seconds, status = await ask(client, i)
                 asks.append(sample(pids))
                 record["asks"].append({"s": round(seconds, 1), "status": status, "rss": asks[-1]})
@@ -274,6 +278,26 @@ async def run(args: argparse.Namespace, work: Path) -> int:
     return 0
 
 
+def report_from_output(path: Path) -> int:
+    """The table from a run's printed lines (a run stopped before its end prints no table)."""
+    import ast
+
+    start: dict[str, float] = {}
+    ingested: dict[str, float] = {}
+    asks: list[dict[str, float]] = []
+    for line in path.read_text().splitlines():
+        sample_ = line[line.find("{"): line.rfind("}") + 1]
+        if line.startswith("start: "):
+            start = ast.literal_eval(sample_)
+        elif line.startswith("after ingest: "):
+            ingested = ast.literal_eval(sample_)
+        elif line.startswith("ask ") and "{" in line:
+            asks.append(ast.literal_eval(sample_))
+    print(f"{len(asks)} asks in {path} (figures rounded to 1 MiB as printed)")
+    print("\n".join(table(start, ingested, asks)))
+    return 0
+
+
 def from_snapshot(tmp: Path) -> int:
     """Run this bench again from a snapshot of HEAD (its own python, its own tests/conftest.py)."""
     tree = tmp / "head"
@@ -290,11 +314,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--asks", type=int, default=50, help="how many asks after the ingest")
     parser.add_argument("--lines", type=int, default=100_000, help="lines of stdlib Python to ingest")
+    parser.add_argument("--minutes", type=float, default=0,
+                        help="stop asking once the asks have run this long (0: no limit); the report covers those done")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds idle before the start figure")
     parser.add_argument("--json", help="write every sample here")
     parser.add_argument("--keep-logs", help="copy the programs' logs here at the end")
     parser.add_argument("--worktree", action="store_true", help="run the working tree, not a snapshot of HEAD")
+    parser.add_argument("--report", help="print the table from a run's saved output instead of running")
     args = parser.parse_args()
+    if args.report:
+        return report_from_output(Path(args.report))
     with tempfile.TemporaryDirectory(prefix="batos-bench-rss-") as tmp:
         if not args.worktree:
             return from_snapshot(Path(tmp))
