@@ -176,9 +176,8 @@ async def send(env: KernelEnv, emit: Emit, mission: dict[str, Any], target_oid: 
 
 
 async def define(env: KernelEnv, emit: Emit, mission: dict[str, Any], target_oid: str, selector: str,
-                 source: object) -> dict[str, Any]:
-    if not isinstance(source, str) or not source.strip():
-        raise ServiceError(ErrorCode.BAD_ARGS, "define needs the method's source text")
+                 source: str) -> dict[str, Any]:
+    """``source`` is not blank and ``selector`` is an identifier: proto.bodies.kernel.Define says so."""
     try:
         code_policy.check_selector(selector)
     except code_policy.PolicyViolation as e:
@@ -190,16 +189,14 @@ async def define(env: KernelEnv, emit: Emit, mission: dict[str, Any], target_oid
     return await execute(run, lambda r: _define(r, selector, source))
 
 
-def _check_call(selector: Any, args: Any, kwargs: Any) -> None:
-    if not isinstance(selector, str) or not selector.isidentifier():
-        raise ServiceError(ErrorCode.BAD_ARGS, f"selector {selector!r} is not a Python identifier")
+def _check_call(selector: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """What the request's type (proto.bodies.kernel.Send: an identifier, a list, a map) cannot say: the object
+    model's own names, and the shape of the data a sandboxed method may get."""
     if selector.startswith("_"):
         raise ServiceError(ErrorCode.BAD_ARGS, f"selector {selector!r} is private ('_' names are never sent)")
     if selector in RESERVED_NAMES and selector not in BUILTIN_SELECTORS:
         raise ServiceError(ErrorCode.BAD_ARGS, f"#{selector} is part of the object model, not a message; "
                                                f"builtins that can be sent: {', '.join(sorted(READ_ONLY_BUILTINS))}")
-    if not isinstance(args, list) or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise ServiceError(ErrorCode.BAD_ARGS, "args must be a list and kwargs a map with string keys")
     problem = data_shape_problem([args, kwargs], max_depth=ARGS_MAX_DEPTH, max_nodes=ARGS_MAX_ITEMS)
     if problem:  # a method's arguments are JSON data of a sane shape, or the call is refused here
         raise ServiceError(ErrorCode.BAD_ARGS, f"arguments of #{selector} refused: {problem.removeprefix('value: ')} "

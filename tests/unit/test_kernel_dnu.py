@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import msgspec
 import pytest
 from persistent.list import PersistentList
 
 from batos.errors import ServiceError
 from batos.uvm import oid_hex, resolve_oid
+from proto.bodies import kernel as K
 from services.kernel import dnu
 from services.kernel.sandbox import sandbox_available
 from tests.unit.test_kernel_cycle import *  # noqa: F403  (the kernel test kit: fixtures)
@@ -176,7 +178,7 @@ async def test_data_slots_and_read_only_builtins_answer_directly(env, services):
     ("beef00", "greet", "not_found"),
     ("0", "greet", "bad_args"),
     ("THING", "_secret", "bad_args"),
-    ("THING", "not an identifier", "bad_args"),
+    ("THING", "__class__", "bad_args"),
 ])
 async def test_bad_input_is_a_clear_error_before_any_cycle(env, services, oid, selector, code):
     oid = await make_thing(env.image) if oid == "THING" else oid
@@ -185,6 +187,11 @@ async def test_bad_input_is_a_clear_error_before_any_cycle(env, services, oid, s
         await dnu.send(env, events, MISSION, oid, selector, [], {})
     assert info.value.code == code
     assert events.states() == []
+
+
+def test_a_selector_that_is_not_an_identifier_is_refused_by_sends_type():
+    with pytest.raises(msgspec.ValidationError, match=r"at `\$\.selector`"):
+        msgspec.convert({"oid": "0", "selector": "not an identifier"}, K.Send)
 
 
 NOTHING = "def greet(self, who):\n    who.strip()\n"
