@@ -1,4 +1,4 @@
-"""The BAT OS wire contract: version, envelope, kinds, services, error codes, Table 1.
+"""The BAT OS wire contract: version, envelope, kinds, services, error codes (Table 1: proto/bodies/kernel.py).
 
 Wire format: ZeroMQ multipart. A ROUTER prepends the peer identity frame; after the
 identity frame(s) comes exactly one frame holding an ormsgpack-encoded map that
@@ -380,32 +380,6 @@ def control(kind: Kind, *, service: str = "", corr: str = "", body: dict[str, An
 
 
 # -- Table 1: the Architect's Console command schema ------------------------------------------
-
-
-class MissionBrief(msgspec.Struct, forbid_unknown_fields=True):
-    type: str
-    selector: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-
-
-class Table1Command(msgspec.Struct, forbid_unknown_fields=True):
-    """Table 1 of the blueprint. ``schema_version`` is ours: the schema is versioned."""
-
-    command: str
-    target_oid: str
-    mission_brief: MissionBrief
-    schema_version: int = TABLE1_SCHEMA_VERSION
-
-
-def parse_table1(obj: Any) -> Table1Command:
-    """Validate a Table 1 object; raise ProtocolError(BAD_ARGS) with the reason."""
-    try:
-        cmd = msgspec.convert(obj, Table1Command)
-    except msgspec.ValidationError as e:
-        raise ProtocolError(ErrorCode.BAD_ARGS, f"malformed Table 1 command: {e}") from e
-    if cmd.schema_version != TABLE1_SCHEMA_VERSION:
-        raise ProtocolError(
-            ErrorCode.BAD_VERSION, f"Table 1 schema_version {cmd.schema_version} != {TABLE1_SCHEMA_VERSION}"
-        )
-    return cmd
+# Table 1 is the body of the kernel's ``command``: it lives with the kernel's other bodies in
+# proto/bodies/kernel.py (Table1Command, MissionBrief, parse_table1), next to the typed commands each
+# Table 1 object stands for. TABLE1_SCHEMA_VERSION above is its version.

@@ -56,7 +56,9 @@ def test_decode_never_raises_anything_but_protocol_error(data):
 
 
 def test_table1_valid_and_invalid():
-    ok = proto.parse_table1({"command": "initiate_cognitive_cycle", "target_oid": "0",
+    from proto.bodies.kernel import parse_table1
+
+    ok = parse_table1({"command": "initiate_cognitive_cycle", "target_oid": "0",
                              "mission_brief": {"type": "unhandled_message", "selector": "greet",
                                                "args": [], "kwargs": {}}})
     assert ok.mission_brief.selector == "greet" and ok.schema_version == proto.TABLE1_SCHEMA_VERSION
@@ -64,7 +66,7 @@ def test_table1_valid_and_invalid():
                 {"command": "x", "target_oid": "0", "mission_brief": {"type": "t", "selector": "s",
                                                                      "args": {}, "kwargs": {}}}):
         with pytest.raises(ProtocolError) as e:
-            proto.parse_table1(bad)
+            parse_table1(bad)
         assert e.value.code == ErrorCode.BAD_ARGS
 
 
