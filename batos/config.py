@@ -68,6 +68,10 @@ class Settings(BaseSettings):
 
     # memory
     zodb_cache_size: int = 100_000
+    # and at most this many bytes (ZODB's estimate) per connection: with the count alone, a connection that has
+    # touched a 110k-line image holds all of it (63 MiB estimated, ~140 MiB RSS each; bench/rss.py), so every
+    # worker grew with the image and with use; 0 = no byte limit
+    zodb_cache_bytes: int = 32 * 1024 * 1024
     blob_cache_size: int = 512 * 1024 * 1024
     vector_shard_rows: int = 2048
     # oids never handed out twice across ZEO restarts (batos.zeo_client, batos.zeo_storage); off only to

@@ -286,7 +286,8 @@ class Image:
             factory = self._storage_factory or (lambda: make_client_storage(self.settings, self._addr))
             storage = factory()
             try:
-                return ZODB.DB(storage, cache_size=self.settings.zodb_cache_size)
+                return ZODB.DB(storage, cache_size=self.settings.zodb_cache_size,
+                               cache_size_bytes=self.settings.zodb_cache_bytes)
             except ConflictError:
                 # ZODB.DB() creates the root of a brand-new image; two processes starting together
                 # (kernel and memory at `make up`) both try, and the loser gets a conflict on oid 0.

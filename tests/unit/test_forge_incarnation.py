@@ -45,7 +45,7 @@ def test_decide(m, activate, why):
 @pytest.fixture
 async def image(tmp_path):
     """The Living Image as the forge and the steward open it, over a local FileStorage with a blob dir."""
-    settings = SimpleNamespace(zodb_cache_size=1000)
+    settings = SimpleNamespace(zodb_cache_size=1000, zodb_cache_bytes=0)
     img = Image(settings, storage_factory=lambda: FileStorage(str(tmp_path / "image.fs"),
                                                               blob_dir=str(tmp_path / "blobs")),
                 pool_threads=1, do_awaken=False)
