@@ -213,9 +213,11 @@ async def wait_memory(client: Client, timeout: float = 120.0) -> None:
 
 
 async def send(client: Client, batch: Batch) -> dict[str, Any]:
-    if batch.kind == "create":
-        return await client.call("memory", "create_chunks", {"chunks": batch.chunks}, timeout=CALL_TIMEOUT,
-                                 idempotent=True)
+    if batch.kind == "create":  # a new file's chunks; sent again after its commit, memory finds it unchanged
+        body = {"files": [{"file_path": batch.paths[0], "file_hash": f"create-{batch.number}", "chunks": batch.chunks}]}
+        done = (await client.call("memory", "replace_files", body, timeout=CALL_TIMEOUT, idempotent=True))["files"][0]
+        created = 0 if done["unchanged"] else done["chunks"]
+        return {"created": created, "skipped": done["chunks"] - created, "oids": done["oids"]}
     # opted out of proto's retry-safety (the ingestor relies on it): this writer drives the worker_lost path
     return await client.call("memory", "replace_files", {"files": [v.payload() for v in batch.versions]},
                              timeout=CALL_TIMEOUT, idempotent=False)

@@ -13,6 +13,7 @@ from batos.outcome import Outcome
 from proto.bodies import memory as M
 from tests.unit.test_memory_history_index import fractal, history
 from tests.unit.test_memory_weaver import file_payload
+from tests.waiting import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -44,18 +45,24 @@ async def test_two_workers_agree_and_survive_restarts(system, client):
     # ZEO restarts: the workers reconnect and the image is intact
     zeo.stop()
     zeo = system.start_zeo()
-    for _ in range(60):
+    async def searched() -> list[str] | None:
         try:
-            after = await _hits(client, "helper value offset table")
-            break
-        except Exception:
-            await asyncio.sleep(0.5)
+            return await _hits(client, "helper value offset table")
+        except Exception:  # the workers are reconnecting
+            return None
+
+    after = await until(searched, what="a search after the ZEO restart", timeout=60, poll=0.5)
     assert after == answers[0]
 
     # a worker killed outright loses nothing: a fresh one cold-loads the same matrix
     victim = next(p for p in system.procs if p.name == "memory" and p.alive())
     victim.kill()
-    await asyncio.sleep(4)  # past the broker's heartbeat liveness, so the dead worker is dropped
+
+    async def dropped() -> bool:  # past the broker's heartbeat liveness: only the survivor is alive
+        table = await client.call("broker", "workers", timeout=5)
+        return len([w for w in table["services"].get("memory", []) if w["alive"]]) == 1
+
+    await until(dropped, what="the broker dropping the killed worker", timeout=60)
     system.start_service("memory", BATOS_VECTOR_SHARD_ROWS="16")
     await system.wait_registered(client, {"memory": 2}, timeout=180)
     again = await asyncio.gather(*(_hits(client, "helper value offset table") for _ in range(6)))
