@@ -52,3 +52,28 @@ async def test_trace_cycle_is_in_time_order(tmp_path):
     trace = await trace_cycle(memory, cycle[0].cycle_id)
     assert [e.event_id for e in trace] == [e.event_id for e in cycle]
     assert trace == cycle  # the full events come back, not just summaries
+
+
+async def test_trace_reads_what_memory_lacks_from_the_log_without_ingesting_it(tmp_path):
+    """The kernel's `trace`: memory's events of the cycle (one query) and its lines logged since memory's offset,
+    read from the log; nothing is written to memory, however long the pending log is."""
+    from types import SimpleNamespace
+
+    from services.kernel.autotelic import Autotelic
+
+    cycle = dnu_cycle(Status.SUCCESS)
+    path = tmp_path / "m.jsonl"
+    write(path, [cycle[0], cycle[1]])
+    memory = FakeMemory()
+    await ingest_audit_log(path, memory)  # the first two are ingested; the rest arrive after, among others
+    write(path, [*dnu_cycle(Status.FAILURE, t=1.5), cycle[2], *dnu_cycle(Status.SUCCESS, t=2.5), cycle[3]])
+    creates, offset = memory.creates, memory.offsets[str(path)]
+
+    async def request(body, **kw):
+        return await memory(body)
+
+    env = SimpleNamespace(audit=None, settings=SimpleNamespace(audit_log=path), client=SimpleNamespace(request=request))
+    trace = await Autotelic(env).trace(cycle[0].cycle_id)
+    assert trace == cycle
+    assert memory.creates == creates and memory.offsets[str(path)] == offset  # memory untouched
+    assert memory.queries == 1  # the stored part: one query
