@@ -128,7 +128,8 @@ async def test_search_pages_and_the_console_follows_them():
 async def test_the_console_pages_transparently():
     from tests.unit.test_console_scripted import FakeClient, objects, script
 
-    hits = [{"oid": format(i, "x"), "text": f"hit {i}", "score": 1.0, "level": "chunk"} for i in range(10)]
+    hits = [{"oid": format(i, "x"), "text": f"hit {i}", "score": 1.0, "level": "chunk", "metadata": {},
+             "token_count": None} for i in range(10)]  # memory's Hit, which the console decodes
 
     async def kernel(req, emit):
         start = int(req.body.get("after") or 0)
