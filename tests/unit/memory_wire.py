@@ -10,11 +10,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from batos.config import load
-from batos.errors import ServiceError
-from proto import contract
-from proto.schema import ProtocolError
 from services.memory_weaver.handlers import HANDLERS
 from services.memory_weaver.weaver import MemoryWeaver
+from tests.typed_handler import call_handler
 
 
 class Wire:
@@ -27,15 +25,9 @@ class Wire:
 
     async def call(self, command: str, body: dict[str, Any] | None = None,
                    cancelled: threading.Event | None = None) -> dict[str, Any]:
-        s = contract.spec("memory", command)
-        assert s is not None, command
-        try:
-            args = contract.decode_request(s, body or {})
-        except ProtocolError as e:
-            raise ServiceError(e.code, e.message) from None
         ctx = SimpleNamespace(state={"weaver": self.weaver}, settings=self.settings)
         req = SimpleNamespace(command=command, ctx=ctx, cancelled=cancelled or threading.Event())
-        return contract.encode_reply(s, await HANDLERS[command](req, args))  # type: ignore[arg-type]
+        return await call_handler("memory", command, HANDLERS[command], req, body)
 
     async def replace_file(self, payload: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
         """One file's replace (a replace_files of one file)."""
