@@ -324,7 +324,7 @@ class Search(Call[memory.SearchReply], omit_defaults=True):
 
     text: Text
     k: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8
-    level: Literal["summaries", "chunks", "both"] = "both"
+    level: memory.SearchLevel = "both"
     filters: memory.Filters | None = None
     within: list[str] | None = None
     after: str | None = None  # the page cursor a previous reply's ``next`` gave

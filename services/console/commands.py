@@ -62,8 +62,8 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("ingest", "ingest PATH", "ingest a file or directory of Python source", long_running=True),
     Spec("ask", "ask [persona=NAME] QUESTION", "run a cognitive cycle: reasoning steps, streamed answer, citations",
          long_running=True),
-    Spec("search", "search [k=N] [level=summaries|chunks|both] TEXT", "ranked chunks and summaries with file and "
-         "lines"),
+    Spec("search", "search [k=N] [level=summaries|chunks|fractals|both|all] TEXT",
+         "ranked chunks and summaries with file and lines"),
     Spec("inspect", "inspect OID", "an object's prototype, slots, parents and methods (0 is the root)"),
     Spec("send", "send OID SELECTOR [ARG ...] [KEY=VALUE ...]",
          "send a message; a missing method is generated (_doesNotUnderstand_). Arguments are Python/JSON "

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-
 import msgspec
+import pytest
 
 from batos import personas
 from batos.errors import ServiceError
