@@ -294,9 +294,8 @@ _ANY = "*"  # every service: the worker runtime's own commands
 RETRY_SAFE: frozenset[tuple[str, str]] = frozenset({
     (_ANY, "ping"), (_ANY, "status"),
     *(("kernel", c) for c in ("search", "inspect", "stats", "trace", "help", "ingest", "verify", "audit", "watch")),
-    *(("memory", c) for c in ("search", "get", "inspect", "children", "stats", "file_hashes",
-                              "audit_offset", "query_fractals", "verify", "replace_file", "replace_files",
-                              "create_chunks", "create_fractals", "delete_file")),
+    *(("memory", c) for c in ("search", "inspect", "stats", "file_hashes", "audit_offset", "query_fractals",
+                              "verify", "replace_files", "create_fractals", "delete_file")),
     ("ingest", "ingest"), ("ingest", "chunk"),
     *(("llm", c) for c in ("generate", "action", "count_tokens", "adapters", "info")),
 })

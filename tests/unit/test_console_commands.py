@@ -99,7 +99,7 @@ def test_send_quoted_keyword_is_positional_string():
     ("ask", "usage"),
     ("search k=0 x", "Expected `int` >= 1 - at `$.k`"),  # the kernel's own type says so
     ("search k=3", "usage"),
-    ("search level=all x", "Invalid enum value 'all' - at `$.level`"),
+    ("search level=everything x", "Invalid enum value 'everything' - at `$.level`"),
     ("search k=1 k=2 x", "twice"),
     ("ask persona=bob hi", "unknown persona 'bob'"),
     ("forge bob", "ALFRED"),
