@@ -27,6 +27,7 @@ from ZODB.POSException import ConflictError
 
 from batos.audit import AuditEvent
 from batos.config import MEMORY_BATCH_TIMEOUT
+from proto.bodies.llm import ForgeRun
 from proto.bodies.memory import AuditOffset
 from proto.contract import Call, Reply
 from services.kernel import cycle as records
@@ -135,11 +136,11 @@ class Autotelic:
         client = self.env.client
         try:
             settings = self.env.settings
-            prepared = await client.call("forge", "run", {
-                "persona": persona, "reason": f"{count} new successful cycles",
-                "generate_script": settings.autotelic_forge_script,
-                "format_prompts": settings.autotelic_forge_format_prompts}, timeout=FORGE_DISPATCH_TIMEOUT)
-            outcome = await forge_follow.upgrade(client, prepared["instruction"], note, timeout=UPGRADE_TIMEOUT)
+            prepared = await client.request(ForgeRun(
+                persona=persona, reason=f"{count} new successful cycles",
+                generate_script=settings.autotelic_forge_script,
+                format_prompts=settings.autotelic_forge_format_prompts), timeout=FORGE_DISPATCH_TIMEOUT)
+            outcome = await forge_follow.upgrade(client, prepared.instruction, note, timeout=UPGRADE_TIMEOUT)
             self.last_forge = {"persona": persona, **outcome}
         except asyncio.CancelledError:
             raise

@@ -23,12 +23,9 @@ typed bodies of proto/bodies/steward.py.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-
-import msgspec
 
 from batos.errors import ServiceError
 from proto import ErrorCode
@@ -186,17 +183,11 @@ def _seconds(ts: Any) -> float | None:
         return None
 
 
-async def upgrade(client: ServiceCaller, instruction: Instruction | Mapping[str, Any], emit: Emit, *,
+async def upgrade(client: ServiceCaller, instruction: Instruction, emit: Emit, *,
                   timeout: float | None) -> dict[str, Any]:
     """``steward.upgrade`` with its events relayed as console events; return :meth:`ForgeFollow.outcome`.
 
-    ``instruction`` is forge ``run``'s; a caller that still reads that reply as a dict hands the dict, decoded
-    here once (a bad one is ``bad_args`` before anything is sent)."""
-    if not isinstance(instruction, Instruction):
-        try:
-            instruction = msgspec.convert(instruction, Instruction)
-        except msgspec.ValidationError as e:
-            raise ServiceError(ErrorCode.BAD_ARGS, f"forge instruction: {e}") from None
+    ``instruction`` is forge ``run``'s typed reply's, handed on as it is."""
     state = ForgeFollow(instruction.id)
 
     async def relay(event: dict[str, Any]) -> None:
