@@ -20,7 +20,7 @@ import pytest
 from batos.config import Settings
 from batos.ctl import _alive, prepare_var, start_supervisord
 from batos.errors import ServiceError
-from proto import ErrorCode
+from proto import ErrorCode, contract
 from services.ingestor import roots, walker
 from services.ingestor.files import chunk_file
 
@@ -228,10 +228,12 @@ async def test_ingest_of_a_tree_swapped_after_the_walk_reads_nothing_outside(tmp
     monkeypatch.setattr(walker, "walk", walk_then_swap)
     sent: list = []
 
-    class Memory:
-        async def call(self, service, command, body, **kw):
-            sent.append((command, body))
-            return {"hashes": {}} if command == "file_hashes" else {}
+    class Memory:  # batos.client's typed request: memory's bodies in, its replies out
+        async def request(self, typed, **kw):
+            s = contract.spec_of(typed)
+            body = contract.encode(typed)
+            sent.append((s.command, body))
+            return contract.decode_reply(s, {"hashes": {}} if s.command == "file_hashes" else {})
 
     async def emit(*a, **kw):
         return None
