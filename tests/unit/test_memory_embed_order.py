@@ -3,11 +3,14 @@ search query that never waits for a bulk embedding in progress (fake encoders re
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import numpy as np
+import pytest
 
-from services.memory_weaver.embedder import Embedder
+from services.memory_weaver.embedder import BULK_NICENESS, Embedder
 
 
 class FakeModel:
@@ -67,3 +70,27 @@ def test_a_query_runs_while_a_bulk_batch_holds_the_bulk_model() -> None:
     assert query_model.batches == [["the question"]]
     assert int(np.argmax(vec)) == len("the question") and abs(float(np.linalg.norm(vec)) - 1.0) < 1e-6
     assert len(bulk_model.batches) == 3 and ["the question"] not in bulk_model.batches
+
+
+class PriorityRecorder(FakeModel):
+    """Records the niceness of the thread each encode runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.niceness: list[int] = []
+
+    def encode(self, texts, **kw):
+        self.niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return super().encode(texts, **kw)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_bulk_batches_run_below_the_callers_priority_and_queries_at_it() -> None:
+    bulk_model, query_model = PriorityRecorder(), PriorityRecorder()
+    emb = fake_embedder(bulk_model)
+    emb._open = lambda: query_model
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    emb.embed(["a" * n for n in range(2, 8)])
+    emb.embed_query("the question")
+    assert bulk_model.niceness == [min(own + BULK_NICENESS, 19)] * 3  # every batch, on the one bulk thread
+    assert query_model.niceness == [own]  # the caller's own thread was left alone
