@@ -1,7 +1,9 @@
 """The worker runtime every BAT OS service uses.
 
-A service is a table of handlers (``command -> async fn(Request) -> dict``); this module
-hides the frames: READY, heartbeats both ways (they keep flowing while handlers work,
+A service is a table of handlers (``command -> async fn(Request, TheRequestStruct) -> TheReplyStruct``),
+each command typed in ``proto/`` (:mod:`proto.contract`): a table with a command proto has no type for is
+refused before the process starts anything. This module decodes each body into its type once and encodes
+the typed reply once, and hides the frames: READY, heartbeats both ways (they keep flowing while handlers work,
 because handlers put CPU or blocking IO in threads), dispatch through the whitelist,
 streamed events, exactly one reply or error per request, cancellation, reconnect with
 backoff when the broker goes away, and a graceful drain on SIGTERM/SIGINT.
@@ -55,13 +57,13 @@ from batos.errors import ServiceError
 from proto import Envelope, ErrorCode, Kind, contract
 from proto.bodies import runtime
 
-__all__ = ["Context", "Request", "ServiceError", "ServiceWorker", "run_service", "run_services"]
+__all__ = ["Context", "Request", "ServiceError", "ServiceWorker", "run_service", "run_services", "typed_commands"]
 
 log = logging.getLogger("batos.worker")
 
-# ``async fn(Request, <the command's request Struct>) -> <its reply Struct>`` (proto.contract); commands not
-# typed yet take only the Request and return a dict.
-Handler = Callable[..., Awaitable[Any]]
+# ``async fn(Request, <the command's request Struct>) -> <its reply Struct>`` (proto.contract): the runtime
+# checks at start-up that every command has those types (typed_commands), and decodes and encodes against them.
+Handler = Callable[["Request", Any], Awaitable[contract.Reply]]
 Hook = Callable[["Context"], Awaitable[None]]
 
 
@@ -94,7 +96,7 @@ class Request:
         self.env = env
         self.id = env.id
         self.command = env.command
-        self.args: dict[str, Any] = env.body
+        self.args: dict[str, Any] = env.body  # the body as sent; the handler gets it decoded into its type
         self.ctx = worker.ctx
         self.client = worker.ctx.client
         self._worker = worker
@@ -153,21 +155,6 @@ class Request:
     async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await self._loop.run_in_executor(self.ctx.executor, fn, *args)
 
-    def arg(self, name: str, kind: type | tuple[type, ...], default: Any = ..., *, required: bool = False) -> Any:
-        """A typed argument, or a clear ``bad_args`` error naming it."""
-        if name not in self.args or self.args[name] is None:
-            if required or default is ...:
-                raise ServiceError(ErrorCode.BAD_ARGS, f"{self.command}: missing argument {name!r}")
-            return default
-        value = self.args[name]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
-            expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            raise ServiceError(ErrorCode.BAD_ARGS,
-                               f"{self.command}: argument {name!r} must be {expected}, got {type(value).__name__}")
-        return value
-
 
 class ServiceWorker:
     """One DEALER connection serving one service.
@@ -183,6 +170,7 @@ class ServiceWorker:
     def __init__(self, service: str, handlers: Mapping[str, Handler], ctx: Context, capacity: int):
         self.service = service
         self.handlers = handlers
+        self.specs = typed_commands(service, handlers)
         self.ctx = ctx
         self.capacity = capacity
         self.max_frame = ctx.settings.max_frame_bytes
@@ -467,14 +455,8 @@ class ServiceWorker:
         await self._send(frame)
 
     async def _run_handler(self, handler: Handler, req: Request) -> dict[str, Any]:
-        """Decode the body into the command's type (proto.contract), run the handler, encode its typed reply.
-
-        A command proto does not type yet keeps the old shape (``handler(req) -> dict``) until its service
-        is converted; tests/unit/test_contract_coverage.py lists which."""
-        s = contract.spec(self.service, req.command)
-        if s is None:
-            body = await handler(req)
-            return body if isinstance(body, dict) else {"result": body}
+        """Decode the body into the command's request type, run the handler, encode its typed reply."""
+        s = self.specs[req.command]
         try:
             args = contract.decode_request(s, req.args)
         except proto.ProtocolError as e:
@@ -520,6 +502,20 @@ class ServiceWorker:
         return {"service": self.service, "identity": self.identity.decode(), "pid": os.getpid(),
                 "version": __version__, "uptime_s": round(time.time() - self.ctx.started, 1),
                 "served": self.served, "inflight": len(self.tasks), "commands": sorted(self.handlers)}
+
+
+def typed_commands(service: str, handlers: Mapping[str, Handler]) -> dict[str, contract.CommandSpec]:
+    """Each command's request and reply types (proto.contract); TypeError naming every command without them.
+
+    There is no untyped path: a body is decoded into its type before any handler runs, so a table that serves a
+    command proto does not describe is a programming error, refused at start-up rather than at the first request."""
+    specs = {name: contract.spec(service, name) for name in handlers}
+    missing = sorted(name for name, s in specs.items() if s is None)
+    if missing:
+        raise TypeError(f"{service}: no request/reply type in proto/ for {', '.join(f'{service}.{m}' for m in missing)}"
+                        f"; every command a worker serves is typed: declare its request with "
+                        f"@proto.contract.command({service!r}, name) on a Call subclass (proto/bodies/<service>.py)")
+    return {name: s for name, s in specs.items() if s is not None}
 
 
 # Exceptions that mean "a connection this service needs went away", by class name so that this
@@ -579,6 +575,8 @@ async def serve(
     status: Callable[[Context], Awaitable[dict[str, Any]]] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
+    for name, handlers, _ in services:  # refuse an untyped table before starting anything
+        typed_commands(name, handlers)
     settings = settings or load()
     executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="batos-work")
     client = Client(settings, identity=f"{services[0][0]}-client-{os.getpid()}-{uuid.uuid4().hex[:6]}",

@@ -1,9 +1,11 @@
 """Every command a production service registers has a request and a reply type in proto/ (issue 15, item 1),
 and its handler takes and returns exactly those types: the walk below imports each service's whitelist, as
-its ``__main__`` does, and checks each handler's signature against :mod:`proto.contract`."""
+its ``__main__`` does, and checks each handler's signature against :mod:`proto.contract`. There is no untyped
+path: the worker runtime refuses, at start-up, a table with a command proto has no type for."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import typing
 from collections.abc import Mapping
@@ -38,11 +40,6 @@ def _registered() -> list[tuple[str, str, Any]]:
     return out
 
 
-# Commands whose service has not been converted yet (issue 15, item 1 lands service by service). This list
-# only shrinks: a converted command must leave it, and a new command must come typed.
-PENDING: set[tuple[str, str]] = set()
-
-
 def _signature_types(handler: Any) -> tuple[Any, Any]:
     hints = typing.get_type_hints(handler)
     params = list(inspect.signature(handler).parameters)
@@ -53,10 +50,6 @@ def _signature_types(handler: Any) -> tuple[Any, Any]:
 @pytest.mark.parametrize(("service", "name", "handler"), _registered(),
                          ids=[f"{s}.{n}" for s, n, _ in _registered()])
 def test_handler_takes_and_returns_its_contract_types(service: str, name: str, handler: Any) -> None:
-    if (service, name) in PENDING:
-        assert contract.spec(service, name) is None or contract.spec(service, name).service == "*", (
-            f"{service}.{name} is typed now: take it out of PENDING")
-        pytest.skip(f"{service}.{name}: its service is not converted yet")
     s = contract.spec(service, name)
     assert s is not None, f"{service}.{name} has no request/reply type in proto/"
     request_type, reply_type = _signature_types(handler)
@@ -67,9 +60,33 @@ def test_handler_takes_and_returns_its_contract_types(service: str, name: str, h
         f"{service}.{name} returns {reply_type}, its contract says {s.reply}")
 
 
-def test_pending_names_only_registered_commands() -> None:
-    registered = {(s, n) for s, n, _ in _registered()}
-    assert PENDING <= registered, f"PENDING lists commands no service registers: {PENDING - registered}"
+def test_the_runtime_accepts_every_production_table() -> None:
+    """The check the worker runs at start-up (batos.worker.typed_commands) passes for each real table."""
+    runtime = worker._builtin_handlers([], None)
+    for service, table in _tables().items():
+        specs = worker.typed_commands(service, {**runtime, **table})
+        assert set(specs) == set(runtime) | set(table), service
+
+
+async def _untyped(req: worker.Request, body: Any) -> Reply:
+    return Reply()
+
+
+def test_the_runtime_refuses_a_table_with_an_untyped_command_naming_it() -> None:
+    """No untyped path: a command proto has no type for is refused when the worker starts, not at its first
+    request, and the error names it."""
+    from services.memory_weaver.handlers import HANDLERS as MEMORY
+
+    with pytest.raises(TypeError, match=r"for memory\.frobnicate;") as e:
+        worker.typed_commands("memory", {**MEMORY, "frobnicate": _untyped})
+    assert "memory.search" not in str(e.value)  # only the command without a type
+    with pytest.raises(TypeError, match=r"no request/reply type in proto/ for extension\.echo;"):
+        # serve() refuses before it loads settings, connects or runs a startup hook
+        asyncio.run(worker.serve([("extension", {"echo": _untyped}, 1)], startup=_never))
+
+
+async def _never(ctx: worker.Context) -> None:
+    raise AssertionError("startup ran for a table the runtime should have refused")
 
 
 def test_every_registered_type_is_a_contract_type() -> None:
