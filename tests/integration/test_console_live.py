@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 
@@ -209,16 +208,16 @@ async def test_broker_restart_mid_session(kernel_system, tmp_path):
 
 
 async def test_broker_down_at_start_then_up(system, tmp_path):
-    with socket.socket() as s:  # a free port for the broker that is not there yet
-        s.bind(("127.0.0.1", 0))
-        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    system.endpoint = endpoint
+    # where the broker will listen: its default, a socket file in this test's own var/ (a free TCP port picked
+    # now could be taken by someone else before the broker binds it)
+    endpoint = system.endpoint = system.settings.broker_endpoint
     child = spawn_interactive(system, tmp_path)
     try:
         await asyncio.to_thread(child.expect, "is not answering; retrying")
         child.send("stats\r")  # refused at once rather than queued for a broker that may never come
         await asyncio.to_thread(child.expect, r"error \[unavailable\] " + ESC + "not connected to the broker")
-        system.start_broker(endpoint=endpoint)
+        system.start_broker()
+        assert system.endpoint == endpoint
         await asyncio.to_thread(child.expect, "connected to the broker", timeout=20)
         start_kernel(system)
         child.send("search up now\r")

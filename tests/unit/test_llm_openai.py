@@ -153,12 +153,12 @@ def test_json_schema_becomes_response_format(server, backend):
 
 
 def test_unreachable_endpoint_is_unavailable():
-    with socket.socket() as s:  # a port nobody listens on
+    with socket.socket() as s:  # bound but not listening, held for the whole test: nobody else can take the port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    backend = OpenAICompatBackend(f"http://127.0.0.1:{port}/v1", "m")
-    with pytest.raises(BackendError) as err:
-        backend.generate("ROBIN", MESSAGES, GenerationParams())
+        backend = OpenAICompatBackend(f"http://127.0.0.1:{port}/v1", "m")
+        with pytest.raises(BackendError) as err:
+            backend.generate("ROBIN", MESSAGES, GenerationParams())
     assert err.value.code == proto.ErrorCode.UNAVAILABLE
     assert f"cannot reach LLM endpoint http://127.0.0.1:{port}/v1" in err.value.message
 
