@@ -34,13 +34,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
 import numpy as np
 from BTrees.OOBTree import OOBTree, OOTreeSet
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from batos.audit import AuditEvent, normalized_timestamp  # noqa: E402
+from batos.audit import AuditEvent, AuditEventStruct, normalized_timestamp  # noqa: E402
 from batos.image import Image  # noqa: E402
 from bench.memory import start_zeo  # noqa: E402  (a real runzeo on a unix socket)
 from proto import contract  # noqa: E402
@@ -48,7 +49,7 @@ from proto.bodies.memory import AuditOffset  # noqa: E402
 from services.forge import history_audit  # noqa: E402
 from services.forge.curation import GOLDEN_EVENT_TYPES, SUCCESS, final_status, group_cycles, parse_event  # noqa: E402
 from services.kernel import history  # noqa: E402
-from services.kernel.audit_ingest import cycle_events_after, ingest_audit_log  # noqa: E402
+from services.kernel.audit_ingest import cycle_events_after, fractal_of, ingest_audit_log  # noqa: E402
 from services.memory_weaver import handlers, store  # noqa: E402
 from services.memory_weaver.weaver import MemoryWeaver  # noqa: E402
 
@@ -89,11 +90,10 @@ def events(n: int, rng: random.Random) -> list[AuditEvent]:
 
 
 def fractal(ev: AuditEvent) -> dict[str, Any]:
-    return {"event_id": ev.event_id, "summary": f"{ev.event_type} by {ev.active_persona} in {ev.cycle_id[-6:]}",
-            "full_json": ev.to_line(),
-            "meta": {"cycle_id": ev.cycle_id, "mission_type": ev.mission_type, "persona": ev.active_persona,
-                     "status": ev.status, "timestamp": normalized_timestamp(ev.timestamp),
-                     "event_type": ev.event_type, "psm_state": ev.psm_state}}
+    """What the kernel's audit ingestion sends for one event: its own ``fractal_of`` on the logged line."""
+    line = ev.to_line().encode()
+    return contract.encode(fractal_of(msgspec.json.decode(line, type=AuditEventStruct), line,
+                                      f"{ev.event_type} by {ev.active_persona} in {ev.cycle_id[-6:]}"))
 
 
 # -- the old code, verbatim but for taking its two indexes as arguments --------------------------------------

@@ -8,13 +8,16 @@ import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 
-from batos.audit import AuditEvent, normalized_timestamp
+from batos.audit import AuditEvent, AuditEventStruct
 from batos.image import Image
 from batos.outcome import Outcome
+from proto import contract
 from proto.bodies.memory import QueryFractals
 from services.forge.curation import final_status, group_cycles, parse_event
+from services.kernel.audit_ingest import fractal_of
 from services.memory_weaver import history_index
 from services.memory_weaver.weaver import MemoryWeaver
 from tests.unit.memory_wire import Wire
@@ -59,12 +62,10 @@ def history(rng: random.Random, cycles: int, ties: bool = True) -> list[AuditEve
 
 
 def fractal(ev: AuditEvent) -> dict[str, Any]:
-    """What the kernel's audit ingestion sends for one event (services/kernel/audit_ingest.fractal_of)."""
-    return {"event_id": ev.event_id, "summary": f"{ev.event_type} by {ev.active_persona}",
-            "full_json": ev.to_line(),
-            "meta": {"cycle_id": ev.cycle_id, "mission_type": ev.mission_type, "persona": ev.active_persona,
-                     "status": ev.status, "timestamp": normalized_timestamp(ev.timestamp),
-                     "event_type": ev.event_type, "psm_state": ev.psm_state}}
+    """What the kernel's audit ingestion sends for one event: its own ``fractal_of`` on the logged line."""
+    line = ev.to_line().encode()
+    return contract.encode(fractal_of(msgspec.json.decode(line, type=AuditEventStruct), line,
+                                      f"{ev.event_type} by {ev.active_persona}"))
 
 
 def queries(rng: random.Random, stamps: list[str], cycle_ids: list[str]) -> list[dict[str, Any]]:
