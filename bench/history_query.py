@@ -34,24 +34,25 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import msgspec
 import numpy as np
 from BTrees.OOBTree import OOBTree, OOTreeSet
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from batos.audit import AuditEvent, AuditEventStruct, normalized_timestamp  # noqa: E402
+from batos.audit import AuditEvent, normalized_timestamp  # noqa: E402
 from batos.image import Image  # noqa: E402
+from batos.outcome import Outcome  # noqa: E402
 from bench.memory import start_zeo  # noqa: E402  (a real runzeo on a unix socket)
 from proto import contract  # noqa: E402
 from proto.bodies.memory import AuditOffset  # noqa: E402
 from services.forge import history_audit  # noqa: E402
-from services.forge.curation import GOLDEN_EVENT_TYPES, SUCCESS, final_status, group_cycles, parse_event  # noqa: E402
+from services.forge.curation import GOLDEN_EVENT_TYPES, SUCCESS, parse_event  # noqa: E402
 from services.kernel import history  # noqa: E402
-from services.kernel.audit_ingest import cycle_events_after, fractal_of, ingest_audit_log  # noqa: E402
+from services.kernel.audit_ingest import cycle_events_after, ingest_audit_log  # noqa: E402
 from services.memory_weaver import handlers, store  # noqa: E402
 from services.memory_weaver.weaver import MemoryWeaver  # noqa: E402
+from tests.unit.audit_fractals import fractal  # noqa: E402  (the kernel's fractal_of on the logged line)
 
 DIM = 384
 PERSONAS = ("ALFRED", "BABS", "BRICK", "ROBIN")
@@ -87,13 +88,6 @@ def events(n: int, rng: random.Random) -> list[AuditEvent]:
                                      status="SUCCESS" if ok else "FAILURE", mission_type="_jit_compile_method_")]
         out += [e.model_copy(update={"timestamp": t + timedelta(seconds=i)}) for i, e in enumerate(evs)]
     return out
-
-
-def fractal(ev: AuditEvent) -> dict[str, Any]:
-    """What the kernel's audit ingestion sends for one event: its own ``fractal_of`` on the logged line."""
-    line = ev.to_line().encode()
-    return contract.encode(fractal_of(msgspec.json.decode(line, type=AuditEventStruct), line,
-                                      f"{ev.event_type} by {ev.active_persona} in {ev.cycle_id[-6:]}"))
 
 
 # -- the old code, verbatim but for taking its two indexes as arguments --------------------------------------
@@ -142,8 +136,7 @@ async def old_audit(query: Any, since: dict[str, str], threshold: int) -> dict[s
     async def succeeded(cycle_id: str) -> bool:
         async with sem:
             reply = await query({"cycle_id": cycle_id, "limit": 1000})
-        evs = list(group_cycles(parse_event(f) for f in reply).values())
-        return bool(evs) and final_status(evs[0]) == SUCCESS
+        return Outcome.of(parse_event(f) for f in reply).status == SUCCESS
 
     fractals: list[dict[str, Any]] = []
     for persona in PERSONAS:
@@ -242,7 +235,9 @@ async def main() -> None:
             async with Session(settings) as s:
                 t0 = time.perf_counter()
                 for i in range(0, len(stored), 1000):
-                    await s.call("memory", "create_fractals", {"events": [fractal(e) for e in stored[i:i + 1000]]})
+                    batch = [fractal(e, f"{e.event_type} by {e.active_persona} in {e.cycle_id[-6:]}")
+                             for e in stored[i:i + 1000]]
+                    await s.call("memory", "create_fractals", {"events": batch})
                 write_s = time.perf_counter() - t0
                 assert await s.image.transact(build_old_indexes) == len(stored)
             # BRICK was forged two days in: its count starts there; the others count from the beginning

@@ -2,8 +2,8 @@
 
 Input: ContextFractals as the memory service returns them (``{oid, summary, full_json, meta}``), where
 ``full_json`` is one Table 3 audit event. Events of one cognitive cycle share ``cycle_id``. A golden path is
-a cycle whose FINAL status is SUCCESS and that holds an event by the requested persona carrying both the
-inputs that prompted the persona and its validated output:
+a cycle that ended in SUCCESS (batos.outcome: the rule memory's index keeps too) and that holds an event by
+the requested persona carrying both the inputs that prompted the persona and its validated output:
 
 * ``DNU_OUTCOME`` (BRICK writing a missing method, ``batos.audit.AuditEvent.dnu_outcome``):
   ``event_data.source`` (the validated code), with ``llm_prompt`` and/or ``mission_brief`` as the inputs
@@ -22,19 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from batos.audit import Status
+from batos.outcome import Outcome, event_key
 
-SUCCESS = Status.SUCCESS.value
-# Statuses that say how something ended: Table 3's, but IN_PROGRESS. SUCCESS_DEGRADED (an answer produced
-# with a fallback) is an ending but not a golden path.
-TERMINAL_STATUSES = frozenset(s.value for s in Status) - {Status.IN_PROGRESS.value}
-# PSM states that end a cycle (services/kernel/psm.py): the event entering one carries the final status.
-TERMINAL_PSM_STATES = frozenset({"COMPLETE", "FAILED"})
+SUCCESS = Status.SUCCESS.value  # how a cycle ended, by batos.outcome's rule; SUCCESS_DEGRADED is not golden
 GOLDEN_EVENT_TYPES = ("DNU_OUTCOME", "LLM_CALL")
 # The event_data key holding each piece, as the kernel writes it (services/kernel/dnu.py, run.py).
 OUTPUT_KEYS = {"DNU_OUTCOME": "source", "LLM_CALL": "llm_response_raw"}
@@ -129,28 +125,15 @@ def mission_of(event: Mapping[str, Any]) -> str:
 
 
 def group_cycles(events: Iterable[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Events by cycle, each list in time order (ISO 8601 timestamps sort as strings)."""
+    """Events by cycle, each list in time order (batos.outcome.event_key's; ties in log order)."""
     cycles: dict[str, list[dict[str, Any]]] = {}
     for order, event in enumerate(events):
         cycle = str(event.get("cycle_id") or "")
         if cycle:
             cycles.setdefault(cycle, []).append({**event, "_order": order})
     for evs in cycles.values():
-        evs.sort(key=lambda e: (str(e.get("timestamp") or ""), e["_order"]))
+        evs.sort(key=lambda e: (event_key(e.get("timestamp"), "")[0], e["_order"]))
     return cycles
-
-
-def final_status(cycle_events: Sequence[Mapping[str, Any]]) -> str:
-    """How the cycle ended: the status of the event that entered a terminal PSM state, else the status of
-    its last event with a terminal status ("" while it is still in progress)."""
-    for event in reversed(cycle_events):
-        state = event["event_data"].get("to")
-        if event.get("event_type") == "STATE_TRANSITION" and state in TERMINAL_PSM_STATES:
-            return Status.FAILURE.value if state == "FAILED" else str(event.get("status"))
-    for event in reversed(cycle_events):
-        if event.get("status") in TERMINAL_STATUSES:
-            return str(event["status"])
-    return ""
 
 
 # -- extraction ---------------------------------------------------------------------------------
@@ -274,7 +257,7 @@ def curate(
     candidates: list[Example] = []
     for events in group_cycles(parse_event(f) for f in fractals).values():
         out.cycles_seen += 1
-        if final_status(events) != SUCCESS:
+        if Outcome.of(events).status != SUCCESS:  # how it ended: the rule memory's index keeps too
             continue
         ours = [e for e in events if str(e.get("active_persona") or "").upper() == persona]
         if mission_type and not any(mission_of(e) == mission_type for e in events):

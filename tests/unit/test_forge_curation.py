@@ -8,19 +8,18 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from batos.audit import AuditEvent, normalized_timestamp
+from batos.audit import AuditEvent
+from batos.outcome import Outcome, event_key
 from services.forge import curation
-from services.forge.curation import CurationError, curate, extract_example, final_status, write_dataset
+from services.forge.curation import CurationError, curate, extract_example, write_dataset
+from tests.unit import audit_fractals
 
 T0 = datetime(2025, 9, 1, 12, 0, tzinfo=UTC)
 
 
 def fractal(event: AuditEvent) -> dict:
-    """What memory's query_fractals returns for one ingested event (services/kernel/audit_ingest.fractal_of)."""
-    return {"oid": uuid.uuid4().hex[:6], "summary": event.event_type, "full_json": event.to_line(),
-            "meta": {"cycle_id": event.cycle_id, "mission_type": event.mission_type, "persona": event.active_persona,
-                     "status": event.status, "timestamp": normalized_timestamp(event.timestamp),
-                     "event_type": event.event_type, "psm_state": event.psm_state}}
+    """What memory's query_fractals returns for one ingested event: what the kernel sent, and its oid."""
+    return {"oid": uuid.uuid4().hex[:6], **audit_fractals.fractal(event, event.event_type)}
 
 
 def dnu_cycle(selector: str, source: str, *, ok: bool = True, minute: int = 0, mission: str = "_jit_compile_method_",
@@ -77,11 +76,25 @@ def test_failed_degraded_and_other_persona_cycles_are_excluded():
     assert curate(fractals, "BRICK", "ask").counts()["examples"] == 0  # wrong mission
 
 
-def test_final_status_follows_the_terminal_transition():
+def test_a_cycles_outcome_follows_the_terminal_transition():
     events = [curation.parse_event(f) for f in dnu_cycle("x", "def x(self):\n    return 1\n")]
-    assert final_status(events) == "SUCCESS"
-    assert final_status(events[:3]) == "SUCCESS"  # no terminal transition yet: last ending status (the LLM call)
-    assert final_status(events[:1]) == ""  # only IN_PROGRESS so far
+    assert Outcome.of(events).status == "SUCCESS"
+    assert Outcome.of(events[:3]).status == "SUCCESS"  # no terminal transition yet: last ending status (the LLM call)
+    assert Outcome.of(events[:1]).status == ""  # only IN_PROGRESS so far
+    assert Outcome.of(reversed(events)).status == "SUCCESS"  # the order they come in does not matter
+
+
+def test_curation_orders_events_by_time_whatever_the_timestamp_spelling():
+    """Table 3 allows any UTC offset and 0-6 fraction digits: ``12:00:00Z`` is after ``11:59:59.5+00:00`` and
+    ``12:30:00+01:00`` before both, though as text they sort the other way round."""
+    cid = str(uuid.uuid4())
+    base = {"cycle_id": cid, "event_type": "LLM_CALL", "psm_state": "SYNTHESIZING", "event_data": {}}
+    events = [{**base, "event_id": "a", "timestamp": "2025-09-01T12:00:00Z", "status": "FAILURE"},
+              {**base, "event_id": "b", "timestamp": "2025-09-01T11:59:59.5+00:00", "status": "SUCCESS"},
+              {**base, "event_id": "c", "timestamp": "2025-09-01T12:30:00+01:00", "status": "SUCCESS"}]
+    assert [e["event_id"] for e in curation.group_cycles(events)[cid]] == ["c", "b", "a"]
+    assert Outcome.of(events).status == "FAILURE"  # the latest ending is 12:00:00Z's
+    assert event_key("2025-09-01T12:00:00Z", "a") == ("2025-09-01T12:00:00.000000+00:00", "a")  # memory's spelling
 
 
 def test_duplicates_by_normalized_output_and_cap():

@@ -8,18 +8,16 @@ import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import msgspec
 import pytest
 
-from batos.audit import AuditEvent, AuditEventStruct
+from batos.audit import AuditEvent
 from batos.image import Image
 from batos.outcome import Outcome
-from proto import contract
 from proto.bodies.memory import QueryFractals
-from services.forge.curation import final_status, group_cycles, parse_event
-from services.kernel.audit_ingest import fractal_of
+from services.forge.curation import group_cycles, parse_event
 from services.memory_weaver import history_index
 from services.memory_weaver.weaver import MemoryWeaver
+from tests.unit.audit_fractals import fractal
 from tests.unit.memory_wire import Wire
 from tests.unit.test_audit_ingest import FakeMemory
 from tests.unit.test_memory_image import image, settings, zeo_addr  # noqa: F401  (fixtures)
@@ -59,13 +57,6 @@ def history(rng: random.Random, cycles: int, ties: bool = True) -> list[AuditEve
             out.append(ev.model_copy(update={"timestamp": t + timedelta(seconds=i // 2 if ties else i)}))
     rng.shuffle(out)  # logged from several cycles at once
     return out
-
-
-def fractal(ev: AuditEvent) -> dict[str, Any]:
-    """What the kernel's audit ingestion sends for one event: its own ``fractal_of`` on the logged line."""
-    line = ev.to_line().encode()
-    return contract.encode(fractal_of(msgspec.json.decode(line, type=AuditEventStruct), line,
-                                      f"{ev.event_type} by {ev.active_persona}"))
 
 
 def queries(rng: random.Random, stamps: list[str], cycle_ids: list[str]) -> list[dict[str, Any]]:
@@ -127,8 +118,10 @@ async def test_every_query_answers_what_a_scan_answers(weaver):  # noqa: F811
         assert await paged(weaver, q, 7) == want, q  # pages add up to the same, in the same order
 
 
-async def test_a_cycles_outcome_is_curations_final_status(weaver):  # noqa: F811
-    events = history(random.Random(7), 30, ties=False)  # curation breaks ties by log order, memory by event id
+async def test_memorys_outcome_of_a_cycle_is_the_one_curation_reads(weaver):  # noqa: F811
+    """memory folds each fractal into its cycle's Outcome as it arrives (in batches, shuffled, timestamps tied);
+    BABS's curation folds a whole cycle's parsed events at once: one rule, the same answer."""
+    events = history(random.Random(7), 30)
     await ingested(weaver, events)
 
     def outcomes(root: Any, conn: Any) -> dict[str, str]:
@@ -136,7 +129,7 @@ async def test_a_cycles_outcome_is_curations_final_status(weaver):  # noqa: F811
         return {cid: hx.outcome(cid) for cid in {e.cycle_id for e in events}}
 
     by_cycle = group_cycles(parse_event(fractal(e)) for e in events)
-    want = {cid: final_status(evs) for cid, evs in by_cycle.items()}
+    want = {cid: Outcome.of(evs).status for cid, evs in by_cycle.items()}
     assert await weaver.image.read(outcomes) == want
     assert {"SUCCESS", "FAILURE", ""} <= set(want.values())  # the history has every kind of ending
 
