@@ -40,8 +40,8 @@ from proto.bodies.kernel import Table1Command
 from proto.contract import Call, Reply
 from services.kernel import dnu, genesis, relays, watch
 from services.kernel.env import Emit
-from services.kernel.query import check_question, run_query
-from services.kernel.run import CycleRun, execute
+from services.kernel.query import answered, check_question
+from services.kernel.run import CycleRun
 
 if TYPE_CHECKING:
     from services.kernel.kernel import Kernel
@@ -100,7 +100,7 @@ async def _query(kernel: Kernel, emit: Emit, req: K.Ask, cmd: Table1Command) -> 
     persona = req.persona or "ROBIN"
     run = CycleRun(kernel.env, emit, mission_type="query", mission=mission_of(cmd), target_oid=req.oid,
                    persona=persona)
-    return typed(K.AnswerReply, await execute(run, lambda r: run_query(r, question, persona=persona)))
+    return await answered(run, question, persona=persona)
 
 
 async def _message(kernel: Kernel, emit: Emit, req: K.Send, cmd: Table1Command) -> K.SendReply:
@@ -114,7 +114,7 @@ async def _define(kernel: Kernel, emit: Emit, req: K.Define, cmd: Table1Command)
 
 
 async def _display(kernel: Kernel, emit: Emit, req: K.DisplayYourself, cmd: Table1Command) -> K.DisplayReply:
-    return typed(K.DisplayReply, await genesis.display_yourself(kernel.env, emit, mission_of(cmd), cmd.target_oid))
+    return await genesis.display_yourself(kernel.env, emit, mission_of(cmd), cmd.target_oid)
 
 
 async def _watch(kernel: Kernel, emit: Emit, req: K.Watch) -> K.WatchReply:

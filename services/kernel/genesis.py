@@ -14,19 +14,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from proto.bodies import kernel as K
 from services.kernel import degenerate
 from services.kernel.env import Emit, KernelEnv
-from services.kernel.query import run_query
-from services.kernel.run import CycleRun, execute
+from services.kernel.query import answered
+from services.kernel.run import CycleRun
 
 PLAN_QUESTION = ("How is BAT OS built? Find the files that define its processes, its object model (UvmObject), "
                  "its cognitive cycle and its self-improvement, and plan how to explain them.")
 META_PROMPT_MAX_CHARS = 1500
 
 
-def template_meta_prompt(plan_reply: dict[str, Any]) -> str:
+def template_meta_prompt(evidence: list[dict[str, Any]]) -> str:
+    """Cycle 2's prompt from the files cycle 1's evidence came from."""
     files = []
-    for e in plan_reply.get("evidence", []):
+    for e in evidence:
         where = str(e.get("where", "")).split(":")[0]
         if where and where not in files:
             files.append(where)
@@ -35,43 +37,30 @@ def template_meta_prompt(plan_reply: dict[str, Any]) -> str:
             f"model, how a cognitive cycle reasons over memory, and how it improves itself. Use {listing}.")
 
 
-def meta_prompt_of(plan_reply: dict[str, Any]) -> tuple[str, str | None]:
+def meta_prompt_of(plan: K.AnswerReply) -> tuple[str, str | None]:
     """(the prompt for cycle 2, the fallback note or None)."""
-    text = _model_text(plan_reply)
+    text = " ".join(plan.model_text.split())
     verdict = degenerate.check(text)
-    if plan_reply.get("status") != "SUCCESS" or verdict.degenerate or len(text.split()) < 5:
+    if plan.status != K.Status.SUCCESS or verdict.degenerate or len(text.split()) < 5:
         reason = verdict.reason or "cycle 1 did not produce a usable meta-prompt"
-        return template_meta_prompt(plan_reply), f"{reason}; cycle 2 uses a template meta-prompt"
+        return template_meta_prompt(plan.evidence), f"{reason}; cycle 2 uses a template meta-prompt"
     return text[:META_PROMPT_MAX_CHARS], None
 
 
-def _model_text(plan_reply: dict[str, Any]) -> str:
-    return " ".join(str(plan_reply.get("model_text", "")).split())
-
-
 async def display_yourself(env: KernelEnv, emit: Emit, mission: dict[str, Any],
-                           target_oid: str = "0") -> dict[str, Any]:
+                           target_oid: str = "0") -> K.DisplayReply:
     plan_run = CycleRun(env, emit, mission_type="genesis_plan", mission=mission, target_oid=target_oid,
                         persona="BRICK")
-    plan = await execute(plan_run, lambda r: run_query(r, PLAN_QUESTION, persona="BRICK", kind="meta_prompt"))
+    plan = await answered(plan_run, PLAN_QUESTION, persona="BRICK", kind="meta_prompt")
     meta_prompt, note = meta_prompt_of(plan)
     if note:
         await emit("log", cycle_id=plan_run.cycle_id, text=f"FALLBACK: {note}")
     await emit("log", cycle_id=plan_run.cycle_id, text=f"meta-prompt for cycle 2: {meta_prompt}")
     display_run = CycleRun(env, emit, mission_type="genesis_display", mission={**mission, "meta_prompt": meta_prompt},
                            target_oid=target_oid, persona="ROBIN", parent_cycle=plan_run.cycle_id)
-    shown = await execute(display_run, lambda r: run_query(r, meta_prompt, persona="ROBIN"))
-    notes = [*(n for n in [note] if n), *shown.get("notes", [])]
-    return {
-        "cycle_id": display_run.cycle_id,
-        "cycle_ids": [plan_run.cycle_id, display_run.cycle_id],
-        "plan_cycle_id": plan_run.cycle_id,
-        "parent_cycle": plan_run.cycle_id,
-        "meta_prompt": meta_prompt,
-        "plan_status": plan["status"],
-        "status": shown["status"],
-        "answer": shown["answer"],
-        "citations": shown["citations"],
-        "notes": notes,
-        "timing": {"plan": plan["timing"], "display": shown["timing"]},
-    }
+    shown = await answered(display_run, meta_prompt, persona="ROBIN")
+    return K.DisplayReply(
+        cycle_id=display_run.cycle_id, cycle_ids=[plan_run.cycle_id, display_run.cycle_id],
+        plan_cycle_id=plan_run.cycle_id, parent_cycle=plan_run.cycle_id, meta_prompt=meta_prompt,
+        plan_status=plan.status, status=shown.status, answer=shown.answer, citations=shown.citations,
+        notes=[*(n for n in [note] if n), *shown.notes], timing={"plan": plan.timing, "display": shown.timing})

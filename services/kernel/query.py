@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from batos.errors import ServiceError
 from batos.uvm import UvmObject, oid_hex, prototype_of
 from proto import ErrorCode
+from proto.bodies import kernel as K
 from services.kernel import answer
 from services.kernel import cycle as records
 from services.kernel.psm import State
 from services.kernel.react import reason
-from services.kernel.run import CycleRun
+from services.kernel.run import CycleRun, execute
 
 MAX_QUESTION_CHARS = 4000
 SLOT_PREVIEW_CHARS = 80
@@ -72,3 +75,10 @@ async def run_query(run: CycleRun, question: str, *, persona: str = "ROBIN", kin
     return {**final.reply(), "steps": evidence.steps, "thoughts": evidence.thoughts, "stop": evidence.stop,
             "fallback": evidence.fallback, "persona": persona, "query_morph": evidence.morph_oid,
             "prompt_budget": draft.budget}
+
+
+async def answered(run: CycleRun, question: str, *, persona: str = "ROBIN", kind: str = "answer") -> K.AnswerReply:
+    """The question cycle run as a whole cycle (run.execute: begun, within its time budget, FAILED on any error),
+    answered in its contract type: `ask`, and each of genesis's two cycles."""
+    return msgspec.convert(await execute(run, lambda r: run_query(r, question, persona=persona, kind=kind)),
+                           K.AnswerReply)

@@ -427,7 +427,7 @@ async def test_an_unusable_meta_prompt_falls_back_to_the_stated_template(kernel,
 
 def test_template_meta_prompt_names_the_files_cycle_one_found():
     reply = {"evidence": [{"where": "batos/uvm.py:1-9"}, {"where": "batos/uvm.py:11-19"}, {"where": "x.py"}]}
-    assert "batos/uvm.py, x.py" in genesis.template_meta_prompt(reply)
+    assert "batos/uvm.py, x.py" in genesis.template_meta_prompt(reply["evidence"])
 
 
 # -- the answer prompt's evidence blocks (issue 16: fewer prompt tokens, the name to use in the header) ----------
