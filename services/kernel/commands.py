@@ -40,7 +40,7 @@ from proto.bodies.kernel import Table1Command
 from proto.contract import Call, Reply
 from services.kernel import dnu, genesis, relays, watch
 from services.kernel.env import Emit
-from services.kernel.query import answered, check_question
+from services.kernel.query import answered
 from services.kernel.run import CycleRun
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ def typed(kind: type[R], body: dict[str, Any]) -> R:
 
 
 async def _query(kernel: Kernel, emit: Emit, req: K.Ask, cmd: Table1Command) -> K.AnswerReply:
-    question = check_question(req.question)
+    question = " ".join(req.question.split())  # K.Ask has checked it: not blank, at most MAX_QUESTION_CHARS
     persona = req.persona or "ROBIN"
     run = CycleRun(kernel.env, emit, mission_type="query", mission=mission_of(cmd), target_oid=req.oid,
                    persona=persona)

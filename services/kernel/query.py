@@ -23,17 +23,7 @@ from services.kernel.psm import State
 from services.kernel.react import reason
 from services.kernel.run import CycleRun, execute
 
-MAX_QUESTION_CHARS = 4000
 SLOT_PREVIEW_CHARS = 80
-
-
-def check_question(question: Any) -> str:
-    if not isinstance(question, str) or not question.strip():
-        raise ServiceError(ErrorCode.BAD_ARGS, "the question must be a non-empty string")
-    if len(question) > MAX_QUESTION_CHARS:
-        raise ServiceError(ErrorCode.BAD_ARGS, f"the question is {len(question)} characters; the limit is "
-                                               f"{MAX_QUESTION_CHARS}")
-    return " ".join(question.split())
 
 
 def target_brief(root: Any, conn: Any, target_oid: str) -> str:
