@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     # glibc heap bounds for processes that embed (batos.malloc_tuning); 0 leaves glibc's default
     malloc_mmap_threshold: int = 1024 * 1024
     malloc_arena_max: int = 2
+    # ingest embedding runs this much nicer than memory_weaver itself, so a search's query embedding gets the
+    # cores first (issue 14 item 6; bench/search_during_ingest.py --niceness 0,10); 0 shares them evenly
+    embed_bulk_niceness: int = Field(default=10, ge=0, le=19)
 
     # ingestion / token governor
     max_chunk_tokens: int = 256

@@ -21,7 +21,7 @@ async def startup(ctx: Any) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     bound_heap(ctx.settings.malloc_mmap_threshold, ctx.settings.malloc_arena_max)  # before the model loads
     image = await Image(ctx.settings).open()
-    embedder = await asyncio.to_thread(Embedder().load)
+    embedder = await asyncio.to_thread(Embedder(bulk_niceness=ctx.settings.embed_bulk_niceness).load)
     weaver = MemoryWeaver(image, embedder, ctx.settings.vector_shard_rows)
     seconds = await weaver.start()
     ctx.state.update(image=image, weaver=weaver)

@@ -28,18 +28,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 DIM = 384
 WINDOW_OVERLAP = 32  # word-pieces shared by consecutive windows, so no sentence is cut blind
 BATCH_SIZE = 32
-# Bulk (ingest) batches run on one thread at this niceness, and torch's OpenMP team for that thread is created by
-# it and inherits it; queries run at the process's own priority, so the kernel gives a query's forward pass the
-# cores while a bulk batch is in progress, and the bulk batch every cycle nobody else wants.
-BULK_NICENESS = 10  # added to the process's own niceness
+# Bulk (ingest) batches run on one thread this much nicer than the process (settings.embed_bulk_niceness), and
+# torch's OpenMP team for that thread is created by it and inherits it; queries run at the process's own
+# priority, so the kernel gives a query's forward pass the cores while a bulk batch is in progress, and the bulk
+# batch every cycle nobody else wants.
+BULK_NICENESS = 10
 
 
-def _lower_this_threads_priority() -> None:
+def _lower_this_threads_priority(by: int) -> None:
     """Linux's setpriority on a thread id changes that thread only (and threads it starts later)."""
-    if sys.platform.startswith("linux"):
+    if by > 0 and sys.platform.startswith("linux"):
         try:
             tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BULK_NICENESS))
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
         except OSError:  # a sandbox may refuse it; the bulk encoder then shares the cores evenly
             pass
 
@@ -68,7 +69,8 @@ class Embedder:
 
     dim = DIM
 
-    def __init__(self, path: str | Path | None = None, device: str = "cpu", batch_size: int = BATCH_SIZE):
+    def __init__(self, path: str | Path | None = None, device: str = "cpu", batch_size: int = BATCH_SIZE,
+                 bulk_niceness: int = BULK_NICENESS):
         self.path = Path(path) if path else model_path()
         self.device = device
         self.batch_size = batch_size
@@ -76,7 +78,8 @@ class Embedder:
         self._lock = threading.RLock()  # one bulk encode at a time: torch already uses every core
         self._query_model: Any = None  # a second instance of the same model, for search queries only
         self._query_lock = threading.Lock()
-        self._bulk = ThreadPoolExecutor(1, thread_name_prefix="embed-bulk", initializer=_lower_this_threads_priority)
+        self._bulk = ThreadPoolExecutor(1, thread_name_prefix="embed-bulk", initializer=_lower_this_threads_priority,
+                                        initargs=(bulk_niceness,))
 
     def load(self) -> Embedder:
         if self._model is None:
@@ -146,7 +149,7 @@ class Embedder:
         so length-sorted batches waste least (sentence-transformers sorts only within one ``encode``
         call). The model is taken per batch, not per call, so concurrent bulk callers interleave.
         Search queries never wait here: :meth:`embed_query` has a model of its own, and the batches run on a
-        lower-priority thread (``BULK_NICENESS``) so a query's forward pass is not slowed by them either.
+        lower-priority thread (``bulk_niceness``) so a query's forward pass is not slowed by them either.
         """
         model = self.load()._model
         out = np.zeros((len(texts), self.dim), dtype=np.float32)

@@ -36,8 +36,8 @@ class FakeModel:
         return out
 
 
-def fake_embedder(model: FakeModel, batch_size: int = 2) -> Embedder:
-    e = Embedder(path="/nonexistent", batch_size=batch_size)
+def fake_embedder(model: FakeModel, batch_size: int = 2, bulk_niceness: int = BULK_NICENESS) -> Embedder:
+    e = Embedder(path="/nonexistent", batch_size=batch_size, bulk_niceness=bulk_niceness)
     e._model = model
     e._windows = lambda text: [text]  # one window per text: the tokenizer is not under test here
     return e
@@ -94,3 +94,9 @@ def test_bulk_batches_run_below_the_callers_priority_and_queries_at_it() -> None
     emb.embed_query("the question")
     assert bulk_model.niceness == [min(own + BULK_NICENESS, 19)] * 3  # every batch, on the one bulk thread
     assert query_model.niceness == [own]  # the caller's own thread was left alone
+
+
+def test_niceness_zero_leaves_the_bulk_thread_at_the_callers_priority() -> None:
+    model = PriorityRecorder()
+    fake_embedder(model, bulk_niceness=0).embed(["a", "bb"])
+    assert model.niceness == [os.getpriority(os.PRIO_PROCESS, threading.get_native_id())]
