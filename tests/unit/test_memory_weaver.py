@@ -6,6 +6,7 @@ test): texts sharing words get similar vectors, so ranking is checkable.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -403,3 +404,15 @@ async def test_rewriting_a_file_whose_summary_lacks_name_and_type(weaver):
     again["summaries"][0]["metadata"] = {}
     out = await weaver.replace_file(again)
     assert out["chunks"] == 2
+
+
+async def test_a_write_brings_the_search_index_up_to_date_before_any_search(weaver):
+    """The next search must not pay for loading what this worker just wrote (issue 14 item 6)."""
+    w = weaver.weaver
+    rows = w.index.rows
+    await weaver.replace_file(file_payload("/fresh.py"))
+    await asyncio.gather(*w._refreshes)  # the refresh the write started, on the search lane
+    assert w.index.rows == rows + 3  # one summary and two chunks, loaded without a search
+    served = w.index.refreshed_shards
+    assert (await weaver.search({"text": "alpha", "k": 1, "level": "chunks"}))["hits"]
+    assert w.index.refreshed_shards == served  # the search found nothing left to load
