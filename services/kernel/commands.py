@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -41,7 +41,7 @@ from proto.contract import Call, Reply
 from services.kernel import dnu, genesis, relays, watch
 from services.kernel.env import Emit
 from services.kernel.query import answered
-from services.kernel.run import CycleRun
+from services.kernel.run import CycleRun, typed
 
 if TYPE_CHECKING:
     from services.kernel.kernel import Kernel
@@ -53,7 +53,6 @@ QUIET = frozenset({"watch", "status", "search", "inspect", "stats", "trace"})
 # what a watcher is told of a mission, by the console command it came from
 _MISSION_NAMES = {"query": "ask", "message": "send", "unhandled_message": "send", "define_method": "define"}
 
-R = TypeVar("R", bound=Reply)
 Relay = Callable[["Kernel", Emit, Any], Awaitable[Reply]]
 Mission = Callable[["Kernel", Emit, Any, Table1Command], Awaitable[Reply]]
 
@@ -82,14 +81,6 @@ def _check_depth(cmd: Table1Command) -> None:
 
 def mission_of(cmd: Table1Command) -> dict[str, Any]:
     return msgspec.to_builtins(cmd)
-
-
-def typed(kind: type[R], body: dict[str, Any]) -> R:
-    """A cycle's reply body as its contract type; a body outside it is the kernel's own bug (internal)."""
-    try:
-        return msgspec.convert(body, kind)
-    except msgspec.ValidationError as e:
-        raise ServiceError(ErrorCode.INTERNAL, f"the kernel's {kind.__name__} is outside its contract: {e}") from None
 
 
 # -- cognitive cycles ----------------------------------------------------------------------------

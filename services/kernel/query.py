@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
-
 from batos.errors import ServiceError
 from batos.uvm import UvmObject, oid_hex, prototype_of
 from proto import ErrorCode
@@ -21,7 +19,7 @@ from services.kernel import answer
 from services.kernel import cycle as records
 from services.kernel.psm import State
 from services.kernel.react import reason
-from services.kernel.run import CycleRun, execute
+from services.kernel.run import CycleRun, execute, typed
 
 SLOT_PREVIEW_CHARS = 80
 
@@ -70,5 +68,4 @@ async def run_query(run: CycleRun, question: str, *, persona: str = "ROBIN", kin
 async def answered(run: CycleRun, question: str, *, persona: str = "ROBIN", kind: str = "answer") -> K.AnswerReply:
     """The question cycle run as a whole cycle (run.execute: begun, within its time budget, FAILED on any error),
     answered in its contract type: `ask`, and each of genesis's two cycles."""
-    return msgspec.convert(await execute(run, lambda r: run_query(r, question, persona=persona, kind=kind)),
-                           K.AnswerReply)
+    return typed(K.AnswerReply, await execute(run, lambda r: run_query(r, question, persona=persona, kind=kind)))

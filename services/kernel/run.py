@@ -15,7 +15,9 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, cast, overload
+from typing import Any, TypeVar, cast, overload
+
+import msgspec
 
 from batos.audit import AuditEvent
 from batos.config import MEMORY_TIMEOUT
@@ -23,7 +25,7 @@ from batos.errors import ServiceError
 from batos.uvm import Root
 from proto import ErrorCode
 from proto.bodies.llm import Action, ActionReply, Generate, GenerateReply, Message
-from proto.contract import Call
+from proto.contract import Call, Reply
 from services.kernel import cycle as records
 from services.kernel.env import Emit, KernelEnv
 from services.kernel.psm import MACHINE, State
@@ -221,6 +223,15 @@ def _render_messages(messages: list[Message]) -> str:
 
 
 Body = Callable[[CycleRun], Awaitable[dict[str, Any]]]
+R = TypeVar("R", bound=Reply)
+
+
+def typed(kind: type[R], body: dict[str, Any]) -> R:
+    """A cycle's reply body as its contract type; a body outside it is the kernel's own bug (internal)."""
+    try:
+        return msgspec.convert(body, kind)
+    except msgspec.ValidationError as e:
+        raise ServiceError(ErrorCode.INTERNAL, f"the kernel's {kind.__name__} is outside its contract: {e}") from None
 
 
 async def execute(run: CycleRun, body: Body) -> dict[str, Any]:
