@@ -33,7 +33,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from services.forge.spare_cores import bound_openmp_spinning  # noqa: E402
+
+bound_openmp_spinning()  # before llama_cpp loads, as the service does
 
 from batos import config, personas  # noqa: E402
 from services.kernel import dnu, sandbox  # noqa: E402

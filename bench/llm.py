@@ -4,7 +4,8 @@
    own): load time; a ~1,200-token prompt on a cold cache (prompt tokens/s, TTFT); generation tokens/s;
    the TTFT of a second chat turn that extends the first (KV-cache prefix reuse; llama.cpp only). Rows:
    transformers fp32 (the models with a transformers form: SmolLM2) and the GGUF runtime (llama.cpp).
-   The ratio column is GGUF over transformers generation tokens per CPU-second on the same model.
+   The ratio column is GGUF generation tokens/s over transformers' best row (its best thread count) on the
+   same model; threads 0 is the GGUF backend's auto choice (services/forge/spare_cores.py).
 2. Service over bare, GGUF backend: the same request through the llm service (broker + forge worker
    spawned in a temp dir, ``batos.client.Client``, tokens streamed as events) vs a bare
    ``llama_cpp.Llama`` loop in this process on the same model, prompt and thread count; runs alternate,
@@ -36,7 +37,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from services.forge.spare_cores import bound_openmp_spinning  # noqa: E402
+
+bound_openmp_spinning()  # before llama_cpp loads, as the service does
 
 from batos import config, models, personas  # noqa: E402
 from services.forge.backends import make_backend  # noqa: E402
@@ -137,11 +140,16 @@ def measure_one(model: str, runtime: str, tokens: int, threads: int, actions: in
     return out
 
 
-def run_child(model: str, runtime: str, tokens: int, threads: int, actions: int) -> dict[str, Any] | None:
+def run_child(model: str, runtime: str, tokens: int, threads: int, actions: int,
+              env: dict[str, str | None] | None = None) -> dict[str, Any] | None:
+    """measure_one in a fresh process (own load time, peak RSS and OpenMP settings); `env` overrides this
+    process's environment for it, a None value removing the variable."""
+    child_env = {**os.environ, **(env or {})}
+    child_env = {k: v for k, v in child_env.items() if v is not None}
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         proc = subprocess.run([sys.executable, __file__, "--one", model, "--runtime", runtime, "--tokens", str(tokens),
                                "--threads", str(threads), "--actions", str(actions), "--json", f.name],
-                              cwd=REPO, capture_output=True, text=True)  # fmt: skip
+                              cwd=REPO, capture_output=True, text=True, env=child_env)  # fmt: skip
         if proc.returncode != 0:
             print(f"  {model} {runtime}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
             return None
@@ -276,10 +284,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'model':<20} {'runtime':<12} {'thr':>3} {'load s':>7} {'prompt':>6} {'TTFT s':>7} {'prompt t/s':>10} "
           f"{'gen t/s':>8} {'x tf':>5} {'p/cpu-s':>8} {'g/cpu-s':>8} {'turn2 TTFT':>10} {'RSS MB':>7} "
           f"{'actions':>8}")  # fmt: skip
-    # x tf: generation tokens per CPU-second over transformers' on the same model (load-robust)
-    base = {r["model"]: r["gen_per_cpu_s"] for r in rows if r["runtime"] == "transformers"}
+    # x tf: generation tokens/s over transformers' fastest row on the same model (its thread counts run too)
+    base: dict[str, float] = {}
     for r in rows:
-        ratio = r["gen_per_cpu_s"] / base[r["model"]] if r["model"] in base else None
+        if r["runtime"] == "transformers":
+            base[r["model"]] = max(base.get(r["model"], 0.0), r["gen_tps"])
+    for r in rows:
+        ratio = r["gen_tps"] / base[r["model"]] if r["model"] in base else None
         acts = f"{r['actions_valid']}/{r['actions_of']}" if "actions_valid" in r else "-"
         print(f"{r['model']:<20} {r['runtime']:<12} {r['threads']:>3} {r['load_s']:>7.2f} {r['prompt_tokens']:>6} "
               f"{r['ttft_s']:>7.2f} {r['prompt_tps']:>10.1f} {r['gen_tps']:>8.2f} "
@@ -294,7 +305,7 @@ def main() -> int:
     parser.add_argument("--models", default="smollm2-135m", help=f"comma-separated, of {sorted(models.LLM_MODELS)}")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", default="1", help="comma-separated thread counts (GGUF rows)")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts; 0: auto (GGUF only)")
     parser.add_argument("--actions", type=int, default=0, help="ReAct action prompts per model (0: skip)")
     parser.add_argument("--service-model", default="smollm2-135m", help="'' skips the service-over-bare part")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -311,7 +322,8 @@ def main() -> int:
     print(f"loadavg {results['loadavg']}, {os.cpu_count()} CPUs")
     for model in args.models.split(","):
         spec = models.llm_spec(model)
-        runs = [("transformers", threads[0])] if spec.hf_checkpoint else []
+        # transformers at every fixed count too: the service ran it at torch's default (all cores)
+        runs = [("transformers", t) for t in threads if t > 0] if spec.hf_checkpoint else []
         runs += [("gguf", t) for t in threads]
         for runtime, t in runs:
             row = run_child(model, runtime, args.tokens, t, args.actions)

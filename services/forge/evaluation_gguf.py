@@ -17,13 +17,14 @@ so the examples are cut exactly as in training and in the transformers evaluatio
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import numpy as np
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see backends/llamacpp.py: before llama_cpp loads
+from services.forge.spare_cores import bound_openmp_spinning
+
+bound_openmp_spinning()  # before llama_cpp loads (spare_cores.py)
 
 CONTEXT_MARGIN = 16
 

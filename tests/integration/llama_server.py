@@ -11,11 +11,12 @@ over would race). The app is llama-cpp-python's own (``llama_cpp.server.app.crea
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see services/forge/backends/llamacpp.py
+from services.forge.spare_cores import bound_openmp_spinning
+
+bound_openmp_spinning()  # before llama_cpp loads (services/forge/spare_cores.py)
 
 
 def main(fd: int, model: str, alias: str) -> None:

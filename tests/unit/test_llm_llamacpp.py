@@ -19,6 +19,7 @@ from services.forge.structured import run_action
 
 pytest.importorskip("llama_cpp")
 from services.forge.backends.llamacpp import PREFILL_CHUNK, LlamaCppBackend
+from services.forge.spare_cores import usable_cores
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,41 @@ def test_streams_exactly_the_reply_text_and_reports_the_model(backend):
     assert result.prompt_tokens > 20 and 0 < result.ttft_s <= result.total_s and result.tokens_per_s > 0
     assert result.model == "SmolLM2-135M-Instruct" and result.adapter is None
     info = backend.info()
-    assert info["backend"] == "llamacpp" and info["context_tokens"] == 8192 and info["threads"] == 1
+    assert info["backend"] == "llamacpp" and info["context_tokens"] == 8192
+    assert info["threads_auto"] is True and 1 <= info["threads"] <= usable_cores()  # BATOS_LLM_THREADS=0
+
+
+class ScriptedCores:
+    """Stands in for SpareCores: the thread counts the machine "leaves", one per decision."""
+
+    def __init__(self, counts: list[int]):
+        self.counts = counts
+        self.max_threads = max(counts)
+
+    def threads(self) -> int:
+        return self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]
+
+
+def test_the_thread_count_follows_the_machine_during_a_request_and_the_output_does_not_change(backend):
+    """Auto threads: llama.cpp's context gets each new count between decodes; greedy text stays the same."""
+    from llama_cpp import llama_cpp as C
+
+    messages = chat("ROBIN", "Explain this code:\n" + "\n".join(f"def g{i}(x):\n    return x * {i}" for i in range(30)))
+    params = GenerationParams(max_tokens=12)
+    saved = backend._spare
+    try:
+        backend._spare = ScriptedCores([1])
+        backend._llm.reset()
+        fixed = backend.generate("ROBIN", messages, params)
+        assert backend.threads_used == {1} and C.llama_n_threads(backend._llm._ctx.ctx) == 1
+        # a busy neighbour comes and goes: 2 threads for the first chunks, 1, then 2 again while sampling
+        backend._spare = ScriptedCores([2, 2, 1, 1, 1, 2, 2, 1, 2])
+        backend._llm.reset()
+        varied = backend.generate("ROBIN", messages, params)
+        assert backend.threads_used == {1, 2}
+        assert varied.text == fixed.text and varied.completion_tokens == fixed.completion_tokens
+    finally:
+        backend._spare = saved
 
 
 def test_the_prompt_is_the_gguf_chat_template(backend):

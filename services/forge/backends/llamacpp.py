@@ -17,18 +17,12 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-# llama.cpp's OpenMP threads spin while they wait for work: on a shared 2-core machine that starves
-# everything else (measured: 2 threads several times slower than 1 under load). Must be set before the
-# OpenMP runtime starts, i.e. before llama_cpp is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import proto
 from services.forge.backends.base import (
@@ -44,8 +38,10 @@ from services.forge.backends.base import (
     TokenCallback,
     tokens_per_second,
 )
+from services.forge.spare_cores import SpareCores, bound_openmp_spinning
 from services.forge.streaming import StopText
 
+bound_openmp_spinning()  # llama_cpp is imported lazily, below: its OpenMP runtime reads this when it loads
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 8192  # KV cache size when the setting is 0: Qwen's 32k would cost memory for nothing here
@@ -90,7 +86,10 @@ class LlamaCppBackend(Backend):
         if not path.is_file():
             raise BackendError(proto.ErrorCode.UNAVAILABLE, f"no GGUF model at {str(path)!r}")
         started = time.monotonic()
-        self.threads = max(1, threads)
+        # threads 0: follow the machine, between 1 and our cores, re-decided while a request runs
+        self._spare = SpareCores() if threads <= 0 else None
+        self.threads = self._spare.max_threads if self._spare else threads
+        self.threads_used: set[int] = set()  # by the last request (logged)
         try:
             llm = Llama(
                 model_path=str(path),
@@ -126,8 +125,8 @@ class LlamaCppBackend(Backend):
         self._applied: str | None = None  # the persona whose adapter the KV cache was computed with
         self._lock = threading.Lock()
         self.last_reused = 0
-        log.info("loaded %s with llama.cpp (%d threads, n_ctx %d) in %.2f s", self.model_name, self.threads,
-                 self._context, self.load_s)  # fmt: skip
+        log.info("loaded %s with llama.cpp (%s threads, n_ctx %d) in %.2f s", self.model_name,
+                 f"1-{self.threads} (auto)" if self._spare else self.threads, self._context, self.load_s)  # fmt: skip
 
     # -- the Backend interface ------------------------------------------------------------------
 
@@ -137,7 +136,7 @@ class LlamaCppBackend(Backend):
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "runtime": "llama.cpp", "gguf": str(self.path), "threads": self.threads,
-                "load_s": round(self.load_s, 3)}  # fmt: skip
+                "threads_auto": self._spare is not None, "load_s": round(self.load_s, 3)}  # fmt: skip
 
     def encode_chat(self, messages: Messages) -> list[int]:
         """Prompt token ids of the chat with the assistant turn opened (the GGUF's own chat template)."""
@@ -202,6 +201,7 @@ class LlamaCppBackend(Backend):
                 raise BackendError(proto.ErrorCode.CANCELLED, "cancelled before generation started")
             adapter = self._use_adapter(persona)
             started = time.monotonic()
+            self.threads_used = set()
             reason = self._prefill(prompt, interrupted)
             first_at = last_at = None
             completion = 0
@@ -227,12 +227,14 @@ class LlamaCppBackend(Backend):
                     reason = interrupted() or LENGTH
                     if reason != LENGTH or completion >= max_new:
                         break
+                    self._fit_threads()  # for the next token's decode, which the generator runs on resuming
                 tokens.close()  # the generator's state is consistent: the KV cache holds what was decoded
             send(stop.feed(decoder.decode(b"", final=True)) + stop.finish())
         end = last_at or time.monotonic()
         ttft = (first_at or end) - started
         log.info("generate %s: prompt %d tokens (%d reused from the KV cache), %d generated, TTFT %.2f s, "
-                 "total %.2f s, %s", persona, len(prompt), self.last_reused, completion, ttft, end - started, reason)
+                 "total %.2f s, %s, threads %s", persona, len(prompt), self.last_reused, completion, ttft,
+                 end - started, reason, sorted(self.threads_used))  # fmt: skip
         return GenerationResult(
             text=stop.text,
             prompt_tokens=len(prompt),
@@ -270,8 +272,17 @@ class LlamaCppBackend(Backend):
             reason = interrupted()
             if reason is not None:
                 return reason
+            self._fit_threads()
             llm.eval(prompt[i : i + PREFILL_CHUNK])
+        self._fit_threads()  # for the first sampled token
         return None
+
+    def _fit_threads(self) -> None:
+        """Set the next decode's thread count to the cores the machine leaves us (fixed threads: as set)."""
+        if self._spare is not None and (n := self._spare.threads()) != self.threads:
+            self._llm._ctx.set_n_threads(n, n)
+            self.threads = n
+        self.threads_used.add(self.threads)
 
     # -- adapters ---------------------------------------------------------------------------------
 
