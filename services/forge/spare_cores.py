@@ -52,12 +52,62 @@ def machine_busy_s(stat: Path = Path("/proc/stat")) -> float | None:
     return sum(ticks[i] for i in _BUSY_COLUMNS if i < len(ticks)) / CLOCK_TICKS
 
 
-def usable_cores() -> int:
-    """The CPUs this process may run on (its affinity), at least 1."""
+def usable_cores(
+    sysfs_cpu: Path = Path("/sys/devices/system/cpu"),
+    cgroup_root: Path = Path("/sys/fs/cgroup"),
+    proc_cgroup: Path = Path("/proc/self/cgroup"),
+) -> int:
+    """The most threads worth running: the CPUs this process may run on (its affinity), counted as physical
+    cores (a hyper-thread sibling shares the core's arithmetic units, and llama.cpp gains nothing from it),
+    and no more than its cgroup's CPU quota (a container limited to 2 cores on a 64-core host). At least 1."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = set(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        cpus = set(range(os.cpu_count() or 1))
+    count = physical_cores(cpus, sysfs_cpu) or len(cpus)
+    quota = cgroup_cpu_quota(cgroup_root, proc_cgroup)
+    if quota is not None:
+        count = min(count, int(quota))  # 2 threads on a 1.5-core quota would be throttled mid-barrier
+    return max(1, count)
+
+
+def physical_cores(cpus: set[int], sysfs_cpu: Path = Path("/sys/devices/system/cpu")) -> int | None:
+    """How many distinct physical cores these logical CPUs are on, from sysfs topology; None if unknown."""
+    cores = set()
+    for cpu in cpus:
+        topology = sysfs_cpu / f"cpu{cpu}" / "topology"
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            cores.add((package, (topology / "core_id").read_text().strip()))
+        except OSError:
+            return None
+    return len(cores) or None
+
+
+def cgroup_cpu_quota(
+    cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")
+) -> float | None:
+    """The tightest cgroup v2 ``cpu.max`` quota of this process's cgroup and its parents, in cores; None: none."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    relative = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
+    if relative is None:  # cgroup v1 only: not read
+        return None
+    quota: float | None = None
+    directory = cgroup_root / relative.strip().lstrip("/")
+    while True:
+        try:
+            limit, period = (directory / "cpu.max").read_text().split()[:2]
+            if limit != "max":
+                cores = int(limit) / int(period)
+                quota = cores if quota is None else min(quota, cores)
+        except (OSError, ValueError):
+            pass
+        if directory == cgroup_root or cgroup_root not in directory.parents:
+            return quota
+        directory = directory.parent
 
 
 class SpareCores:

@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from services.forge.spare_cores import CLOCK_TICKS, SpareCores, machine_busy_s
+from services.forge.spare_cores import (
+    CLOCK_TICKS,
+    SpareCores,
+    cgroup_cpu_quota,
+    machine_busy_s,
+    physical_cores,
+    usable_cores,
+)
 
 
 class Machine:
@@ -111,3 +118,58 @@ def test_the_real_machine_counter_moves_forward():
     sum(i * i for i in range(300_000))  # some CPU
     second = machine_busy_s()
     assert second is not None and second >= first
+
+
+def topology(root: Path, cpus: dict[int, tuple[int, int]]) -> Path:
+    """A fake /sys/devices/system/cpu: logical cpu -> (package, core)."""
+    for cpu, (package, core) in cpus.items():
+        d = root / f"cpu{cpu}" / "topology"
+        d.mkdir(parents=True)
+        (d / "physical_package_id").write_text(f"{package}\n")
+        (d / "core_id").write_text(f"{core}\n")
+    return root
+
+
+def test_hyper_thread_siblings_count_as_one_core(tmp_path: Path):
+    sysfs = topology(tmp_path, {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1), 4: (1, 0)})
+    assert physical_cores({0, 1, 2, 3, 4}, sysfs) == 3
+    assert physical_cores({0, 2}, sysfs) == 1
+    assert physical_cores({0, 9}, sysfs) is None  # no topology for cpu9: unknown
+
+
+def cgroups(root: Path, member: str, limits: dict[str, str]) -> Path:
+    """A fake cgroup v2 tree with cpu.max files; returns the /proc/self/cgroup file naming `member`."""
+    for relative, limit in limits.items():
+        d = root / relative.lstrip("/")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "cpu.max").write_text(limit + "\n")
+    proc = root.parent / "proc-self-cgroup"
+    proc.write_text(f"0::{member}\n")
+    return proc
+
+
+def test_the_tightest_cgroup_quota_of_the_process_and_its_parents(tmp_path: Path):
+    root = tmp_path / "cgroup"
+    proc = cgroups(root, "/batos/llm", {"/batos/llm": "max 100000", "/batos": "250000 100000", "/": "max 100000"})
+    assert cgroup_cpu_quota(root, proc) == pytest.approx(2.5)
+    proc = cgroups(root, "/batos/llm", {"/batos/llm": "50000 100000"})
+    assert cgroup_cpu_quota(root, proc) == pytest.approx(0.5)
+
+
+def test_no_quota_no_cgroup_v2_or_no_file_means_no_limit(tmp_path: Path):
+    root = tmp_path / "cgroup"
+    assert cgroup_cpu_quota(root, cgroups(root, "/", {"/": "max 100000"})) is None
+    v1 = tmp_path / "v1"
+    v1.write_text("4:memory:/x\n1:cpu:/\n")
+    assert cgroup_cpu_quota(root, v1) is None
+    assert cgroup_cpu_quota(root, tmp_path / "missing") is None
+
+
+def test_usable_cores_is_capped_by_physical_cores_and_the_quota(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    sysfs = topology(tmp_path / "sys", {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1)})
+    root = tmp_path / "cgroup"
+    assert usable_cores(sysfs, root, cgroups(root, "/", {"/": "max 100000"})) == 2  # 4 logical, 2 physical
+    assert usable_cores(sysfs, root, cgroups(root, "/c", {"/c": "150000 100000"})) == 1  # 1.5 cores: 1 thread
+    assert usable_cores(sysfs, root, cgroups(root, "/d", {"/d": "10000 100000"})) == 1  # never 0
+    assert usable_cores(tmp_path / "no-sysfs", root, tmp_path / "none") == 4  # topology unknown: logical CPUs
