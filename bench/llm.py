@@ -97,11 +97,7 @@ def long_chat(count_tokens: Any, target: int = PROMPT_TOKENS) -> list[dict[str, 
 
 
 def measure_one(model: str, runtime: str, tokens: int, threads: int, actions: int) -> dict[str, Any]:
-    if runtime == "transformers":
-        import torch
-
-        torch.set_num_threads(threads)
-    started = time.monotonic()
+    started = time.monotonic()  # the thread count reaches both runtimes as llm_threads (0: auto)
     backend = make_backend(config.load(llm_model=model, llm_runtime="transformers" if runtime == "transformers"
                                        else "llamacpp", llm_threads=threads))  # fmt: skip
     load_s = time.monotonic() - started
@@ -305,7 +301,7 @@ def main() -> int:
     parser.add_argument("--models", default="smollm2-135m", help=f"comma-separated, of {sorted(models.LLM_MODELS)}")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts; 0: auto (GGUF only)")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts; 0: auto")
     parser.add_argument("--actions", type=int, default=0, help="ReAct action prompts per model (0: skip)")
     parser.add_argument("--service-model", default="smollm2-135m", help="'' skips the service-over-bare part")
     parser.add_argument("--one", help=argparse.SUPPRESS)

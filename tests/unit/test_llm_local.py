@@ -169,3 +169,49 @@ def test_a_bad_adapter_path_is_bad_args(backend, tmp_path):
             backend.activate_adapter("BRICK", str(path))
         assert err.value.code == proto.ErrorCode.BAD_ARGS and why in err.value.message
     assert backend.adapters() == {}
+
+
+class ScriptedCores:
+    """Stands in for SpareCores: the thread counts the machine "leaves", one per decision."""
+
+    def __init__(self, counts: list[int]):
+        self.counts = counts
+
+    def threads(self) -> int:
+        return self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]
+
+
+def test_on_cpu_torch_threads_follow_the_machine_between_tokens(backend, monkeypatch):
+    """Auto threads (BATOS_LLM_THREADS=0) on CPU: each forward pass gets the count decided just before it."""
+    import torch
+
+    assert backend.info()["threads_auto"] is True
+    seen: list[int] = []
+    real_forward = backend.model.forward
+    monkeypatch.setattr(backend.model, "forward", lambda *a, **k: (seen.append(torch.get_num_threads()),
+                                                                    real_forward(*a, **k))[1])  # fmt: skip
+    saved, before = backend._spare, torch.get_num_threads()
+    try:
+        backend._spare = ScriptedCores([2, 1, 1, 2, 1])
+        result = backend.generate("ROBIN", chat("ROBIN", "What is a persistent object?"),
+                                  GenerationParams(max_tokens=5))
+    finally:
+        backend._spare = saved
+        torch.set_num_threads(before)
+    assert result.completion_tokens == 5
+    assert seen == [2, 1, 1, 2, 1]  # the prompt's pass, then one per new token
+
+
+def test_a_fixed_thread_count_is_set_once_and_kept():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        b = make_backend(config.load(llm_backend="embedded", llm_model="smollm2-135m", llm_runtime="transformers",
+                                     llm_threads=1))  # fmt: skip
+        assert b.info()["threads_auto"] is False and torch.get_num_threads() == 1
+        b.generate("ROBIN", chat("ROBIN", "hi"), GenerationParams(max_tokens=3))
+        assert torch.get_num_threads() == 1
+        b.close()
+    finally:
+        torch.set_num_threads(before)

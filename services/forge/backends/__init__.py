@@ -40,6 +40,7 @@ def make_backend(settings: Settings) -> Backend:
             dtype=settings.llm_dtype,
             device=settings.llm_device,
             context_tokens=settings.llm_context_tokens,
+            threads=settings.llm_threads,
         )
     if kind == "openai":
         from services.forge.backends.openai_compat import OpenAICompatBackend
@@ -84,4 +85,4 @@ def _embedded(settings: Settings) -> Backend:
         raise BackendError(proto.ErrorCode.UNAVAILABLE, str(e)) from e
     # fp32 on CPU: faster than bf16 there, and the 135M model fits easily
     return LocalBackend(path, dtype="float32", device="cpu", context_tokens=settings.llm_context_tokens,
-                        model_name=EMBEDDED_MODEL_NAME)  # fmt: skip
+                        model_name=EMBEDDED_MODEL_NAME, threads=settings.llm_threads)  # fmt: skip

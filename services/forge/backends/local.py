@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from services.forge.backends.base import (
     tokens_per_second,
 )
 from services.forge.grammar import JsonGrammars
+from services.forge.spare_cores import SpareCores
 from services.forge.streaming import IncrementalDecoder, StopText
 
 log = logging.getLogger(__name__)
@@ -98,17 +100,23 @@ class _Streamer(BaseStreamer):
 
 
 class _Interrupt(StoppingCriteria):
-    """Stopping criterion: the requester cancelled, the deadline passed, or a stop string appeared."""
+    """Stopping criterion: the requester cancelled, the deadline passed, or a stop string appeared.
 
-    def __init__(self, cancel: threading.Event, deadline: float | None, stop: StopText):
+    Called after every token, in the generation thread: ``between_tokens`` runs there too (thread count)."""
+
+    def __init__(
+        self, cancel: threading.Event, deadline: float | None, stop: StopText, between_tokens: Callable[[], None]
+    ):
         self._cancel = cancel
         self._deadline = deadline
         self._stop = stop
+        self._between_tokens = between_tokens
         self.reason: str | None = None
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
+        self._between_tokens()
         if self._cancel.is_set():
             self.reason = CANCELLED
         elif self._deadline is not None and time.monotonic() >= self._deadline:
@@ -130,7 +138,9 @@ class LocalBackend(Backend):
         device: str = "auto",
         context_tokens: int = 0,
         model_name: str = "",
+        threads: int = 0,
     ):
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(model_path)
@@ -138,6 +148,10 @@ class LocalBackend(Backend):
             raise BackendError(proto.ErrorCode.UNAVAILABLE, f"no model at {str(model_path)!r} (config.json missing)")
         self.device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, self.device)
+        # on CPU, threads 0 follows the machine as the llama.cpp backend does (spare_cores.py); n fixes it
+        self._spare = SpareCores() if self.device == "cpu" and threads <= 0 else None
+        if self.device == "cpu" and threads > 0:
+            torch.set_num_threads(threads)
         started = time.monotonic()
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         # device_map puts the weights straight onto the GPU instead of staging 16 GB in host memory
@@ -171,7 +185,16 @@ class LocalBackend(Backend):
         return self._adapters.model
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "device": self.device, "dtype": self.dtype, "load_s": round(self.load_s, 3)}
+        return {**super().info(), "device": self.device, "dtype": self.dtype, "load_s": round(self.load_s, 3),
+                "threads_auto": self._spare is not None}  # fmt: skip
+
+    def _fit_threads(self) -> None:
+        """torch's intra-op threads for the next forward pass: the cores the machine leaves (auto on CPU)."""
+        if self._spare is not None:
+            import torch
+
+            if (n := self._spare.threads()) != torch.get_num_threads():
+                torch.set_num_threads(n)
 
     def encode_chat(self, messages: Messages) -> Any:
         """input_ids (1 x n) of the chat with the assistant turn opened."""
@@ -207,7 +230,7 @@ class LocalBackend(Backend):
         prompt_tokens = int(input_ids.shape[1])
         max_new = self.fit_max_tokens(prompt_tokens, params.max_tokens)
         stop = StopText(params.stop)
-        interrupt = _Interrupt(cancel, params.deadline, stop)
+        interrupt = _Interrupt(cancel, params.deadline, stop, self._fit_threads)
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new,
             "min_new_tokens": 0,
@@ -228,6 +251,7 @@ class LocalBackend(Backend):
                 raise BackendError(proto.ErrorCode.CANCELLED, "cancelled before generation started")
             streamer = _Streamer(self.tokenizer, stop, on_token)
             input_ids = input_ids.to(model.device)
+            self._fit_threads()
             output = model.generate(
                 input_ids=input_ids, attention_mask=input_ids.new_ones(input_ids.shape), streamer=streamer, **kwargs
             )
@@ -259,6 +283,7 @@ class LocalBackend(Backend):
 
         input_ids = self.encode_chat(messages)
         with self._lock, self._adapters.use(persona) as (model, _), torch.inference_mode():
+            self._fit_threads()
             out = model(input_ids=input_ids.to(model.device))
         return out.logits[0, -1].float().cpu()
 
