@@ -40,6 +40,11 @@ def pytest_configure(config: pytest.Config) -> None:
     from batos.models import TEST_LLM_MODEL
 
     os.environ.setdefault("BATOS_LLM_MODEL", TEST_LLM_MODEL)
+    # A shell starts a background job (`make test &`) with SIGINT ignored, and an ignored signal stays
+    # ignored across exec: every console the tests spawn would then shrug off the Ctrl-C they send it.
+    # With a handler here instead, children start with the default disposition, as from a terminal.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # Real service processes, by the name the broker knows them under.
