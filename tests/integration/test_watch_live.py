@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -52,6 +53,18 @@ FILES = {
 }
 TERMINAL = ("COMPLETE", "FAILED")
 _ARRIVAL = itertools.count()  # one order of arrival across every console this module reads
+_SPAWNED: list[asyncio.subprocess.Process] = []  # the consoles this module started
+
+
+@pytest.fixture(autouse=True)
+def _no_console_outlives_its_test() -> Iterator[None]:
+    """A watch runs until it is interrupted: a test that fails before that must not leave its console behind."""
+    yield
+    while _SPAWNED:
+        proc = _SPAWNED.pop()
+        if proc.returncode is None:  # not seen to end (its test's event loop is closed: signal the pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
 
 
 @dataclass
@@ -128,6 +141,7 @@ async def console(live: Live, *args: str, stdin: bool = False) -> Console:
         PY, "-m", "services.console", "--endpoint", live.system.endpoint, "--json", *args,
         env=live.system.env(), stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    _SPAWNED.append(proc)
     c = Console(proc)
     c.reader = asyncio.create_task(c._read())
     return c
