@@ -99,8 +99,9 @@ class Settings(BaseSettings):
     # the tests serve smollm2-135m (tests/conftest.py), and so does the transformers fallback.
     llm_model: str = "qwen2.5-coder-0.5b"
     llm_runtime: Literal["auto", "llamacpp", "transformers"] = "auto"  # auto: llama.cpp, else transformers
-    # llama.cpp threads; 0: the cores other programs leave idle, re-decided during a request (quiet: 2 threads
-    # ~2x faster here; beside a busy process: 1 is faster). services/forge/spare_cores.py
+    # LLM threads on CPU (llama.cpp, or torch for transformers); 0: the cores other programs leave idle,
+    # re-decided during a request (quiet: 2 threads ~2x faster here; beside a busy process: 1 is faster).
+    # services/forge/spare_cores.py
     llm_threads: int = Field(default=0, ge=0)
     llm_model_path: str = ""  # hf backend: a local model directory
     llm_dtype: str = "auto"  # hf backend: float32, bfloat16, float16, auto

@@ -1,4 +1,5 @@
-"""How many threads the next llama.cpp decode should use: the cores the rest of the machine leaves idle.
+"""How many threads the next decode on CPU should use (llama.cpp's, or torch's for the transformers
+runtime): the cores the rest of the machine leaves idle.
 
 Measured on this 2-core machine (bench/llm_threads.py, SmolLM2, a 1,200-token prompt): on a quiet machine
 2 threads generate 1.5-1.8x faster than 1 and prefill 1.7-1.9x faster; beside one busy program 2 threads
@@ -32,6 +33,8 @@ def bound_openmp_spinning() -> None:
     """Set the bounded barrier spin unless the user chose an OpenMP wait policy; call before llama_cpp loads."""
     if "OMP_WAIT_POLICY" not in os.environ:  # GOMP_SPINCOUNT would override the user's policy
         os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
+
+
 # /proc/stat "cpu" columns that are not time the CPU was free for us: idle (3) and iowait (4) are free
 _BUSY_COLUMNS = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal (guest is already inside user)
 
@@ -111,7 +114,7 @@ def cgroup_cpu_quota(
 
 
 class SpareCores:
-    """Thread counts for llama.cpp that leave other programs' cores alone (see the module docstring)."""
+    """Thread counts that leave other programs' cores alone (see the module docstring)."""
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ from services.forge.structured import run_action
 pytest.importorskip("llama_cpp")
 from services.forge.backends.llamacpp import PREFILL_CHUNK, LlamaCppBackend
 from services.forge.spare_cores import usable_cores
+from tests.unit.scripted_cores import ScriptedCores
 
 pytestmark = pytest.mark.slow
 
@@ -47,17 +48,6 @@ def test_streams_exactly_the_reply_text_and_reports_the_model(backend):
     info = backend.info()
     assert info["backend"] == "llamacpp" and info["context_tokens"] == 8192
     assert info["threads_auto"] is True and 1 <= info["threads"] <= usable_cores()  # BATOS_LLM_THREADS=0
-
-
-class ScriptedCores:
-    """Stands in for SpareCores: the thread counts the machine "leaves", one per decision."""
-
-    def __init__(self, counts: list[int]):
-        self.counts = counts
-        self.max_threads = max(counts)
-
-    def threads(self) -> int:
-        return self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]
 
 
 def test_the_thread_count_follows_the_machine_during_a_request_and_the_output_does_not_change(backend):

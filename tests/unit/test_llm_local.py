@@ -18,6 +18,7 @@ from services.forge.backends import make_backend
 from services.forge.backends.base import CANCELLED, LENGTH, TIMEOUT, BackendError, GenerationParams
 from services.forge.backends.local import LocalBackend
 from services.forge.streaming import IncrementalDecoder
+from tests.unit.scripted_cores import ScriptedCores
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -169,16 +170,6 @@ def test_a_bad_adapter_path_is_bad_args(backend, tmp_path):
             backend.activate_adapter("BRICK", str(path))
         assert err.value.code == proto.ErrorCode.BAD_ARGS and why in err.value.message
     assert backend.adapters() == {}
-
-
-class ScriptedCores:
-    """Stands in for SpareCores: the thread counts the machine "leaves", one per decision."""
-
-    def __init__(self, counts: list[int]):
-        self.counts = counts
-
-    def threads(self) -> int:
-        return self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]
 
 
 def test_on_cpu_torch_threads_follow_the_machine_between_tokens(backend, monkeypatch):
